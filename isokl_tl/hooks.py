@@ -1,0 +1,130 @@
+"""Hook names, and `steer()`: a scoped intervention at one TransformerLens hook point.
+
+Two interventions, both exactly the identity at coefficient 0 (bit-identical logits):
+- `add`:    h <- h + c * v
+- `ablate`: h <- h - c * (h . v) v     (c = 1 removes the component along v; c > 1 reflects it)
+"""
+
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+INTERVENTIONS = ("add", "ablate")
+RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+def hook_name(layer: int, site: str = "resid_post") -> str:
+    """The TransformerLens name of a per-block hook, e.g. `blocks.8.hook_resid_post`."""
+    return f"blocks.{layer}.hook_{site}"
+
+
+def hook_layer(name: str) -> int | None:
+    """The block index in a hook name, or None for hooks outside the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def default_layer(model: HookedTransformer) -> int:
+    return int(0.6 * model.cfg.n_layers)
+
+
+def resolve_hook(model: HookedTransformer, hook: str | None = None, layer: int | None = None) -> str:
+    """Turn `--hook`/`--layer` into a checked hook name (default: the 60%-depth residual)."""
+    if hook is not None and layer is not None:
+        raise ValueError(f"give a hook ({hook!r}) or a layer ({layer}), not both")
+    if hook is None:
+        n = model.cfg.n_layers
+        layer = default_layer(model) if layer is None else layer
+        if not 0 <= layer < n:
+            raise ValueError(f"layer {layer} is out of range: this model has layers 0..{n - 1}")
+        hook = hook_name(layer)
+    return check_hook_name(model, hook)
+
+
+def check_hook_name(model: HookedTransformer, hook: str) -> str:
+    if hook in model.hook_dict:
+        return hook
+    layer = hook_layer(hook)
+    if layer is not None and not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(
+            f"hook {hook!r} names layer {layer}, out of range: this model has layers "
+            f"0..{model.cfg.n_layers - 1}"
+        )
+    close = difflib.get_close_matches(hook, list(model.hook_dict), n=4, cutoff=0.6)
+    hint = f"closest valid names: {', '.join(close)}" if close else "e.g. blocks.0.hook_resid_post"
+    raise ValueError(f"unknown hook name {hook!r}; {hint}")
+
+
+def check_direction(model: HookedTransformer, direction: Tensor) -> Float[Tensor, " d_model"]:
+    """A finite floating vector of length d_model, returned in the model's dtype and device."""
+    d = model.cfg.d_model
+    if direction.ndim != 1 or direction.shape[0] != d:
+        raise ValueError(f"direction has shape {tuple(direction.shape)}; expected ({d},) = (d_model,)")
+    if not direction.is_floating_point():
+        raise ValueError(f"direction has dtype {direction.dtype}; expected a floating-point tensor")
+    if not torch.isfinite(direction).all():
+        raise ValueError("direction contains NaN or inf")
+    return direction.to(device=model.cfg.device, dtype=model.cfg.dtype)
+
+
+class Steering:
+    """The live state of one `steer()` block; the hook function itself.
+
+    `coeff` may be replaced between forward passes (a float or one value per batch row).
+    Positions are steered from absolute position `start` on (0: every position, prompt included).
+    Callers that feed a KV cache set `offset` to the absolute position of the first column of the
+    next forward pass; a plain full forward leaves it at 0.
+    """
+
+    def __init__(self, hook: str, direction: Tensor, coeff: float | Tensor, method: str, start: int):
+        if method not in INTERVENTIONS:
+            raise ValueError(f"intervention {method!r} is not one of {', '.join(INTERVENTIONS)}")
+        if start < 0:
+            raise ValueError(f"start position must be >= 0, got {start}")
+        self.hook, self.direction, self.method, self.start = hook, direction, method, start
+        self.coeff = coeff
+        self.offset = 0
+        self.calls = 0
+
+    def _coeff(self, resid: Tensor) -> Tensor:
+        c = self.coeff
+        if not torch.is_tensor(c):
+            return torch.full((resid.shape[0], 1, 1), float(c), dtype=resid.dtype, device=resid.device)
+        if c.ndim != 1 or c.shape[0] != resid.shape[0]:
+            raise ValueError(
+                f"coefficient has shape {tuple(c.shape)} but the batch has {resid.shape[0]} rows"
+            )
+        return c.to(dtype=resid.dtype, device=resid.device)[:, None, None]
+
+    def __call__(self, resid: Float[Tensor, "batch pos d_model"], hook: HookPoint
+                 ) -> Float[Tensor, "batch pos d_model"]:
+        self.calls += 1
+        c = self._coeff(resid)
+        if self.start > self.offset:
+            positions = self.offset + torch.arange(resid.shape[1], device=resid.device)
+            c = c * (positions >= self.start).to(resid.dtype)[None, :, None]
+        v = self.direction
+        if self.method == "add":
+            return resid + c * v
+        return resid - c * (resid @ v)[..., None] * v
+
+
+@contextmanager
+def steer(model: HookedTransformer, hook: str, direction: Float[Tensor, " d_model"],
+          coeff: float | Float[Tensor, " batch"], *, method: str = "add", start: int = 0
+          ) -> Iterator[Steering]:
+    """Steer `model` at `hook` inside the block; the hook is removed on exit, also on error.
+
+    >>> with steer(model, "blocks.18.hook_resid_post", v, coeff=4.0) as s:
+    ...     logits = model(tokens)
+    """
+    hook = check_hook_name(model, hook)
+    handle = Steering(hook, check_direction(model, direction), coeff, method, start)
+    with model.hooks(fwd_hooks=[(hook, handle)]):
+        yield handle

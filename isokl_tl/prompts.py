@@ -1,0 +1,93 @@
+"""Shipped prompt sets, loadable by name or from a user's JSONL file.
+
+Schemas (one JSON object per line):
+- contrastive pairs (`pairs`): {"user": str, "positive": str, "negative": str}
+  The shipped set contrasts a casual, enthusiastic register (positive) with a formal one (negative).
+- calibration prompts (`calibration`): {"prompt": str}, open-ended requests.
+- evaluation questions (`eval`): {"question": str, "answer": bool}, each with a known answer.
+  `eval_prompt()` appends an instruction so that the reply reasons first and then ends in a
+  JSON boolean: {"choice": true} or {"choice": false}.
+The calibration and evaluation sets are disjoint (a test checks it).
+"""
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+SETS = {"pairs": "pairs.jsonl", "calibration": "calibration.jsonl", "eval": "eval.jsonl"}
+EVAL_INSTRUCTION = (
+    'Think it through briefly, then end your reply with a JSON object: {"choice": true} or '
+    '{"choice": false}.'
+)
+
+
+@dataclass(frozen=True)
+class ContrastPair:
+    user: str
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answer: bool
+
+
+def _read_jsonl(source: str | Path, keys: dict[str, type]) -> list[dict]:
+    if isinstance(source, str) and source in SETS:
+        text, where = (resources.files("isokl_tl.data") / SETS[source]).read_text(), source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"prompt file {str(source)!r} does not exist; shipped sets: "
+                             f"{', '.join(SETS)}")
+        text, where = path.read_text(), str(path)
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} line {n}: expected a JSON object, got {type(row).__name__}")
+        for key, typ in keys.items():
+            if not isinstance(row.get(key), typ) or (typ is str and not row[key].strip()):
+                raise ValueError(f"{where} line {n}: needs a non-empty {typ.__name__} field {key!r}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"prompt file {where} is empty")
+    return rows
+
+
+def load_pairs(source: str | Path = "pairs") -> list[ContrastPair]:
+    rows = _read_jsonl(source, {"user": str, "positive": str, "negative": str})
+    return [ContrastPair(r["user"], r["positive"], r["negative"]) for r in rows]
+
+
+def load_questions(source: str | Path = "eval") -> list[Question]:
+    rows = _read_jsonl(source, {"question": str, "answer": bool})
+    return [Question(r["question"], r["answer"]) for r in rows]
+
+
+def eval_prompt(question: Question) -> str:
+    return f"{question.question} {EVAL_INSTRUCTION}"
+
+
+def load_prompts(source: str | Path = "calibration") -> list[str]:
+    """User turns from a set: `prompt` rows as they are, `question` rows with the eval instruction."""
+    if source == "eval":
+        return [eval_prompt(q) for q in load_questions(source)]
+    rows = _read_jsonl(source, {})
+    out = []
+    for n, r in enumerate(rows, start=1):
+        if isinstance(r.get("prompt"), str) and r["prompt"].strip():
+            out.append(r["prompt"])
+        elif isinstance(r.get("question"), str) and r["question"].strip():
+            out.append(eval_prompt(Question(r["question"], bool(r.get("answer")))))
+        else:
+            raise ValueError(f"{source} row {n}: needs a non-empty 'prompt' or 'question' field")
+    return out

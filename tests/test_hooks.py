@@ -1,0 +1,147 @@
+import pytest
+import torch
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from isokl_tl.hooks import check_direction, resolve_hook, steer
+
+
+def _v(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(model.cfg.d_model, generator=g)
+    return v / v.norm()
+
+
+@pytest.mark.parametrize("method", ["add", "ablate"])
+def test_coefficient_zero_is_bit_identical(tiny, method):
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (4, 12))
+    with torch.no_grad():
+        base = tiny(tokens)
+        with steer(tiny, "blocks.1.hook_resid_post", _v(tiny), 0.0, method=method):
+            steered = tiny(tokens)
+        with steer(tiny, "blocks.1.hook_resid_post", _v(tiny), torch.zeros(4), method=method):
+            per_row = tiny(tokens)
+    assert torch.equal(base, steered) and torch.equal(base, per_row)
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca", "directional_ablation"])
+def test_coefficient_zero_bit_identical_for_every_direction_method(tiny, method):
+    from isokl_tl.directions import compute_direction
+    from isokl_tl.prompts import load_pairs
+
+    d = compute_direction(tiny, load_pairs()[:6], "blocks.2.hook_resid_post", method)
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (2, 9))
+    with torch.no_grad():
+        base = tiny(tokens)
+        with steer(tiny, d.hook, d.vector, 0.0, method=d.intervention):
+            assert torch.equal(tiny(tokens), base)
+        with steer(tiny, d.hook, d.vector, 3.0, method=d.intervention):
+            assert not torch.equal(tiny(tokens), base)
+
+
+def test_additive_and_ablation_act_as_defined(tiny):
+    v = _v(tiny)
+    seen = {}
+
+    def grab(resid, hook):
+        seen["h"] = resid.clone()
+
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (2, 5))
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
+        h = cache["blocks.1.hook_resid_post"]
+        for method, c, expect in [("add", 2.5, h + 2.5 * v),
+                                  ("ablate", 1.0, h - (h @ v)[..., None] * v)]:
+            with steer(tiny, "blocks.1.hook_resid_post", v, c, method=method):
+                with tiny.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", grab)]):
+                    tiny(tokens)
+            torch.testing.assert_close(seen["h"], expect)
+    # after ablation with c=1 the component along v is gone
+    assert (((h - (h @ v)[..., None] * v) @ v).abs() < 1e-4).all()
+
+
+def test_per_row_coefficients(tiny):
+    v = _v(tiny)
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (1, 8)).repeat(3, 1)
+    coeffs = torch.tensor([0.0, 2.0, 5.0])
+    with torch.no_grad():
+        with steer(tiny, "blocks.0.hook_resid_post", v, coeffs):
+            batched = tiny(tokens)
+        for i, c in enumerate(coeffs):
+            with steer(tiny, "blocks.0.hook_resid_post", v, float(c)):
+                torch.testing.assert_close(batched[i], tiny(tokens[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_generated_only_leaves_prompt_positions_alone(tiny):
+    v = _v(tiny)
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (2, 10))
+    with torch.no_grad():
+        base = tiny(tokens)
+        with steer(tiny, "blocks.1.hook_resid_post", v, 4.0, start=6):
+            out = tiny(tokens)
+    assert torch.equal(out[:, :6], base[:, :6])
+    assert not torch.allclose(out[:, 6:], base[:, 6:])
+
+
+def test_hook_fires_at_every_kv_cached_decode_step(tiny):
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (2, 6))
+    steps = 7
+    with torch.no_grad(), steer(tiny, "blocks.1.hook_resid_post", _v(tiny), 3.0) as s:
+        cache = TransformerLensKeyValueCache.init_cache(tiny.cfg, tiny.cfg.device, 2)
+        logits = tiny(tokens, past_kv_cache=cache)
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            logits = tiny(nxt, past_kv_cache=cache)
+    assert s.calls == 1 + steps
+
+
+def test_no_hook_left_behind_even_after_an_exception(tiny):
+    hook = "blocks.1.hook_resid_post"
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(tiny, hook, _v(tiny), 1.0):
+            assert len(tiny.hook_dict[hook].fwd_hooks) == 1
+            raise RuntimeError("boom")
+    assert all(len(h.fwd_hooks) == 0 for h in tiny.hook_dict.values())
+    with steer(tiny, hook, _v(tiny), 1.0):
+        pass
+    assert all(len(h.fwd_hooks) == 0 for h in tiny.hook_dict.values())
+
+
+def test_bad_hook_name_suggests_close_names(tiny):
+    with pytest.raises(ValueError, match=r"unknown hook name 'blocks\.1\.hook_resid_pots'.*blocks\.1\.hook_resid_post"):
+        with steer(tiny, "blocks.1.hook_resid_pots", _v(tiny), 1.0):
+            pass
+
+
+def test_bad_layer(tiny):
+    with pytest.raises(ValueError, match="layer 7 is out of range.*0..3"):
+        resolve_hook(tiny, layer=7)
+    with pytest.raises(ValueError, match="layer 12.*out of range"):
+        resolve_hook(tiny, hook="blocks.12.hook_resid_post")
+
+
+def test_default_hook_is_at_sixty_percent_depth(tiny):
+    assert resolve_hook(tiny) == "blocks.2.hook_resid_post"
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (torch.ones(7), r"shape \(7,\); expected \(64,\)"),
+    (torch.ones(2, 64), r"shape \(2, 64\)"),
+    (torch.ones(64, dtype=torch.long), "dtype torch.int64"),
+    (torch.full((64,), float("nan")), "NaN"),
+])
+def test_bad_direction(tiny, bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        check_direction(tiny, bad)
+
+
+def test_steer_checks_the_direction(tiny):
+    for bad in (torch.ones(7), torch.full((64,), float("inf"))):
+        with pytest.raises(ValueError, match=r"shape \(7,\)|NaN or inf"):
+            with steer(tiny, "blocks.1.hook_resid_post", bad, 1.0):
+                pass
+
+
+def test_coefficient_rows_must_match_batch(tiny):
+    with pytest.raises(ValueError, match="coefficient has shape \\(3,\\) but the batch has 2 rows"):
+        with torch.no_grad(), steer(tiny, "blocks.1.hook_resid_post", _v(tiny), torch.ones(3)):
+            tiny(torch.zeros(2, 4, dtype=torch.long))
