@@ -29,7 +29,7 @@ from isokl_tl.hooks import check_hook_name, hook_layer
 from isokl_tl.prompts import ContrastPair
 
 METHODS = ("mean_diff", "pca", "directional_ablation", "random")
-VECTOR_FILE, META_FILE = "direction.safetensors", "direction.json"
+from isokl_tl.files import DIRECTION_META as META_FILE, DIRECTION_VECTOR as VECTOR_FILE
 
 
 def intervention(method: str) -> str:

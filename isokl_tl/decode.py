@@ -1,0 +1,53 @@
+"""One step of autoregressive decoding, behind a small interface.
+
+`Decoder.prefill(tokens, mask)` runs the (left-padded) prompts and returns the logits at the last
+position; `Decoder.step(next_tokens)` feeds one token per row and returns the next logits. The
+rollout engine only talks to this interface, so a faster decode path (static KV cache, CUDA graphs)
+can replace `TLDecoder` without touching callers. Steering hooks fire inside every forward pass.
+"""
+
+from typing import Protocol
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from isokl_tl.hooks import Steering
+
+
+class Decoder(Protocol):
+    def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
+                ) -> Float[Tensor, "batch d_vocab"]: ...
+
+    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]: ...
+
+
+class TLDecoder:
+    """TransformerLens's own forward with its key-value cache (the reference decode path)."""
+
+    def __init__(self, model: HookedTransformer, steering: Steering | None = None):
+        self.model, self.steering = model, steering
+        self.cache: TransformerLensKeyValueCache | None = None
+        self.length = 0
+
+    def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        if self.steering is not None:
+            self.steering.offset = self.length
+        logits = self.model(tokens, attention_mask=mask, past_kv_cache=self.cache)
+        self.length += tokens.shape[1]
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
+                ) -> Float[Tensor, "batch d_vocab"]:
+        self.cache = TransformerLensKeyValueCache.init_cache(
+            self.model.cfg, self.model.cfg.device, tokens.shape[0]
+        )
+        self.length = 0
+        return self._forward(tokens, mask)
+
+    @torch.no_grad()
+    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])

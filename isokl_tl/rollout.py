@@ -1,0 +1,263 @@
+"""Batched, KV-cached steered rollouts with per-token KL, where every row has its own coefficient.
+
+One call covers prompts x coefficients. Each steered row is decoded next to a *base partner*: the
+same prompt at coefficient 0, teacher-forced on the steered row's tokens, in the same batched
+forward pass. At every step the engine thus holds both next-token distributions, records
+KL(P_steered || P_base) in float32, the steered log-probability of the chosen token, and whether
+the base model's argmax agrees with it — the rollout is generated once and never re-scored, and no
+[batch, pos, d_vocab] tensor is ever materialised.
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from isokl_tl.batching import chunks, left_pad, pad_id
+from isokl_tl.chat import eos_ids
+from isokl_tl.decode import Decoder, TLDecoder
+from isokl_tl.files import ROLLOUTS, ROLLOUTS_CSV, ROLLOUTS_META, TEXTS
+from isokl_tl.hooks import Steering, steer
+from isokl_tl.kl import kl_from_logprobs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding; greedy when `temperature == 0`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = Sampling()
+
+
+@dataclass
+class Rollouts:
+    """Rollouts of a batch of rows. Generated positions past `gen_len` are padding: token -1,
+    KL and log-prob NaN (never 0). `gen_len` counts the EOS token when a row stopped at one."""
+
+    prompt: Int[Tensor, "row prompt_pos"]      # left-padded prompt ids (pad where prompt_mask is 0)
+    prompt_mask: Int[Tensor, "row prompt_pos"]
+    tokens: Int[Tensor, "row window"]
+    kl: Float[Tensor, "row window"]
+    logprob: Float[Tensor, "row window"]
+    base_agree: Bool[Tensor, "row window"]
+    gen_len: Int[Tensor, " row"]
+    eos: Bool[Tensor, " row"]
+    coeff: Float[Tensor, " row"]
+    prompt_index: Int[Tensor, " row"]
+    alpha: Float[Tensor, " row"]
+    hook: str = ""
+    method: str = "add"
+    start: str = "all"
+
+    @property
+    def window(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def mask(self) -> Bool[Tensor, "row window"]:
+        return torch.arange(self.window)[None, :] < self.gen_len[:, None]
+
+    @property
+    def prompt_len(self) -> Int[Tensor, " row"]:
+        return self.prompt_mask.sum(1)
+
+    def row_ids(self, i: int, upto: int | None = None) -> tuple[list[int], list[int]]:
+        """(prompt ids, generated ids[:upto]) of row i, unpadded."""
+        n = int(self.gen_len[i]) if upto is None else min(upto, int(self.gen_len[i]))
+        prompt = self.prompt[i][self.prompt_mask[i].bool()].tolist()
+        return prompt, self.tokens[i, :n].tolist()
+
+    def select(self, rows: Tensor | list[int]) -> "Rollouts":
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        fields = {k: v[idx] if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
+        return Rollouts(**fields)
+
+    @staticmethod
+    def concat(parts: list["Rollouts"]) -> "Rollouts":
+        width = max(p.prompt.shape[1] for p in parts)
+
+        def widen(t: Tensor, fill: int) -> Tensor:
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill)
+
+        out = {k: torch.cat([getattr(p, k) for p in parts]) for k, v in parts[0].__dict__.items()
+               if torch.is_tensor(v) and k not in ("prompt", "prompt_mask")}
+        out["prompt"] = torch.cat([widen(p.prompt, 0) for p in parts])
+        out["prompt_mask"] = torch.cat([widen(p.prompt_mask, 0) for p in parts])
+        return Rollouts(**out, hook=parts[0].hook, method=parts[0].method, start=parts[0].start)
+
+    # --- persistence -------------------------------------------------------------------------
+    def save(self, run_dir: str | Path, tokenizer=None) -> None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.__dict__.items() if torch.is_tensor(v)}
+        tensors["base_agree"] = tensors["base_agree"].to(torch.uint8)
+        tensors["eos"] = tensors["eos"].to(torch.uint8)
+        _atomic(run_dir / ROLLOUTS, lambda p: save_file(tensors, str(p)))
+        meta = {"hook": self.hook, "method": self.method, "start": self.start}
+        _atomic(run_dir / ROLLOUTS_META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        _atomic(run_dir / ROLLOUTS_CSV, lambda p: self.to_frame().to_csv(p, index=False))
+        if tokenizer is not None:
+            lines = [json.dumps(r) for r in self.texts(tokenizer)]
+            _atomic(run_dir / TEXTS, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Rollouts":
+        run_dir = Path(run_dir)
+        if not (run_dir / ROLLOUTS).exists():
+            raise ValueError(f"{run_dir} has no {ROLLOUTS}; run `isokl-tl rollout` first")
+        t = load_file(str(run_dir / ROLLOUTS))
+        t["base_agree"], t["eos"] = t["base_agree"].bool(), t["eos"].bool()
+        meta = json.loads((run_dir / ROLLOUTS_META).read_text())
+        return cls(**t, **meta)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: one row per generated token."""
+        m = self.mask.numpy()
+        r, t = np.nonzero(m)
+        return pd.DataFrame({
+            "row": r, "prompt": self.prompt_index.numpy()[r], "alpha": self.alpha.numpy()[r],
+            "coeff": self.coeff.numpy()[r], "t": t, "token": self.tokens.numpy()[r, t],
+            "kl": self.kl.numpy()[r, t], "logprob": self.logprob.numpy()[r, t],
+            "base_agree": self.base_agree.numpy()[r, t].astype(int),
+        })
+
+    def texts(self, tokenizer) -> list[dict]:
+        out = []
+        for i in range(self.n_rows):
+            _, gen = self.row_ids(i)
+            out.append({"row": i, "prompt": int(self.prompt_index[i]), "alpha": float(self.alpha[i]),
+                        "coeff": float(self.coeff[i]), "eos": bool(self.eos[i]),
+                        "gen_len": int(self.gen_len[i]), "text": tokenizer.decode(gen)})
+        return out
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def _choose(logp: Float[Tensor, "batch d_vocab"], sampling: Sampling,
+            gen: torch.Generator | None) -> Int[Tensor, " batch"]:
+    if sampling.temperature == 0:
+        return logp.argmax(-1)
+    probs = torch.softmax(logp / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+DecoderFactory = Callable[[HookedTransformer, Steering], Decoder]
+
+
+@torch.no_grad()
+def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Tensor, *,
+                   direction: Tensor, hook: str, method: str, window: int, generated_only: bool,
+                   sampling: Sampling, eos: Tensor, gen: torch.Generator | None,
+                   decoder: DecoderFactory, bar) -> dict[str, Tensor]:
+    dev = model.cfg.device
+    b = len(prompts)
+    tokens, mask = left_pad(prompts, pad_id(model.tokenizer), dev)
+    width = tokens.shape[1]
+    both = torch.cat([coeff.to(dev), torch.zeros_like(coeff, device=dev)])
+    out_tok = torch.full((b, window), -1, dtype=torch.long)
+    out_kl = torch.full((b, window), float("nan"))
+    out_lp = torch.full((b, window), float("nan"))
+    out_agree = torch.zeros((b, window), dtype=torch.bool)
+    gen_len = torch.zeros(b, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    with steer(model, hook, direction, both, method=method,
+               start=width if generated_only else 0) as steering:
+        dec = decoder(model, steering)
+        logits = dec.prefill(torch.cat([tokens, tokens]), torch.cat([mask, mask]))
+        for t in range(window):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            ls, lb = logp[:b], logp[b:]
+            nxt = _choose(ls, sampling, gen)
+            alive = (~done).cpu()
+            out_tok[alive, t] = nxt.cpu()[alive]
+            out_kl[alive, t] = kl_from_logprobs(ls, lb).cpu()[alive]
+            out_lp[alive, t] = ls.gather(-1, nxt[:, None])[:, 0].cpu()[alive]
+            out_agree[alive, t] = (lb.argmax(-1) == nxt).cpu()[alive]
+            gen_len += alive.long()
+            done |= torch.isin(nxt, eos)
+            if bar is not None:
+                bar.update(1)
+            if bool(done.all()) or t == window - 1:
+                if bar is not None:
+                    bar.update(window - 1 - t)
+                break
+            logits = dec.step(torch.cat([nxt, nxt]))
+    return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), "tokens": out_tok, "kl": out_kl,
+            "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done.cpu()}
+
+
+def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,
+            direction: Float[Tensor, " d_model"], hook: str, method: str = "add", window: int = 64,
+            generated_only: bool = False, sampling: Sampling = GREEDY,
+            eos: list[int] | None = None, rows_per_batch: int = 64,
+            decoder: DecoderFactory = TLDecoder, prompt_index: Int[Tensor, " row"] | None = None,
+            alpha: Float[Tensor, " row"] | None = None, progress: bool = False) -> Rollouts:
+    """Decode `window` tokens for every row (prompt ids, coefficient) and score them as it goes.
+
+    Rows are processed `rows_per_batch` at a time (each with its base partner, so the forward
+    batch is twice that). EOS ids default to the tokenizer's end-of-turn tokens.
+    """
+    if window <= 0:
+        raise ValueError(f"window must be a positive number of tokens, got {window}")
+    if len(prompts) != len(coeffs):
+        raise ValueError(f"{len(prompts)} prompts but {len(coeffs)} coefficients: give one per row")
+    if rows_per_batch <= 0:
+        raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
+    n_ctx = model.cfg.n_ctx
+    too_long = [i for i, p in enumerate(prompts) if len(p) + window > n_ctx]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(f"prompt {i} has {len(prompts[i])} tokens; with window {window} that exceeds "
+                         f"the model's context of {n_ctx}")
+    eos_t = torch.tensor(eos_ids(model.tokenizer) if eos is None else eos, dtype=torch.long,
+                         device=model.cfg.device)
+    gen = None
+    if sampling.temperature > 0:
+        gen = torch.Generator(device=model.cfg.device).manual_seed(sampling.seed)
+    coeffs = coeffs.float().cpu()
+    n = len(prompts)
+    index = torch.arange(n) if prompt_index is None else prompt_index.long().cpu()
+    alphas = torch.full((n,), float("nan")) if alpha is None else alpha.float().cpu()
+    start = "generated" if generated_only else "all"
+    bar = tqdm(total=window * len(chunks(len(prompts), rows_per_batch)), desc="rollout",
+               unit="step", disable=not progress, leave=False)
+    parts = []
+    for sl in chunks(len(prompts), rows_per_batch):
+        res = _rollout_chunk(model, prompts[sl], coeffs[sl], direction=direction, hook=hook,
+                             method=method, window=window, generated_only=generated_only,
+                             sampling=sampling, eos=eos_t, gen=gen, decoder=decoder, bar=bar)
+        parts.append(Rollouts(**res, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
+                              hook=hook, method=method, start=start))
+    bar.close()
+    return Rollouts.concat(parts) if len(parts) > 1 else parts[0]
