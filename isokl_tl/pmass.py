@@ -1,0 +1,200 @@
+"""Fork pmass: can the steered model still answer a forced true/false prefill at token t?
+
+At each fork t of a rollout, the *steered* model (same coefficient) reads
+`prompt + rollout[:t] + splice` and we record the probability mass on the answer tokens (`pmass`),
+the share of it on the true set (`p_true`), and the argmax token. Two splice modes, rendered through
+the model's chat template:
+- `interrupt`: end the assistant turn, add a user turn asking for the final answer as JSON, open a
+  new assistant turn with the prefill `{"choice": `.
+- `inline`: stay in the assistant turn; append `close` (e.g. "\\nI should answer now.</think>" for
+  a model inside a thinking block) and the prefill `\\n{"choice": `.
+
+The prefix `prompt + rollout` of each row is run once into a KV cache; the forks of that row are
+one batch whose rows all read that cache (an expanded view, never a stored copy) with the columns
+past their fork masked out, so every fork tail gets its true rotary positions. A fork past a row's
+end (EOS) is censored: not evaluated. A fork at exactly the generated length sees every generated
+token (the EOS token itself is not part of the content a splice follows).
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from isokl_tl.batching import chunks, pad_id
+from isokl_tl.chat import require_tokenizer, text_ids
+from isokl_tl.files import SPLICE
+from isokl_tl.hooks import steer
+from isokl_tl.rollout import Rollouts
+
+TRUE_WORDS = ("true", "True", " true", " True", "1", " 1")
+FALSE_WORDS = ("false", "False", " false", " False", "0", " 0")
+_MARKER = "\u2063SPLICE\u2063"
+
+
+@dataclass(frozen=True)
+class Splice:
+    mode: str = "interrupt"
+    question: str = ('Stop here. Give your final answer now as JSON: {"choice": true} or '
+                     '{"choice": false}.')
+    close: str = ""
+    prefill: str | None = None
+    true_words: tuple[str, ...] = TRUE_WORDS
+    false_words: tuple[str, ...] = FALSE_WORDS
+
+    def __post_init__(self):
+        if self.mode not in ("interrupt", "inline"):
+            raise ValueError(f"splice mode {self.mode!r} is not one of interrupt, inline")
+
+    @property
+    def prefill_text(self) -> str:
+        if self.prefill is not None:
+            return self.prefill
+        return '{"choice": ' if self.mode == "interrupt" else '\n{"choice": '
+
+    def text(self, tokenizer) -> str:
+        """The splice as text, rendered through the chat template."""
+        if self.mode == "inline":
+            return self.close + self.prefill_text
+        tok = require_tokenizer(tokenizer)
+        msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _MARKER},
+                {"role": "user", "content": self.question}]
+        rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        if _MARKER not in rendered:
+            raise ValueError("the chat template dropped the assistant turn; use --splice inline")
+        return rendered.split(_MARKER, 1)[1] + self.prefill_text
+
+    def token_ids(self, tokenizer) -> list[int]:
+        return text_ids(tokenizer, self.text(tokenizer))
+
+    def to_dict(self, tokenizer=None) -> dict:
+        d = asdict(self)
+        if tokenizer is not None:
+            d["rendered"] = self.text(tokenizer)
+            t, f = answer_token_sets(tokenizer, self.true_words, self.false_words)
+            d["true_ids"], d["false_ids"] = t, f
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Splice":
+        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("true_words", "false_words"):
+            if k in keep:
+                keep[k] = tuple(keep[k])
+        return cls(**keep)
+
+    def save(self, run_dir: str | Path, tokenizer) -> None:
+        (Path(run_dir) / SPLICE).write_text(json.dumps(self.to_dict(tokenizer), indent=2))
+
+
+def answer_token_sets(tokenizer, true_words, false_words) -> tuple[list[int], list[int]]:
+    """The last token of each word's encoding, deduplicated; the two sets must be disjoint."""
+    sets = []
+    for words in (true_words, false_words):
+        ids = set()
+        for w in words:
+            enc = text_ids(tokenizer, w)
+            if not enc:
+                raise ValueError(f"answer word {w!r} does not tokenize to any token")
+            ids.add(enc[-1])
+        if not ids:
+            raise ValueError("an answer set is empty: give at least one word for true and for false")
+        sets.append(sorted(ids))
+    overlap = set(sets[0]) & set(sets[1])
+    if overlap:
+        shown = [tokenizer.convert_ids_to_tokens(i) for i in sorted(overlap)]
+        raise ValueError(f"true and false answer sets overlap on tokens {shown}; choose other words")
+    return sets[0], sets[1]
+
+
+def fork_schedule(window: int, every: int | None = None, n_log: int | None = None) -> list[int]:
+    """Fork tokens: every `every` tokens (0, k, 2k, ..., window) or `n_log` log-spaced ones;
+    both always include 0 and the window end."""
+    if window <= 0:
+        raise ValueError(f"window must be a positive number of tokens, got {window}")
+    if (every is None) == (n_log is None):
+        raise ValueError("give exactly one of fork-every and fork-log")
+    if every is not None:
+        if every <= 0:
+            raise ValueError(f"fork-every must be a positive number of tokens, got {every}")
+        forks = set(range(0, window + 1, every))
+    else:
+        if n_log < 2:
+            raise ValueError(f"fork-log needs at least 2 forks, got {n_log}")
+        forks = {int(round(x)) for x in np.geomspace(1, window, n_log - 1)}
+    return sorted(forks | {0, window})
+
+
+@dataclass
+class ForkPMass:
+    """Long format: one row per evaluated fork."""
+
+    frame: pd.DataFrame
+    forks: list[int]
+    splice: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Tensor, " d_model"],
+               forks: list[int], splice: Splice = Splice(), *, rows_per_prefill: int = 8,
+               progress: bool = False) -> ForkPMass:
+    tok = model.tokenizer
+    true_ids, false_ids = answer_token_sets(tok, splice.true_words, splice.false_words)
+    tail = torch.tensor(splice.token_ids(tok), dtype=torch.long, device=model.cfg.device)
+    answer = torch.tensor(true_ids + false_ids, device=model.cfg.device)
+    n_true = len(true_ids)
+    content = rollouts.gen_len - rollouts.eos.long()   # the EOS token is not content
+    width = rollouts.prompt.shape[1]
+    records = []
+    bar = tqdm(total=rollouts.n_rows, desc="pmass", unit="rollout", disable=not progress, leave=False)
+    for sl in chunks(rollouts.n_rows, rows_per_prefill):
+        rows = list(range(rollouts.n_rows))[sl]
+        g = max(1, int(content[sl].max()))
+        gen = rollouts.tokens[sl, :g].clamp(min=0)
+        gen_mask = (torch.arange(g)[None, :] < content[sl][:, None]).long()
+        tokens = torch.cat([rollouts.prompt[sl], gen], 1).to(model.cfg.device)
+        tokens[:, width:][gen_mask == 0] = pad_id(tok)
+        mask = torch.cat([rollouts.prompt_mask[sl], gen_mask], 1).to(model.cfg.device)
+        coeff = rollouts.coeff[sl]
+        start = width if rollouts.start == "generated" else 0
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
+        with steer(model, rollouts.hook, direction, coeff, method=rollouts.method, start=start):
+            model(tokens, attention_mask=mask, past_kv_cache=cache)
+        for j, r in enumerate(rows):
+            ts = [t for t in forks if t <= int(content[r])]
+            k = len(ts)
+            fork_cache = TransformerLensKeyValueCache(
+                entries=[type(e)(past_keys=e.past_keys[j:j + 1].expand(k, -1, -1, -1),
+                                 past_values=e.past_values[j:j + 1].expand(k, -1, -1, -1),
+                                 frozen=True) for e in cache.entries],
+                previous_attention_mask=mask[j:j + 1].repeat(k, 1), frozen=True)
+            for i, t in enumerate(ts):
+                fork_cache.previous_attention_mask[i, width + t:] = 0
+            with steer(model, rollouts.hook, direction, coeff[j].repeat(k), method=rollouts.method,
+                       start=start) as s:
+                s.offset = tokens.shape[1]
+                logits = model(tail.expand(k, -1), attention_mask=torch.ones(k, len(tail), dtype=torch.long,
+                               device=model.cfg.device), past_kv_cache=fork_cache)[:, -1]
+            probs = torch.softmax(logits.float(), dim=-1)
+            mass = probs[:, answer]
+            pm = mass.sum(-1)
+            pt = mass[:, :n_true].sum(-1) / pm
+            top = probs.argmax(-1)
+            for i, t in enumerate(ts):
+                records.append({"row": r, "prompt": int(rollouts.prompt_index[r]),
+                                "alpha": float(rollouts.alpha[r]), "coeff": float(rollouts.coeff[r]),
+                                "fork": t, "pmass": float(pm[i]), "p_true": float(pt[i]),
+                                "argmax": int(top[i])})
+            bar.update(1)
+    bar.close()
+    frame = pd.DataFrame.from_records(records, columns=["row", "prompt", "alpha", "coeff", "fork",
+                                                        "pmass", "p_true", "argmax"])
+    return ForkPMass(frame=frame, forks=list(forks), splice=splice.to_dict(tok))

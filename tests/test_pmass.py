@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from isokl_tl.chat import prompt_ids
+from isokl_tl.hooks import steer
+from isokl_tl.pmass import Splice, answer_token_sets, fork_pmass, fork_schedule
+from isokl_tl.prompts import load_prompts
+from isokl_tl.rollout import rollout
+
+HOOK = "blocks.2.hook_resid_post"
+
+
+def _rollouts(model, direction, eos=None, generated_only=False, method="add"):
+    prompts = [prompt_ids(model.tokenizer, p) for p in load_prompts("eval")[:3]]
+    return rollout(model, prompts, torch.tensor([0.0, 6.0, 9.0]), direction=direction.vector,
+                   hook=HOOK, window=12, eos=eos, generated_only=generated_only, method=method)
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "inline"])
+@pytest.mark.parametrize("generated_only,method", [(False, "add"), (True, "add"), (False, "ablate")])
+def test_batched_forks_match_a_plain_full_forward(tiny, tiny_direction, mode, generated_only, method):
+    r = _rollouts(tiny, tiny_direction, generated_only=generated_only, method=method)
+    splice = Splice(mode=mode, close="\nDone.")
+    forks = fork_schedule(12, every=4)
+    pm = fork_pmass(tiny, r, tiny_direction.vector, forks, splice, rows_per_prefill=2).frame
+    assert len(pm) == 3 * len(forks)
+    t_ids, f_ids = answer_token_sets(tiny.tokenizer, splice.true_words, splice.false_words)
+    tail = splice.token_ids(tiny.tokenizer)
+    for rec in pm.itertuples():
+        prompt, gen = r.row_ids(rec.row, upto=rec.fork)
+        seq = torch.tensor([prompt + gen + tail])
+        with torch.no_grad(), steer(tiny, HOOK, tiny_direction.vector, float(r.coeff[rec.row]),
+                                    method=method, start=len(prompt) if generated_only else 0):
+            probs = torch.softmax(tiny(seq)[0, -1].float(), -1)
+        pmass = float(probs[t_ids + f_ids].sum())
+        assert abs(pmass - rec.pmass) < 1e-4
+        assert abs(float(probs[t_ids].sum()) / pmass - rec.p_true) < 1e-4
+        assert int(probs.argmax()) == rec.argmax
+
+
+def test_forks_past_eos_are_censored(tiny, tiny_direction):
+    free = _rollouts(tiny, tiny_direction, eos=[])
+    stop = int(free.tokens[1, 5])
+    r = _rollouts(tiny, tiny_direction, eos=[stop])
+    content = int(r.gen_len[1]) - 1
+    pm = fork_pmass(tiny, r, tiny_direction.vector, fork_schedule(12, every=2)).frame
+    assert pm[pm.row == 1].fork.max() <= content
+    assert set(pm[pm.row == 1].fork) == {t for t in range(0, 13, 2) if t <= content}
+
+
+def test_fork_schedule():
+    assert fork_schedule(20, every=8) == [0, 8, 16, 20]
+    assert fork_schedule(64, n_log=5)[0] == 0 and fork_schedule(64, n_log=5)[-1] == 64
+    with pytest.raises(ValueError, match="exactly one"):
+        fork_schedule(10)
+    with pytest.raises(ValueError, match="fork-every must be a positive"):
+        fork_schedule(10, every=0)
+
+
+def test_answer_sets(tiny):
+    t, f = answer_token_sets(tiny.tokenizer, ("true", " true", "1"), ("false", "0"))
+    assert t and f and not set(t) & set(f)
+    with pytest.raises(ValueError, match="overlap"):
+        answer_token_sets(tiny.tokenizer, ("yes",), ("yes",))
+    with pytest.raises(ValueError, match="does not tokenize"):
+        answer_token_sets(tiny.tokenizer, ("",), ("false",))
+
+
+def test_interrupt_splice_goes_through_the_chat_template(tiny):
+    text = Splice().text(tiny.tokenizer)
+    assert text.startswith("<|im_end|>\n<|im_start|>user\n") and text.endswith('assistant\n{"choice": ')
