@@ -1,0 +1,127 @@
+"""Death, censoring and Kaplan-Meier survival of steered rollouts.
+
+A rollout is alive at fork t while pmass >= threshold; it dies at the first fork where pmass falls
+below it (with `death_run=k`: the first of k consecutive forks below it), and death is permanent.
+A rollout that never dies is right-censored at its last evaluated fork (EOS or the window end).
+The threshold is absolute, or relative to the same prompt's unsteered pmass at fork 0.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Bool, Float, Real
+from sksurv.nonparametric import kaplan_meier_estimator
+
+
+@dataclass(frozen=True)
+class DeathRule:
+    threshold: float | None = None           # absolute pmass threshold
+    relative_threshold: float | None = 0.5   # fraction of the prompt's own unsteered pmass at fork 0
+    death_run: int = 1
+    min_base_pmass: float = 0.3              # relative mode: weaker prompts are reported and excluded
+    keep_weak: bool = False
+
+    def __post_init__(self):
+        if (self.threshold is None) == (self.relative_threshold is None):
+            raise ValueError("give exactly one of threshold and relative-threshold")
+        for name in ("threshold", "relative_threshold", "min_base_pmass"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be in (0, 1), got {v}")
+        if self.death_run < 1:
+            raise ValueError(f"death-run must be >= 1, got {self.death_run}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SurvivalCurve:
+    """Kaplan-Meier estimate. `median` is inf when S never reaches 0.5 (likewise its bounds)."""
+
+    time: Float[np.ndarray, " t"]
+    survival: Float[np.ndarray, " t"]
+    ci_low: Float[np.ndarray, " t"]
+    ci_high: Float[np.ndarray, " t"]
+    median: float
+    median_ci: tuple[float, float]
+    n: int
+    died: int
+    censored: int
+
+    def at(self, t: float | int) -> float:
+        """S(t) of the step function (1 before the first event time)."""
+        i = np.searchsorted(self.time, t, side="right") - 1
+        return 1.0 if i < 0 else float(self.survival[i])
+
+
+def _first_below(curve: np.ndarray, level: float, times: np.ndarray) -> float:
+    hit = np.nonzero(curve <= level)[0]
+    return float(times[hit[0]]) if hit.size else math.inf
+
+
+def kaplan_meier(*, time: Real[np.ndarray, " n"], event: Bool[np.ndarray, " n"]) -> SurvivalCurve:
+    """Kaplan-Meier with a 95% log-log confidence band (scikit-survival)."""
+    time = np.asarray(time, dtype=float)
+    event = np.asarray(event, dtype=bool)
+    if time.shape != event.shape or time.ndim != 1 or time.size == 0:
+        raise ValueError(f"time and event must be equal-length, non-empty 1-D arrays; got shapes "
+                         f"{time.shape} and {event.shape}")
+    if (time < 0).any():
+        raise ValueError("survival times must be >= 0")
+    t, s, ci = kaplan_meier_estimator(event, time, conf_type="log-log")
+    lo, hi = np.nan_to_num(ci[0], nan=0.0), np.nan_to_num(ci[1], nan=1.0)
+    return SurvivalCurve(time=t, survival=s, ci_low=lo, ci_high=hi,
+                         median=_first_below(s, 0.5, t),
+                         median_ci=(_first_below(lo, 0.5, t), _first_below(hi, 0.5, t)),
+                         n=int(time.size), died=int(event.sum()), censored=int((~event).sum()))
+
+
+def deaths(pmass: pd.DataFrame, rule: DeathRule) -> pd.DataFrame:
+    """One row per rollout: time, event, the threshold used, its prompt's base pmass at fork 0,
+    and whether the prompt is weak (excluded unless `rule.keep_weak`)."""
+    base = pmass[(pmass.alpha == 0) & (pmass.fork == 0)].groupby("prompt").pmass.first()
+    if base.empty:
+        raise ValueError("no unsteered (alpha 0) pmass at fork 0: include alpha 0 in the sweep")
+    out = []
+    for row, g in pmass.sort_values(["row", "fork"]).groupby("row", sort=True):
+        prompt = int(g.prompt.iloc[0])
+        b = float(base.get(prompt, np.nan))
+        if rule.threshold is not None:
+            thr, weak = rule.threshold, not b >= rule.threshold
+        else:
+            thr, weak = rule.relative_threshold * b, not b >= rule.min_base_pmass
+        below = (g.pmass.to_numpy() < thr).astype(int)
+        forks = g.fork.to_numpy()
+        k = rule.death_run
+        runs = np.convolve(below, np.ones(k, dtype=int), mode="valid") if len(below) >= k else np.array([])
+        hit = np.nonzero(runs == k)[0]
+        event = bool(hit.size)
+        out.append({"row": int(row), "prompt": prompt, "alpha": float(g.alpha.iloc[0]),
+                    "coeff": float(g.coeff.iloc[0]), "time": int(forks[hit[0]] if event else forks[-1]),
+                    "event": event, "threshold": thr, "base_pmass0": b, "weak": weak})
+    return pd.DataFrame(out)
+
+
+def survival_table(per_row: pd.DataFrame, window: int, keep_weak: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Per alpha: n, died, censored, S at the middle token and at the end of the window, and the
+    median survival token with its interval. Also returns the curves by alpha."""
+    use = per_row if keep_weak else per_row[~per_row.weak]
+    rows, curves = [], {}
+    for alpha, g in use.groupby("alpha", sort=True):
+        km = kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy())
+        curves[float(alpha)] = km
+        rows.append({"alpha": float(alpha), "n": km.n, "died": km.died, "censored": km.censored,
+                     "S_mid": km.at(window / 2), "S_end": km.at(window), "median": km.median,
+                     "median_lo": km.median_ci[0], "median_hi": km.median_ci[1]})
+    return pd.DataFrame(rows), curves
+
+
+def curves_frame(curves: dict[float, SurvivalCurve]) -> pd.DataFrame:
+    """KM step curves in long format (alpha, time, survival, ci_low, ci_high)."""
+    parts = [pd.DataFrame({"alpha": a, "time": c.time, "survival": c.survival, "ci_low": c.ci_low,
+                           "ci_high": c.ci_high}) for a, c in curves.items()]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["alpha", "time", "survival", "ci_low", "ci_high"])
