@@ -47,5 +47,108 @@ def direction(model_spec, device, dtype, hook, layer, method, pairs, seed, out) 
                f"{d.projection_gap:.3g}, median residual norm {d.resid_norm:.3g} -> {out}")
 
 
+# --- stage commands over a run directory ---------------------------------------------------------
+from isokl_tl.cli.options import (calibration_options, direction_options, overrides,  # noqa: E402
+                                  pmass_options, survival_options, sweep_options)
+
+
+def _fresh_or_existing(out: str, given: dict, config: str | None = None):
+    """A Run at `out`: its saved config (if any), then --config, then the options given."""
+    from isokl_tl.pipeline import Run, RunConfig
+    from isokl_tl.runs import Manifest
+
+    saved = Manifest(out).data.get("config", {})
+    base = RunConfig.from_toml(config).to_dict() if config else {}
+    cfg = RunConfig.from_dict({**saved, **base, **given})
+    return Run(out, cfg, log=lambda m: click.echo(m, err=True))
+
+
+def _run_options(f):
+    for opt in reversed([model_options, hook_options, direction_options, calibration_options]):
+        f = opt(f)
+    return f
+
+
+def _given(model_spec=None, **kw) -> dict:
+    return overrides(model=model_spec, **kw)
+
+
+@main.command("calibrate")
+@_run_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@user_errors
+def calibrate_cmd(out, **kw) -> None:
+    """Find the iso-KL coefficient c* (builds or reuses the run's direction)."""
+    run = _fresh_or_existing(out, _given(**kw))
+    run._begin()
+    cal = run.calibrate()
+    ci = f"  90% interval [{cal.interval[0]:.4g}, {cal.interval[1]:.4g}]" if cal.interval else ""
+    click.echo(f"c* = {cal.c_star:.4g}{ci}  ({cal.statistic} {cal.quantile:g} of KL = {cal.value:.4g}, "
+               f"target {cal.target:g}, window {cal.window}, {cal.rounds} rounds, converged {cal.converged})")
+
+
+@main.command("rollout")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Run directory (with a calibration).")
+@sweep_options
+@user_errors
+def rollout_cmd(run_dir, **kw) -> None:
+    """Roll out the held-out sweep (coefficient = alpha x c*) and save tokens, per-token KL, texts."""
+    run = _fresh_or_existing(run_dir, overrides(**kw))
+    r = run.rollout()
+    click.echo(f"{r.n_rows} rollouts, {int(r.gen_len.sum())} tokens -> {run_dir}")
+
+
+@main.command("pmass")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Run directory (with rollouts).")
+@pmass_options
+@user_errors
+def pmass_cmd(run_dir, **kw) -> None:
+    """Fork pmass along the saved rollouts."""
+    run = _fresh_or_existing(run_dir, overrides(**kw))
+    pm = run.pmass()
+    click.echo(f"{len(pm)} forks evaluated -> {run_dir}")
+
+
+@main.command("survival")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Run directory (with pmass).")
+@survival_options
+@user_errors
+def survival_cmd(run_dir, **kw) -> None:
+    """Deaths and Kaplan-Meier survival from the saved pmass (never reruns rollouts)."""
+    run = _fresh_or_existing(run_dir, overrides(**kw))
+    click.echo(run.survival().to_string(index=False))
+
+
+@main.command("plot")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Run directory (with survival).")
+@user_errors
+def plot_cmd(run_dir) -> None:
+    """(Re)draw every figure and the summary of a run directory."""
+    run = _fresh_or_existing(run_dir, {})
+    run.plot(force=True)
+    click.echo(f"figures and summary.md -> {run_dir}")
+
+
+@main.command("run")
+@_run_options
+@sweep_options
+@pmass_options
+@survival_options
+@click.option("--config", type=click.Path(dir_okay=False, exists=True),
+              help="TOML file with the same keys as the options (options given win).")
+@click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@user_errors
+def run_cmd(out, config, **kw) -> None:
+    """The whole cell: direction -> calibration -> sweep -> pmass -> survival -> figures -> summary."""
+    run = _fresh_or_existing(out, _given(**kw), config)
+    run.run_all()
+    click.echo((run.dir / "summary.md").read_text())
+
+
 if __name__ == "__main__":
     main()

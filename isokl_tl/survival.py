@@ -102,7 +102,8 @@ def deaths(pmass: pd.DataFrame, rule: DeathRule) -> pd.DataFrame:
         out.append({"row": int(row), "prompt": prompt, "alpha": float(g.alpha.iloc[0]),
                     "coeff": float(g.coeff.iloc[0]), "time": int(forks[hit[0]] if event else forks[-1]),
                     "event": event, "threshold": thr, "base_pmass0": b, "weak": weak})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=["row", "prompt", "alpha", "coeff", "time", "event", "threshold",
+                                      "base_pmass0", "weak"])
 
 
 def survival_table(per_row: pd.DataFrame, window: int, keep_weak: bool = False) -> tuple[pd.DataFrame, dict]:
@@ -116,7 +117,8 @@ def survival_table(per_row: pd.DataFrame, window: int, keep_weak: bool = False) 
         rows.append({"alpha": float(alpha), "n": km.n, "died": km.died, "censored": km.censored,
                      "S_mid": km.at(window / 2), "S_end": km.at(window), "median": km.median,
                      "median_lo": km.median_ci[0], "median_hi": km.median_ci[1]})
-    return pd.DataFrame(rows), curves
+    cols = ["alpha", "n", "died", "censored", "S_mid", "S_end", "median", "median_lo", "median_hi"]
+    return pd.DataFrame(rows, columns=cols), curves
 
 
 def curves_frame(curves: dict[float, SurvivalCurve]) -> pd.DataFrame:

@@ -1,0 +1,341 @@
+"""The whole cell in a run directory: direction -> calibration -> alpha sweep -> pmass -> survival
+-> figures -> summary. Each stage records a hash of its settings (which include every upstream
+stage's) in the manifest; a stage whose hash and outputs are already there is skipped, so a rerun
+resumes and changing, say, the death threshold reruns only survival and figures."""
+
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from isokl_tl import files
+from isokl_tl.calibrate import Calibration, CalibrationSettings, calibrate
+from isokl_tl.chat import prompt_ids
+from isokl_tl.directions import Direction, check_method, compute_direction
+from isokl_tl.hooks import resolve_hook
+from isokl_tl.models import EMBEDDED, load_model
+from isokl_tl.pmass import Splice, fork_pmass, fork_schedule
+from isokl_tl.prompts import load_pairs, load_prompts
+from isokl_tl.rollout import Rollouts, Sampling, rollout
+from isokl_tl.runs import Manifest, model_identity, settings_hash, versions, write_json
+from isokl_tl.survival import DeathRule, curves_frame, deaths, survival_table
+
+STAGES = ("direction", "calibrate", "rollout", "pmass", "survival", "plot")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run. Defaults are the embedded model's CPU run (< 10 min on 2 cores)."""
+
+    model: str = EMBEDDED
+    device: str = "cpu"
+    dtype: str = "float32"
+    method: str = "mean_diff"
+    hook: str | None = None
+    layer: int | None = None
+    pairs: str = "pairs"
+    seed: int = 0
+    calib_prompts: str = "calibration"
+    n_calib: int = 8
+    calib_window: int = 32
+    target: float = 1.0
+    quantile: float = 0.95
+    statistic: str = "quantile"
+    tol: float = 0.02
+    bootstrap: int = 200
+    prompts: str = "eval"
+    n_prompts: int = 12
+    window: int = 96
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    generated_only: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    fork_every: int | None = 16
+    fork_log: int | None = None
+    splice: str = "interrupt"
+    splice_question: str | None = None
+    splice_close: str = ""
+    splice_prefill: str | None = None
+    threshold: float | None = None
+    relative_threshold: float | None = 0.5
+    death_run: int = 1
+    min_base_pmass: float = 0.3
+    keep_weak: bool = False
+    rows_per_batch: int = 64
+
+    def __post_init__(self):
+        check_method(self.method)
+        for name in ("window", "calib_window", "n_prompts", "n_calib", "rows_per_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.alphas:
+            raise ValueError("give at least one alpha")
+        if self.method == "directional_ablation" and min(self.alphas) < 0:
+            raise ValueError(f"directional ablation needs alphas >= 0, got {min(self.alphas)} "
+                             "(negative alphas only make sense for additive methods)")
+        if self.fork_every is not None and self.fork_log is not None:
+            object.__setattr__(self, "fork_every", None)
+        self.death_rule()
+        self.splice_spec()
+        self.calibration_settings()
+        Sampling(self.temperature, self.top_p, self.seed)
+
+    # --- derived settings -----------------------------------------------------------------
+    def death_rule(self) -> DeathRule:
+        rel = None if self.threshold is not None else self.relative_threshold
+        return DeathRule(threshold=self.threshold, relative_threshold=rel, death_run=self.death_run,
+                         min_base_pmass=self.min_base_pmass, keep_weak=self.keep_weak)
+
+    def splice_spec(self) -> Splice:
+        kw = {"question": self.splice_question} if self.splice_question else {}
+        return Splice(mode=self.splice, close=self.splice_close, prefill=self.splice_prefill, **kw)
+
+    def calibration_settings(self) -> CalibrationSettings:
+        return CalibrationSettings(target=self.target, quantile=self.quantile, statistic=self.statistic,
+                                   window=self.calib_window, tol=self.tol, bootstrap=self.bootstrap,
+                                   generated_only=self.generated_only, seed=self.seed)
+
+    def sweep_alphas(self) -> list[float]:
+        """The alphas to roll out: alpha 0 is always included (the baseline check needs it)."""
+        return sorted(set(self.alphas) | {0.0})
+
+    def forks(self) -> list[int]:
+        return fork_schedule(self.window, every=self.fork_every, n_log=self.fork_log)
+
+    _STAGE_KEYS = {
+        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed"),
+        "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
+                      "tol", "bootstrap", "generated_only"),
+        "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p"),
+        "pmass": ("fork_every", "fork_log", "splice", "splice_question", "splice_close",
+                  "splice_prefill"),
+        "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),
+        "plot": (),
+    }
+
+    def stage_settings(self, stage: str) -> dict:
+        """This stage's settings plus every upstream stage's (so a change invalidates downstream)."""
+        out = {}
+        for s in STAGES[: STAGES.index(stage) + 1]:
+            out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]})
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["alphas"] = list(self.alphas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {', '.join(sorted(names))}")
+        if "alphas" in d:
+            d = {**d, "alphas": tuple(float(a) for a in d["alphas"])}
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "RunConfig":
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"cannot read config {str(path)!r}: {e}") from None
+        return cls.from_dict({**{k.replace("-", "_"): v for k, v in data.items()}, **overrides})
+
+
+class Run:
+    """A run directory with its config, the loaded model, and the stage functions."""
+
+    def __init__(self, run_dir: str | Path, config: RunConfig, *, model: HookedTransformer | None = None,
+                 progress: bool = True, log=print):
+        self.dir, self.cfg, self.progress, self.log = Path(run_dir), config, progress, log
+        self.manifest = Manifest(self.dir)
+        self._model = model
+        self._checked: set[str] = set()
+
+    @classmethod
+    def open(cls, run_dir: str | Path, **overrides) -> "Run":
+        """Reopen a run directory with its saved config (overrides change single settings)."""
+        m = Manifest(run_dir)
+        if "config" not in m.data:
+            raise ValueError(f"{run_dir} is not a run directory (no {files.MANIFEST} with a config)")
+        cfg = RunConfig.from_dict({**m.data["config"], **overrides})
+        return cls(run_dir, cfg)
+
+    @property
+    def model(self) -> HookedTransformer:
+        if self._model is None:
+            self.log(f"loading {self.cfg.model} ...")
+            self._model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+        return self._model
+
+    def _stage(self, stage: str, outputs: list[str], fn, force: bool = False) -> bool:
+        settings = self.cfg.stage_settings(stage)
+        key = settings_hash(settings)
+        if not force and self.manifest.stage_current(stage, key, outputs):
+            if stage not in self._checked:
+                self.log(f"[{stage}] up to date, skipped")
+            self._checked.add(stage)
+            return False
+        self.log(f"[{stage}] running ...")
+        start = time.perf_counter()
+        fn()
+        secs = time.perf_counter() - start
+        self.manifest.data["config"] = self.cfg.to_dict()
+        self.manifest.record(stage, key, settings, secs)
+        self.log(f"[{stage}] done in {secs:.1f}s")
+        self._checked.add(stage)
+        return True
+
+    def _begin(self) -> None:
+        if "model" not in self.manifest.data:
+            self.manifest.set(model=model_identity(self.model))
+        self.manifest.set(config=self.cfg.to_dict(), versions=versions(), seeds={"seed": self.cfg.seed})
+
+    # --- stages ------------------------------------------------------------------------------
+    def direction(self, force: bool = False) -> Direction:
+        def go():
+            hook = resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
+            compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method,
+                              seed=self.cfg.seed).save(self.dir)
+        self._stage("direction", [files.DIRECTION_VECTOR, files.DIRECTION_META], go, force)
+        return Direction.load(self.dir)
+
+    def calibrate(self, force: bool = False) -> Calibration:
+        d = self.direction()
+
+        def go():
+            prompts = [prompt_ids(self.model.tokenizer, p)
+                       for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
+            cal = calibrate(self.model, d, prompts, self.cfg.calibration_settings(),
+                            rows_per_batch=self.cfg.rows_per_batch, progress=self.progress)
+            cal.save(self.dir)
+            from isokl_tl.plots import plot_calibration, save_figure
+            save_figure(plot_calibration(cal), self.dir / files.CALIBRATION_FIG)
+        self._stage("calibrate", [files.CALIBRATION, files.CALIBRATION_FIG], go, force)
+        return Calibration.load(self.dir)
+
+    def rollout(self, force: bool = False) -> Rollouts:
+        d, cal = self.direction(), self.calibrate()
+
+        def go():
+            texts = load_prompts(self.cfg.prompts)[: self.cfg.n_prompts]
+            ids = [prompt_ids(self.model.tokenizer, p) for p in texts]
+            alphas = self.cfg.sweep_alphas()
+            rows = [p for _ in alphas for p in ids]
+            alpha = torch.tensor([a for a in alphas for _ in ids])
+            index = torch.tensor([i for _ in alphas for i in range(len(ids))])
+            r = rollout(self.model, rows, alpha * cal.c_star, direction=d.vector, hook=d.hook,
+                        method=d.intervention, window=self.cfg.window,
+                        generated_only=self.cfg.generated_only,
+                        sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed),
+                        rows_per_batch=self.cfg.rows_per_batch, prompt_index=index, alpha=alpha,
+                        progress=self.progress)
+            r.save(self.dir, self.model.tokenizer)
+        self._stage("rollout", [files.ROLLOUTS, files.ROLLOUTS_CSV, files.TEXTS], go, force)
+        return Rollouts.load(self.dir)
+
+    def pmass(self, force: bool = False) -> pd.DataFrame:
+        d, r = self.direction(), self.rollout()
+
+        def go():
+            splice = self.cfg.splice_spec()
+            pm = fork_pmass(self.model, r, d.vector, self.cfg.forks(), splice, progress=self.progress)
+            write_json(self.dir / files.SPLICE, pm.splice)
+            tmp = self.dir / (files.PMASS + ".tmp")
+            pm.frame.to_csv(tmp, index=False)
+            tmp.replace(self.dir / files.PMASS)
+        self._stage("pmass", [files.PMASS, files.SPLICE], go, force)
+        return pd.read_csv(self.dir / files.PMASS)
+
+    def survival(self, force: bool = False) -> pd.DataFrame:
+        pm = self.pmass()
+
+        def go():
+            rule = self.cfg.death_rule()
+            per_row = deaths(pm, rule)
+            table, curves = survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak)
+            for name, frame in ((files.SURVIVAL, per_row), (files.SURVIVAL_TABLE, table),
+                                (files.KM_CURVES, curves_frame(curves))):
+                tmp = self.dir / (name + ".tmp")
+                frame.to_csv(tmp, index=False)
+                tmp.replace(self.dir / name)
+        self._stage("survival", [files.SURVIVAL, files.SURVIVAL_TABLE, files.KM_CURVES], go, force)
+        return pd.read_csv(self.dir / files.SURVIVAL_TABLE)
+
+    def plot(self, force: bool = False) -> None:
+        self.survival()
+
+        def go():
+            write_figures(self.dir, self.cfg)
+            write_summary(self.dir, self.cfg)
+        self._stage("plot", list(files.FIGURES.values()) + [files.SUMMARY], go, force)
+
+    def run_all(self) -> None:
+        """Every stage in order; finished stages with matching settings are reused."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._begin()
+        self.plot()
+
+
+def write_figures(run_dir: Path, cfg: RunConfig) -> None:
+    from isokl_tl.plots import (plot_aggregate, plot_calibration, plot_spaghetti, plot_survival,
+                                save_figure)
+    from isokl_tl.survival import kaplan_meier
+
+    r = Rollouts.load(run_dir)
+    cal = Calibration.load(run_dir)
+    pm = pd.read_csv(run_dir / files.PMASS)
+    per_row = pd.read_csv(run_dir / files.SURVIVAL)
+    used = per_row if cfg.keep_weak else per_row[~per_row.weak]
+    curves = {float(a): kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy().astype(bool))
+              for a, g in used.groupby("alpha")}
+    fig = files.FIGURES
+    save_figure(plot_spaghetti(r, deaths=per_row, target=cal.target), run_dir / fig["spaghetti"])
+    save_figure(plot_spaghetti(r, deaths=per_row, normalise_k=16, skip_first=True),
+                run_dir / fig["normalised"])
+    save_figure(plot_survival(curves), run_dir / fig["survival"])
+    save_figure(plot_aggregate(r, pm, target=cal.target), run_dir / fig["aggregate"])
+    save_figure(plot_calibration(cal), run_dir / fig["calibration"])
+
+
+def _fmt(x: float) -> str:
+    return "not reached" if not np.isfinite(x) else f"{x:g}"
+
+
+def write_summary(run_dir: Path, cfg: RunConfig) -> None:
+    cal = Calibration.load(run_dir)
+    d = Direction.load(run_dir)
+    table = pd.read_csv(run_dir / files.SURVIVAL_TABLE)
+    per_row = pd.read_csv(run_dir / files.SURVIVAL)
+    weak = sorted(set(per_row[per_row.weak].prompt.astype(int)))
+    interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
+    lines = [
+        f"# isokl-tl run: {d.method} at {d.hook} on {cfg.model}", "",
+        f"- c* = {cal.c_star:.4g}{interval}: {cal.statistic} q={cal.quantile:g} of per-token KL = "
+        f"{cal.value:.4g} (target {cal.target:g} nat, window {cal.window}, {cal.n_tokens} tokens, "
+        f"{cal.rounds} rounds, converged: {cal.converged})",
+        f"- sweep: {cfg.n_prompts} `{cfg.prompts}` prompts x alphas {cfg.sweep_alphas()}, window "
+        f"{cfg.window}, forks {cfg.forks()}",
+        f"- death: " + (f"pmass < {cfg.threshold}" if cfg.threshold is not None else
+                        f"pmass < {cfg.relative_threshold} x the prompt's unsteered pmass at fork 0")
+        + f", {cfg.death_run} consecutive fork(s)",
+        f"- weak prompts (excluded{' - kept' if cfg.keep_weak else ''}): {weak if weak else 'none'}",
+        "", "| alpha | n | died | censored | S(mid) | S(end) | median token | 95% CI |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---|",
+    ]
+    for t in table.itertuples():
+        lines.append(f"| {t.alpha:g} | {t.n} | {t.died} | {t.censored} | {t.S_mid:.2f} | {t.S_end:.2f} "
+                     f"| {_fmt(t.median)} | {_fmt(t.median_lo)} - {_fmt(t.median_hi)} |")
+    lines += ["", "Figures:", ""] + [f"![{k}]({v})" for k, v in files.FIGURES.items()]
+    (run_dir / files.SUMMARY).write_text("\n".join(lines) + "\n")
+
+
+def with_overrides(cfg: RunConfig, **kw) -> RunConfig:
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

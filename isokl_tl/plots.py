@@ -1,0 +1,159 @@
+"""Figures. Each `plot_x(data, *, ax=None) -> Axes` draws into `ax` (or a new one); families of
+panels (`plot_spaghetti`, `plot_aggregate`) take a figure-level `fig` instead and return its axes.
+Saving is the caller's business (`save_figure`)."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+
+from isokl_tl.calibrate import Calibration  # noqa: E402
+from isokl_tl.rollout import Rollouts  # noqa: E402
+from isokl_tl.survival import SurvivalCurve  # noqa: E402
+
+ALIVE, DEAD = "#3b75af", "#d1495b"
+sns.set_theme(style="whitegrid", context="paper")
+
+
+def _ax(ax: Axes | None, size=(5, 3.5)) -> Axes:
+    return ax if ax is not None else plt.subplots(figsize=size)[1]
+
+
+def save_figure(ax_or_axes, path) -> None:
+    fig = (ax_or_axes.flat[0] if isinstance(ax_or_axes, np.ndarray) else ax_or_axes).figure
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_calibration(cal: Calibration, *, ax: Axes | None = None) -> Axes:
+    """Statistic vs coefficient (log-log): every evaluation of the search, in order, and c*."""
+    ax = _ax(ax)
+    h = pd.DataFrame(cal.history).reset_index(names="order")
+    h = h[(h.coeff > 0) & (h.value > 0)]
+    srt = h.sort_values("coeff")
+    ax.plot(srt.coeff, srt.value, color="0.6", lw=1, zorder=1)
+    sc = ax.scatter(h.coeff, h.value, c=h.order, cmap="viridis", s=28, zorder=2)
+    ax.axhline(cal.target, color=DEAD, ls="--", lw=1, label=f"target {cal.target:g} nat")
+    ax.axvline(cal.c_star, color="k", ls=":", lw=1, label=f"c* = {cal.c_star:.4g}")
+    if cal.interval:
+        ax.axvspan(*cal.interval, color="k", alpha=0.08, label="90% bootstrap")
+    ax.set(xscale="log", yscale="log", xlabel="coefficient c",
+           ylabel=f"{cal.statistic} ({cal.quantile:g}) of per-token KL" if cal.statistic != "mean"
+           else "mean per-token KL", title=f"{cal.method} @ {cal.hook}, w={cal.window}")
+    ax.figure.colorbar(sc, ax=ax, label="evaluation order")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def _alpha_panels(alphas, fig=None, ncols=4, sharey=True):
+    n = len(alphas)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    if fig is None:
+        fig = plt.figure(figsize=(3.2 * ncols, 2.4 * nrows))
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=sharey, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return axes
+
+
+def _death_times(deaths: pd.DataFrame | None) -> dict[int, float]:
+    if deaths is None:
+        return {}
+    d = deaths[deaths.event]
+    return dict(zip(d.row.astype(int), d.time.astype(float)))
+
+
+def _trajectories(r: Rollouts, normalise_k: int | None, skip_first: bool) -> np.ndarray:
+    kl = r.kl.numpy().astype(float).copy()
+    if normalise_k:
+        lo = 1 if skip_first else 0
+        ref = np.nanquantile(kl[:, lo:lo + normalise_k], 0.95, axis=1)
+        kl = kl / np.where(ref > 0, ref, np.nan)[:, None]
+    return kl
+
+
+def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: float | None = None,
+                   rolling: int = 0, normalise_k: int | None = None, skip_first: bool = False,
+                   fig=None) -> np.ndarray:
+    """One panel per alpha: every per-token KL trajectory (alive blue, after death red), the median
+    across rollouts, the target KL, EOS ticks. With `normalise_k`, each trajectory is divided by its
+    own p95 over its first k raw tokens (computed before smoothing), on a shared y axis."""
+    alphas = sorted(set(r.alpha.tolist()))
+    axes = _alpha_panels(alphas, fig)
+    kl = _trajectories(r, normalise_k, skip_first)
+    died = _death_times(deaths)
+    t = np.arange(r.window)
+    for ax, a in zip(axes.flat, alphas):
+        rows = np.nonzero(r.alpha.numpy() == a)[0]
+        for i in rows:
+            y = pd.Series(kl[i]).rolling(rolling, min_periods=1).mean().to_numpy() if rolling > 1 else kl[i]
+            d = died.get(int(i), math.inf)
+            ax.plot(t[t <= d], y[t <= d], color=ALIVE, lw=0.5, alpha=0.6)
+            if d < math.inf:
+                ax.plot(t[t >= d], y[t >= d], color=DEAD, lw=0.5, alpha=0.6)
+            if bool(r.eos[i]):
+                n = int(r.gen_len[i]) - 1
+                ax.plot([n], [y[n]], marker="|", color="k", ms=6)
+        with np.errstate(all="ignore"):
+            med = np.nanmedian(kl[rows], axis=0) if len(rows) else np.full(r.window, np.nan)
+        ax.plot(t, med, color="k", lw=1.2, label="median")
+        if target is not None and not normalise_k:
+            ax.axhline(target, color="0.3", ls="--", lw=0.8, label="target")
+        ax.set_title(f"alpha = {a:g}", fontsize=9)
+        ax.set_yscale("symlog", linthresh=1e-2)
+    for ax in axes[-1]:
+        ax.set_xlabel("generated token")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("KL / own early p95" if normalise_k else "per-token KL (nats)")
+    return axes
+
+
+def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None) -> Axes:
+    """Kaplan-Meier step curves per alpha with their 95% log-log bands."""
+    ax = _ax(ax)
+    palette = sns.color_palette("rocket_r", len(curves))
+    for color, (a, c) in zip(palette, sorted(curves.items())):
+        t = np.concatenate([[0.0], c.time])
+        ax.step(t, np.concatenate([[1.0], c.survival]), where="post", color=color, label=f"{a:g}")
+        ax.fill_between(t, np.concatenate([[1.0], c.ci_low]), np.concatenate([[1.0], c.ci_high]),
+                        step="post", color=color, alpha=0.12)
+    ax.set(ylim=(-0.02, 1.02), xlabel="fork token t", ylabel="S(t): share still answering",
+           title="Kaplan-Meier survival")
+    ax.legend(title="alpha", fontsize=7, title_fontsize=8)
+    return ax
+
+
+def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = None,
+                   fig=None) -> np.ndarray:
+    """Top: per-alpha KL quantile bands (10-90%, 25-75%, median) over tokens. Bottom: mean pmass
+    per fork and alpha."""
+    if fig is None:
+        fig = plt.figure(figsize=(7, 5.5))
+    axes = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    alphas = sorted(set(r.alpha.tolist()))
+    palette = dict(zip(alphas, sns.color_palette("rocket_r", len(alphas))))
+    kl = r.kl.numpy().astype(float)
+    t = np.arange(r.window)
+    for a in alphas:
+        rows = r.alpha.numpy() == a
+        with np.errstate(all="ignore"):
+            q = np.nanquantile(kl[rows], [0.1, 0.25, 0.5, 0.75, 0.9], axis=0)
+        axes[0].fill_between(t, q[0], q[4], color=palette[a], alpha=0.12, lw=0)
+        axes[0].fill_between(t, q[1], q[3], color=palette[a], alpha=0.25, lw=0)
+        axes[0].plot(t, q[2], color=palette[a], lw=1.2, label=f"{a:g}")
+    if target is not None:
+        axes[0].axhline(target, color="0.3", ls="--", lw=0.8)
+    axes[0].set(yscale="symlog", ylabel="per-token KL (nats)")
+    axes[0].legend(title="alpha", fontsize=7, ncol=2, title_fontsize=8)
+    sns.lineplot(data=pmass, x="fork", y="pmass", hue="alpha", palette=palette, ax=axes[1],
+                 legend=False, errorbar=("pi", 50), marker="o", markersize=3)
+    axes[1].set(ylabel="pmass", xlabel="generated token", ylim=(0, 1))
+    return axes
