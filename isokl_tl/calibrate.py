@@ -189,7 +189,7 @@ def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list
     c0 = _first_coeff(direction)
     c_min, c_max = c0 * 2.0 ** -24, c0 * 2.0 ** 24
     bar = tqdm(total=s.max_rounds, desc="calibrate", unit="round", disable=not progress, leave=False)
-    rounds, prev, last_retained, streak = 0, None, None, 0
+    rounds, prev, last_retained, streak, jump = 0, None, None, 0, None
     candidates = [c0]
     while True:
         search.evaluate(candidates)
@@ -227,7 +227,10 @@ def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list
                         f"tried (c={edge.coeff:.4g}); history: {_history_text(search.evals)}")
                 candidates = [guess / 2, guess]
             continue
-        if hi.coeff / lo.coeff - 1 < 1e-4:
+        if hi.coeff / lo.coeff - 1 < 1e-3:
+            # The statistic jumps across a bracket this narrow (a greedy token flips): no
+            # coefficient reaches the target within tol. Stop; `converged` stays False.
+            jump = (lo.coeff, lo.value, hi.coeff, hi.value)
             break
         # Illinois step in log-log space: when one end of the bracket survives twice in a row,
         # halve its weight so that the bracket shrinks from both sides.
@@ -250,6 +253,7 @@ def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list
         target=s.target, window=s.window, n_tokens=best.n_tokens, rounds=rounds,
         history=[e.record() for e in search.evals], method=direction.method, hook=direction.hook,
         tol=s.tol, value=best.value,
+        extra={"jump": dict(zip(("c_lo", "value_lo", "c_hi", "value_hi"), jump))} if jump else {},
     )
     if s.bootstrap:
         cal.interval = bootstrap_interval(search.evals, s, len(prompts))

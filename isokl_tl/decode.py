@@ -23,6 +23,9 @@ class Decoder(Protocol):
 
     def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]: ...
 
+    def select(self, rows: Int[Tensor, " keep"]) -> None:
+        """Keep only these batch rows (finished rows leave the batch)."""
+
 
 class TLDecoder:
     """TransformerLens's own forward with its key-value cache (the reference decode path)."""
@@ -51,3 +54,12 @@ class TLDecoder:
     @torch.no_grad()
     def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
+
+    def select(self, rows: Int[Tensor, " keep"]) -> None:
+        assert self.cache is not None
+        for entry in self.cache.entries:
+            entry.past_keys = entry.past_keys[rows]
+            entry.past_values = entry.past_values[rows]
+        self.cache.previous_attention_mask = self.cache.previous_attention_mask[rows]
+        if self.steering is not None and torch.is_tensor(self.steering.coeff):
+            self.steering.coeff = self.steering.coeff[rows]

@@ -3,6 +3,7 @@ panels (`plot_spaghetti`, `plot_aggregate`) take a figure-level `fig` instead an
 Saving is the caller's business (`save_figure`)."""
 
 import math
+import warnings
 
 import matplotlib
 
@@ -102,7 +103,8 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
             if bool(r.eos[i]):
                 n = int(r.gen_len[i]) - 1
                 ax.plot([n], [y[n]], marker="|", color="k", ms=6)
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN columns past every EOS
             med = np.nanmedian(kl[rows], axis=0) if len(rows) else np.full(r.window, np.nan)
         ax.plot(t, med, color="k", lw=1.2, label="median")
         if target is not None and not normalise_k:
@@ -144,7 +146,8 @@ def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = N
     t = np.arange(r.window)
     for a in alphas:
         rows = r.alpha.numpy() == a
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             q = np.nanquantile(kl[rows], [0.1, 0.25, 0.5, 0.75, 0.9], axis=0)
         axes[0].fill_between(t, q[0], q[4], color=palette[a], alpha=0.12, lw=0)
         axes[0].fill_between(t, q[1], q[3], color=palette[a], alpha=0.25, lw=0)

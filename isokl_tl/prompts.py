@@ -17,8 +17,8 @@ from pathlib import Path
 
 SETS = {"pairs": "pairs.jsonl", "calibration": "calibration.jsonl", "eval": "eval.jsonl"}
 EVAL_INSTRUCTION = (
-    'Think it through briefly, then end your reply with a JSON object: {"choice": true} or '
-    '{"choice": false}.'
+    "Explain step by step why, in a few sentences, and only at the very end write your answer as "
+    'JSON: {"choice": true} or {"choice": false}.'
 )
 
 

@@ -190,31 +190,37 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     out_lp = torch.full((b, window), float("nan"))
     out_agree = torch.zeros((b, window), dtype=torch.bool)
     gen_len = torch.zeros(b, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    done = torch.zeros(b, dtype=torch.bool)
     with steer(model, hook, direction, both, method=method,
                start=width if generated_only else 0) as steering:
         dec = decoder(model, steering)
         logits = dec.prefill(torch.cat([tokens, tokens]), torch.cat([mask, mask]))
+        active = torch.arange(b)            # chunk rows still decoding, in batch order
         for t in range(window):
+            n = len(active)
             logp = torch.log_softmax(logits.float(), dim=-1)
-            ls, lb = logp[:b], logp[b:]
+            ls, lb = logp[:n], logp[n:]
             nxt = _choose(ls, sampling, gen)
-            alive = (~done).cpu()
-            out_tok[alive, t] = nxt.cpu()[alive]
-            out_kl[alive, t] = kl_from_logprobs(ls, lb).cpu()[alive]
-            out_lp[alive, t] = ls.gather(-1, nxt[:, None])[:, 0].cpu()[alive]
-            out_agree[alive, t] = (lb.argmax(-1) == nxt).cpu()[alive]
-            gen_len += alive.long()
-            done |= torch.isin(nxt, eos)
+            out_tok[active, t] = nxt.cpu()
+            out_kl[active, t] = kl_from_logprobs(ls, lb).cpu()
+            out_lp[active, t] = ls.gather(-1, nxt[:, None])[:, 0].cpu()
+            out_agree[active, t] = (lb.argmax(-1) == nxt).cpu()
+            gen_len[active] += 1
+            finished = torch.isin(nxt, eos).cpu()
+            done[active[finished]] = True
             if bar is not None:
                 bar.update(1)
             if bool(done.all()) or t == window - 1:
                 if bar is not None:
                     bar.update(window - 1 - t)
                 break
+            if finished.any():              # finished rows (and their partners) leave the batch
+                keep = (~finished).nonzero()[:, 0].to(dev)
+                dec.select(torch.cat([keep, keep + n]))
+                active, nxt = active[~finished], nxt[keep]
             logits = dec.step(torch.cat([nxt, nxt]))
     return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), "tokens": out_tok, "kl": out_kl,
-            "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done.cpu()}
+            "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done}
 
 
 def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from isokl_tl.calibrate import CalibrationError, CalibrationSettings, calibrate, kl_statistic
+from isokl_tl.chat import prompt_ids
+from isokl_tl.directions import compute_direction
+from isokl_tl.prompts import load_pairs, load_prompts
+from isokl_tl.rollout import rollout
+
+
+def _prompts(model, n):
+    return [prompt_ids(model.tokenizer, p) for p in load_prompts("calibration")[:n]]
+
+
+def _restat(model, d, prompts, cal):
+    r = rollout(model, prompts, torch.full((len(prompts),), cal.c_star), direction=d.vector,
+                hook=d.hook, method=d.intervention, window=cal.window)
+    kl, m = r.kl.numpy(), r.mask.numpy()
+    return kl_statistic([kl[i][m[i]] for i in range(len(prompts))], cal.statistic, cal.quantile)
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "directional_ablation"])
+def test_converges_on_tiny_and_statistic_holds_at_c_star(tiny, method):
+    d = compute_direction(tiny, load_pairs()[:8], "blocks.2.hook_resid_post", method)
+    prompts = _prompts(tiny, 8)
+    s = CalibrationSettings(window=16, bootstrap=50)
+    cal = calibrate(tiny, d, prompts, s)
+    assert cal.converged and abs(cal.value / s.target - 1) <= s.tol
+    assert abs(_restat(tiny, d, prompts, cal) / s.target - 1) <= s.tol
+    assert [h["coeff"] for h in cal.history][0] > 0 and len(cal.history) >= cal.rounds
+    assert set(cal.history[0]) == {"coeff", "value", "n_tokens", "seconds"}
+    assert cal.interval is None or cal.interval[0] <= cal.c_star <= cal.interval[1]
+
+
+@pytest.mark.parametrize("statistic", ["mean", "max", "prompt_quantile"])
+def test_other_statistics(tiny, tiny_direction, statistic):
+    cal = calibrate(tiny, tiny_direction, _prompts(tiny, 3),
+                    CalibrationSettings(window=12, statistic=statistic, target=0.5, bootstrap=0))
+    assert cal.statistic == statistic and cal.converged and cal.interval is None
+
+
+def test_unreachable_target_raises_with_history(tiny, tiny_direction):
+    with pytest.raises(CalibrationError, match=r"(saturates|not reached).*history: c=") as e:
+        calibrate(tiny, tiny_direction, _prompts(tiny, 2), CalibrationSettings(window=8, target=500.0))
+    assert str(e.value).count("c=") >= 3
+
+
+def test_kl_statistic():
+    rows = [np.array([0.0, 1.0, 2.0]), np.array([3.0])]
+    assert kl_statistic(rows, "mean", 0.95) == pytest.approx(1.5)
+    assert kl_statistic(rows, "max", 0.95) == 3.0
+    assert kl_statistic(rows, "quantile", 0.5) == pytest.approx(1.5)
+    assert kl_statistic(rows, "prompt_quantile", 0.5) == pytest.approx((1.0 + 3.0) / 2)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(quantile=1.5), "quantile must be in"),
+                                    (dict(window=0), "window must be a positive"),
+                                    (dict(target=-1.0), "target KL must be > 0"),
+                                    (dict(statistic="median"), "statistic 'median'")])
+def test_bad_settings(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        CalibrationSettings(**kw)
+
+
+@pytest.mark.slow
+def test_converges_on_the_embedded_model(smol):
+    d = compute_direction(smol, load_pairs(), "blocks.18.hook_resid_post", "mean_diff")
+    prompts = _prompts(smol, 4)
+    cal = calibrate(smol, d, prompts, CalibrationSettings(window=12, bootstrap=0))
+    assert cal.converged
+    assert abs(_restat(smol, d, prompts, cal) - 1.0) <= 0.02
+
+
+def test_a_jump_in_the_statistic_is_reported_not_hidden(tiny):
+    """With few tokens the quantile jumps where a greedy token flips; calibration must then say
+    converged=False and show the jump rather than pretend."""
+    d = compute_direction(tiny, load_pairs()[:8], "blocks.2.hook_resid_post", "directional_ablation")
+    cal = calibrate(tiny, d, _prompts(tiny, 4), CalibrationSettings(window=16, bootstrap=0))
+    if cal.converged:
+        assert abs(cal.value - 1) <= 0.02
+    else:
+        j = cal.extra["jump"]
+        assert j["value_lo"] < 0.98 and j["value_hi"] > 1.02 and j["c_hi"] / j["c_lo"] - 1 < 1e-3

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from isokl_tl.cli.main import main
+
+TINY_RUN = ["--model", "tiny-random", "--window", "16", "--n-prompts", "3", "--calib-window", "12",
+            "--n-calib", "3", "--fork-every", "8", "--min-base-pmass", "0.001", "--bootstrap", "20",
+            "--alphas", "0 1 2"]
+
+
+def _invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_every_command_has_help():
+    for name, cmd in main.commands.items():
+        assert cmd.help, f"command {name} has no help text"
+        for p in cmd.params:
+            assert getattr(p, "help", None), f"option {p.name} of {name} has no help"
+    assert _invoke(["--help"]).exit_code == 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["direction", "--model", "nope", "--out", "X"], "unknown model spec 'nope'"),
+    (["direction", "--model", "tiny-random", "--layer", "9", "--out", "X"], "layer 9 is out of range"),
+    (["direction", "--model", "tiny-random", "--hook", "blocks.1.hook_resid_pots", "--out", "X"],
+     "closest valid names: blocks.1.hook_resid_post"),
+    (["calibrate", "--model", "tiny-random", "--quantile", "2", "--out", "X"], "quantile must be in"),
+    (["calibrate", "--model", "tiny-random", "--calib-window", "0", "--out", "X"], "calib-window must be positive"),
+    (["run", "--model", "tiny-random", "--method", "directional_ablation", "--alphas", "-1 1", "--out", "X"],
+     "needs alphas >= 0"),
+    (["run", "--model", "tiny-random", "--threshold", "1.5", "--out", "X"], "threshold must be in \\(0, 1\\)"),
+])
+def test_user_errors_are_one_line(tmp_path, monkeypatch, args, msg):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0
+    err = res.output.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("Error:"), err
+    assert re.search(msg, err), err
+
+
+def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
+    out = tmp_path / "run"
+    res = _invoke(["run", *TINY_RUN, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for name in ["manifest.json", "direction.safetensors", "direction.json", "calibration.json",
+                 "calibration.png", "rollouts.safetensors", "rollouts.csv", "texts.jsonl",
+                 "pmass.csv", "splice.json", "survival.csv", "survival_table.csv", "km_curves.csv",
+                 "summary.md", "kl_spaghetti.png", "kl_spaghetti_normalised.png", "survival.png",
+                 "aggregate.png"]:
+        assert (out / name).exists(), name
+    man = json.loads((out / "manifest.json").read_text())
+    assert {"config", "versions", "model", "stages", "command"} <= set(man)
+    assert man["model"]["weights_sha256"]
+    before = {s: man["stages"][s]["finished"] for s in ("rollout", "pmass")}
+    rollouts_mtime = (out / "rollouts.safetensors").stat().st_mtime_ns
+    res = _invoke(["survival", "--run", str(out), "--relative-threshold", "0.9"])
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert {s: man["stages"][s]["finished"] for s in ("rollout", "pmass")} == before
+    assert (out / "rollouts.safetensors").stat().st_mtime_ns == rollouts_mtime
+    assert man["stages"]["survival"]["settings"]["relative_threshold"] == 0.9
+    per_row = pd.read_csv(out / "survival.csv")
+    assert np.allclose(per_row.threshold, 0.9 * per_row.base_pmass0)
+    # the full command with the new threshold only redraws the figures; a second rerun does nothing
+    res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--out", str(out)])
+    assert [line for line in res.output.splitlines() if "running" in line] == ["[plot] running ..."]
+    res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--out", str(out)])
+    assert "running" not in res.output
+
+
+def test_models_lists_specs():
+    res = _invoke(["models"])
+    assert "smollm2-135m-instruct" in res.output and "tiny-random" in res.output
