@@ -75,10 +75,13 @@ def _given(model_spec=None, **kw) -> dict:
 
 @main.command("calibrate")
 @_run_options
+@click.option("--window", "window_alias", type=int, default=None, help="Same as --calib-window.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @user_errors
-def calibrate_cmd(out, **kw) -> None:
+def calibrate_cmd(out, window_alias, **kw) -> None:
     """Find the iso-KL coefficient c* (builds or reuses the run's direction)."""
+    if window_alias is not None:
+        kw["calib_window"] = window_alias
     run = _fresh_or_existing(out, _given(**kw))
     run._begin()
     cal = run.calibrate()

@@ -79,3 +79,27 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
 def test_models_lists_specs():
     res = _invoke(["models"])
     assert "smollm2-135m-instruct" in res.output and "tiny-random" in res.output
+
+
+def test_library_never_imports_click_and_exports_the_api():
+    import subprocess
+    import sys
+
+    code = ("import sys, isokl_tl; from isokl_tl import steer, calibrate, rollout, fork_pmass, "
+            "kaplan_meier, load_model; from isokl_tl.plots import plot_survival; "
+            "print('click' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_toml_config(tmp_path):
+    from isokl_tl.pipeline import RunConfig
+
+    path = tmp_path / "cell.toml"
+    path.write_text('model = "tiny-random"\nwindow = 20\nalphas = [0, 1, 3]\nfork-every = 5\n')
+    cfg = RunConfig.from_toml(path)
+    assert cfg.window == 20 and cfg.alphas == (0.0, 1.0, 3.0) and cfg.forks() == [0, 5, 10, 15, 20]
+    path.write_text('windw = 20\n')
+    import pytest as _pytest
+    with _pytest.raises(ValueError, match="unknown config keys \\['windw'\\]"):
+        RunConfig.from_toml(path)
