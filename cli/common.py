@@ -1,7 +1,6 @@
 """Option sets shared by several commands, and the error boundary of the CLI."""
 
 import functools
-import sys
 
 import click
 
@@ -43,6 +42,3 @@ def user_errors(f):
 
     return wrapper
 
-
-def echo_err(msg: str) -> None:
-    click.echo(msg, err=True, file=sys.stderr)

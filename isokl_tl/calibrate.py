@@ -22,6 +22,7 @@ from transformer_lens import HookedTransformer
 from isokl_tl.directions import Direction
 from isokl_tl.files import CALIBRATION
 from isokl_tl.rollout import rollout
+from isokl_tl.runs import write_json
 
 STATISTICS = ("quantile", "mean", "max", "prompt_quantile")
 
@@ -79,11 +80,8 @@ class Calibration:
         return asdict(self)
 
     def save(self, run_dir: str | Path) -> None:
-        path = Path(run_dir) / CALIBRATION
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(run_dir) / CALIBRATION, self.to_dict())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Calibration":

@@ -21,7 +21,7 @@ from isokl_tl.models import EMBEDDED, load_model
 from isokl_tl.pmass import Splice, fork_pmass, fork_schedule
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, Sampling, rollout
-from isokl_tl.runs import Manifest, model_identity, settings_hash, versions, write_json
+from isokl_tl.runs import Manifest, model_identity, settings_hash, versions, write_csv, write_json
 from isokl_tl.survival import DeathRule, curves_frame, deaths, survival_table
 
 STAGES = ("direction", "calibrate", "rollout", "pmass", "survival", "plot")
@@ -158,15 +158,6 @@ class Run:
         self._model = model
         self._checked: set[str] = set()
 
-    @classmethod
-    def open(cls, run_dir: str | Path, **overrides) -> "Run":
-        """Reopen a run directory with its saved config (overrides change single settings)."""
-        m = Manifest(run_dir)
-        if "config" not in m.data:
-            raise ValueError(f"{run_dir} is not a run directory (no {files.MANIFEST} with a config)")
-        cfg = RunConfig.from_dict({**m.data["config"], **overrides})
-        return cls(run_dir, cfg)
-
     @property
     def model(self) -> HookedTransformer:
         if self._model is None:
@@ -247,9 +238,7 @@ class Run:
             splice = self.cfg.splice_spec()
             pm = fork_pmass(self.model, r, d.vector, self.cfg.forks(), splice, progress=self.progress)
             write_json(self.dir / files.SPLICE, pm.splice)
-            tmp = self.dir / (files.PMASS + ".tmp")
-            pm.frame.to_csv(tmp, index=False)
-            tmp.replace(self.dir / files.PMASS)
+            write_csv(self.dir / files.PMASS, pm.frame)
         self._stage("pmass", [files.PMASS, files.SPLICE], go, force)
         return pd.read_csv(self.dir / files.PMASS)
 
@@ -262,9 +251,7 @@ class Run:
             table, curves = survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak)
             for name, frame in ((files.SURVIVAL, per_row), (files.SURVIVAL_TABLE, table),
                                 (files.KM_CURVES, curves_frame(curves))):
-                tmp = self.dir / (name + ".tmp")
-                frame.to_csv(tmp, index=False)
-                tmp.replace(self.dir / name)
+                write_csv(self.dir / name, frame)
         self._stage("survival", [files.SURVIVAL, files.SURVIVAL_TABLE, files.KM_CURVES], go, force)
         return pd.read_csv(self.dir / files.SURVIVAL_TABLE)
 

@@ -16,9 +16,7 @@ end (EOS) is censored: not evaluated. A fork at exactly the generated length see
 token (the EOS token itself is not part of the content a splice follows).
 """
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,7 +29,6 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from isokl_tl.batching import chunks, pad_id
 from isokl_tl.chat import require_tokenizer, text_ids
-from isokl_tl.files import SPLICE
 from isokl_tl.hooks import steer
 from isokl_tl.rollout import Rollouts
 
@@ -82,17 +79,6 @@ class Splice:
             t, f = answer_token_sets(tokenizer, self.true_words, self.false_words)
             d["true_ids"], d["false_ids"] = t, f
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Splice":
-        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("true_words", "false_words"):
-            if k in keep:
-                keep[k] = tuple(keep[k])
-        return cls(**keep)
-
-    def save(self, run_dir: str | Path, tokenizer) -> None:
-        (Path(run_dir) / SPLICE).write_text(json.dumps(self.to_dict(tokenizer), indent=2))
 
 
 def answer_token_sets(tokenizer, true_words, false_words) -> tuple[list[int], list[int]]:

@@ -28,6 +28,7 @@ from isokl_tl.decode import Decoder, TLDecoder
 from isokl_tl.files import ROLLOUTS, ROLLOUTS_CSV, ROLLOUTS_META, TEXTS
 from isokl_tl.hooks import Steering, steer
 from isokl_tl.kl import kl_from_logprobs
+from isokl_tl.runs import write_atomic, write_csv, write_json
 
 
 @dataclass(frozen=True)
@@ -80,20 +81,11 @@ class Rollouts:
     def mask(self) -> Bool[Tensor, "row window"]:
         return torch.arange(self.window)[None, :] < self.gen_len[:, None]
 
-    @property
-    def prompt_len(self) -> Int[Tensor, " row"]:
-        return self.prompt_mask.sum(1)
-
     def row_ids(self, i: int, upto: int | None = None) -> tuple[list[int], list[int]]:
         """(prompt ids, generated ids[:upto]) of row i, unpadded."""
         n = int(self.gen_len[i]) if upto is None else min(upto, int(self.gen_len[i]))
         prompt = self.prompt[i][self.prompt_mask[i].bool()].tolist()
         return prompt, self.tokens[i, :n].tolist()
-
-    def select(self, rows: Tensor | list[int]) -> "Rollouts":
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        fields = {k: v[idx] if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
-        return Rollouts(**fields)
 
     @staticmethod
     def concat(parts: list["Rollouts"]) -> "Rollouts":
@@ -115,13 +107,13 @@ class Rollouts:
         tensors = {k: v.contiguous() for k, v in self.__dict__.items() if torch.is_tensor(v)}
         tensors["base_agree"] = tensors["base_agree"].to(torch.uint8)
         tensors["eos"] = tensors["eos"].to(torch.uint8)
-        _atomic(run_dir / ROLLOUTS, lambda p: save_file(tensors, str(p)))
+        write_atomic(run_dir / ROLLOUTS, lambda p: save_file(tensors, str(p)))
         meta = {"hook": self.hook, "method": self.method, "start": self.start}
-        _atomic(run_dir / ROLLOUTS_META, lambda p: p.write_text(json.dumps(meta, indent=2)))
-        _atomic(run_dir / ROLLOUTS_CSV, lambda p: self.to_frame().to_csv(p, index=False))
+        write_json(run_dir / ROLLOUTS_META, meta)
+        write_csv(run_dir / ROLLOUTS_CSV, self.to_frame())
         if tokenizer is not None:
             lines = [json.dumps(r) for r in self.texts(tokenizer)]
-            _atomic(run_dir / TEXTS, lambda p: p.write_text("\n".join(lines) + "\n"))
+            write_atomic(run_dir / TEXTS, lambda p: p.write_text("\n".join(lines) + "\n"))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Rollouts":
@@ -152,12 +144,6 @@ class Rollouts:
                         "coeff": float(self.coeff[i]), "eos": bool(self.eos[i]),
                         "gen_len": int(self.gen_len[i]), "text": tokenizer.decode(gen)})
         return out
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def _choose(logp: Float[Tensor, "batch d_vocab"], sampling: Sampling,

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -16,10 +17,19 @@ from transformer_lens import HookedTransformer
 from isokl_tl.files import MANIFEST
 
 
-def write_json(path: Path, obj) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write(tmp)
     tmp.replace(path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_csv(path: Path, frame) -> None:
+    write_atomic(path, lambda p: frame.to_csv(p, index=False))
 
 
 def settings_hash(settings: dict) -> str:
@@ -44,7 +54,8 @@ def versions() -> dict:
 
 @torch.no_grad()
 def model_identity(model: HookedTransformer) -> dict:
-    """Spec, shape, dtype/device and a hash of the weights (every parameter's bytes)."""
+    """Spec, shape, dtype/device and a hash of the weights (embeddings, unembedding, MLP matrices
+    and norm weights: enough to tell checkpoints apart without hashing every byte)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         if name.endswith(("W_E", "W_U", "W_in", "W_out", "w")):
