@@ -21,38 +21,12 @@ def models() -> None:
         click.echo(f"{spec:24s} {what}")
 
 
-@main.command()
-@model_options
-@hook_options
-@click.option("--method", default="mean_diff", show_default=True,
-              type=click.Choice(["mean_diff", "pca", "directional_ablation", "random"]),
-              help="How the direction is built from the contrastive pairs.")
-@click.option("--pairs", default="pairs", show_default=True,
-              help="Contrastive pairs: a shipped set name or a JSONL file.")
-@click.option("--seed", default=0, show_default=True, help="Seed (used by --method random).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-              help="Run directory to write the direction into.")
-@user_errors
-def direction(model_spec, device, dtype, hook, layer, method, pairs, seed, out) -> None:
-    """Build a steering direction and save it into a run directory."""
-    from isokl_tl.directions import compute_direction
-    from isokl_tl.hooks import resolve_hook
-    from isokl_tl.models import load_model
-    from isokl_tl.prompts import load_pairs
-
-    model = load_model(model_spec, device=device, dtype=dtype)
-    d = compute_direction(model, load_pairs(pairs), resolve_hook(model, hook, layer), method, seed=seed)
-    d.save(out)
-    click.echo(f"{d.method} direction at {d.hook}: raw norm {d.raw_norm:.3g}, projection gap "
-               f"{d.projection_gap:.3g}, median residual norm {d.resid_norm:.3g} -> {out}")
-
-
 # --- stage commands over a run directory ---------------------------------------------------------
 from isokl_tl.cli.options import (calibration_options, direction_options, overrides,  # noqa: E402
                                   pmass_options, survival_options, sweep_options)
 
 
-def _fresh_or_existing(out: str, given: dict, config: str | None = None):
+def _fresh_or_existing(out: str, given: dict, config: str | None = None, force: bool = False):
     """A Run at `out`: its saved config (if any), then --config, then the options given."""
     from isokl_tl.pipeline import Run, RunConfig
     from isokl_tl.runs import Manifest
@@ -60,7 +34,27 @@ def _fresh_or_existing(out: str, given: dict, config: str | None = None):
     saved = Manifest(out).data.get("config", {})
     base = RunConfig.from_toml(config).to_dict() if config else {}
     cfg = RunConfig.from_dict({**saved, **base, **given})
-    return Run(out, cfg, log=lambda m: click.echo(m, err=True))
+    return Run(out, cfg, log=lambda m: click.echo(m, err=True), force=force)
+
+
+FORCE = click.option("--force", is_flag=True,
+                     help="Overwrite a run directory that was made with a different config.")
+
+
+@main.command()
+@model_options
+@hook_options
+@direction_options
+@FORCE
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@user_errors
+def direction(out, force, **kw) -> None:
+    """Build a steering direction and save it into a run directory."""
+    run = _fresh_or_existing(out, _given(**kw), force=force)
+    run.begin()
+    d = run.direction()
+    click.echo(f"{d.method} direction at {d.hook}: raw norm {d.raw_norm:.3g}, projection gap "
+               f"{d.projection_gap:.3g}, median residual norm {d.resid_norm:.3g} -> {out}")
 
 
 def _run_options(f):
@@ -76,14 +70,15 @@ def _given(model_spec=None, **kw) -> dict:
 @main.command("calibrate")
 @_run_options
 @click.option("--window", "window_alias", type=int, default=None, help="Same as --calib-window.")
+@FORCE
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @user_errors
-def calibrate_cmd(out, window_alias, **kw) -> None:
+def calibrate_cmd(out, window_alias, force, **kw) -> None:
     """Find the iso-KL coefficient c* (builds or reuses the run's direction)."""
     if window_alias is not None:
         kw["calib_window"] = window_alias
-    run = _fresh_or_existing(out, _given(**kw))
-    run._begin()
+    run = _fresh_or_existing(out, _given(**kw), force=force)
+    run.begin()
     cal = run.calibrate()
     ci = f"  90% interval [{cal.interval[0]:.4g}, {cal.interval[1]:.4g}]" if cal.interval else ""
     click.echo(f"c* = {cal.c_star:.4g}{ci}  ({cal.statistic} {cal.quantile:g} of KL = {cal.value:.4g}, "
@@ -144,11 +139,12 @@ def plot_cmd(run_dir) -> None:
 @click.option("--config", type=click.Path(dir_okay=False, exists=True),
               help="TOML file with the same keys as the options (options given win).")
 @click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch.")
+@FORCE
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @user_errors
-def run_cmd(out, config, **kw) -> None:
+def run_cmd(out, config, force, **kw) -> None:
     """The whole cell: direction -> calibration -> sweep -> pmass -> survival -> figures -> summary."""
-    run = _fresh_or_existing(out, _given(**kw), config)
+    run = _fresh_or_existing(out, _given(**kw), config, force)
     run.run_all()
     click.echo((run.dir / "summary.md").read_text())
 

@@ -25,8 +25,9 @@ from transformer_lens import HookedTransformer
 
 from isokl_tl.batching import chunks, left_pad, pad_id
 from isokl_tl.chat import prompt_ids, text_ids
-from isokl_tl.hooks import check_hook_name, hook_layer
+from isokl_tl.hooks import check_residual_hook, hook_layer
 from isokl_tl.prompts import ContrastPair
+from isokl_tl.runs import write_atomic, write_json
 
 METHODS = ("mean_diff", "pca", "directional_ablation", "random")
 from isokl_tl.files import DIRECTION_META as META_FILE, DIRECTION_VECTOR as VECTOR_FILE
@@ -73,8 +74,9 @@ class Direction:
     def save(self, run_dir: str | Path) -> None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"vector": self.vector.detach().float().cpu().contiguous()}, str(run_dir / VECTOR_FILE))
-        (run_dir / META_FILE).write_text(json.dumps(self.meta(), indent=2))
+        vector = {"vector": self.vector.detach().float().cpu().contiguous()}
+        write_atomic(run_dir / VECTOR_FILE, lambda p: save_file(vector, str(p)))
+        write_json(run_dir / META_FILE, self.meta())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Direction":
@@ -89,7 +91,7 @@ class Direction:
 def pair_activations(model: HookedTransformer, pairs: list[ContrastPair], hook: str, *,
                      batch_size: int = 16) -> tuple[Float[Tensor, "pair d_model"], Float[Tensor, "pair d_model"]]:
     """Residuals at `hook` at the last completion token, for positives and negatives."""
-    hook = check_hook_name(model, hook)
+    hook = check_residual_hook(model, hook)
     tok = model.tokenizer
     seqs = []
     for p in pairs:

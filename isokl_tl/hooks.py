@@ -17,6 +17,9 @@ from transformer_lens.hook_points import HookPoint
 
 INTERVENTIONS = ("add", "ablate")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
+# Hook points whose activation is [batch, pos, d_model]: where a d_model direction can act.
+RESIDUAL_HOOKS = ("hook_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                  "hook_attn_out", "hook_mlp_out")
 
 
 def hook_name(layer: int, site: str = "resid_post") -> str:
@@ -44,7 +47,16 @@ def resolve_hook(model: HookedTransformer, hook: str | None = None, layer: int |
         if not 0 <= layer < n:
             raise ValueError(f"layer {layer} is out of range: this model has layers 0..{n - 1}")
         hook = hook_name(layer)
-    return check_hook_name(model, hook)
+    return check_residual_hook(model, hook)
+
+
+def check_residual_hook(model: HookedTransformer, hook: str) -> str:
+    """A valid hook name whose activation is d_model wide (a residual-stream site)."""
+    hook = check_hook_name(model, hook)
+    if not hook.endswith(RESIDUAL_HOOKS):
+        raise ValueError(f"hook {hook!r} is not a residual-stream site (its activation is not d_model "
+                         f"wide); use a name ending in one of: {', '.join(RESIDUAL_HOOKS)}")
+    return hook
 
 
 def check_hook_name(model: HookedTransformer, hook: str) -> str:
@@ -124,7 +136,7 @@ def steer(model: HookedTransformer, hook: str, direction: Float[Tensor, " d_mode
     >>> with steer(model, "blocks.18.hook_resid_post", v, coeff=4.0) as s:
     ...     logits = model(tokens)
     """
-    hook = check_hook_name(model, hook)
+    hook = check_residual_hook(model, hook)
     handle = Steering(hook, check_direction(model, direction), coeff, method, start)
     with model.hooks(fwd_hooks=[(hook, handle)]):
         yield handle

@@ -3,6 +3,9 @@
 stage's) in the manifest; a stage whose hash and outputs are already there is skipped, so a rerun
 resumes and changing, say, the death threshold reruns only survival and figures."""
 
+import os
+import shutil
+import signal
 import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -16,9 +19,10 @@ from isokl_tl import files
 from isokl_tl.calibrate import Calibration, CalibrationSettings, calibrate
 from isokl_tl.chat import prompt_ids
 from isokl_tl.directions import Direction, check_method, compute_direction
-from isokl_tl.hooks import resolve_hook
+from isokl_tl.batching import chunks
+from isokl_tl.hooks import check_direction, resolve_hook
 from isokl_tl.models import EMBEDDED, load_model
-from isokl_tl.pmass import Splice, fork_pmass, fork_schedule
+from isokl_tl.pmass import FALSE_WORDS, TRUE_WORDS, Splice, fork_pmass, fork_schedule
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, Sampling, rollout
 from isokl_tl.runs import Manifest, model_identity, settings_hash, versions, write_csv, write_json
@@ -60,6 +64,8 @@ class RunConfig:
     splice_question: str | None = None
     splice_close: str = ""
     splice_prefill: str | None = None
+    answer_true: tuple[str, ...] = TRUE_WORDS
+    answer_false: tuple[str, ...] = FALSE_WORDS
     threshold: float | None = None
     relative_threshold: float | None = 0.5
     death_run: int = 1
@@ -92,7 +98,8 @@ class RunConfig:
 
     def splice_spec(self) -> Splice:
         kw = {"question": self.splice_question} if self.splice_question else {}
-        return Splice(mode=self.splice, close=self.splice_close, prefill=self.splice_prefill, **kw)
+        return Splice(mode=self.splice, close=self.splice_close, prefill=self.splice_prefill,
+                      true_words=tuple(self.answer_true), false_words=tuple(self.answer_false), **kw)
 
     def calibration_settings(self) -> CalibrationSettings:
         return CalibrationSettings(target=self.target, quantile=self.quantile, statistic=self.statistic,
@@ -112,7 +119,7 @@ class RunConfig:
                       "tol", "bootstrap", "generated_only"),
         "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p"),
         "pmass": ("fork_every", "fork_log", "splice", "splice_question", "splice_close",
-                  "splice_prefill"),
+                  "splice_prefill", "answer_true", "answer_false"),
         "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),
         "plot": (),
     }
@@ -126,7 +133,8 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["alphas"] = list(self.alphas)
+        for k in _TUPLES:
+            d[k] = list(getattr(self, k))
         return d
 
     @classmethod
@@ -135,8 +143,12 @@ class RunConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; allowed: {', '.join(sorted(names))}")
+        d = dict(d)
         if "alphas" in d:
-            d = {**d, "alphas": tuple(float(a) for a in d["alphas"])}
+            d["alphas"] = tuple(float(a) for a in d["alphas"])
+        for k in ("answer_true", "answer_false"):
+            if k in d:
+                d[k] = tuple(str(w) for w in d[k])
         return cls(**d)
 
     @classmethod
@@ -148,20 +160,45 @@ class RunConfig:
         return cls.from_dict({**{k.replace("-", "_"): v for k, v in data.items()}, **overrides})
 
 
+_TUPLES = ("alphas", "answer_true", "answer_false")
+KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
+PMASS_ROWS_PER_PART = 16
+
+
+def _fault_point(stage: str, part: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{stage}:{part}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Run:
-    """A run directory with its config, the loaded model, and the stage functions."""
+    """A run directory with its config, the loaded model, and the stage functions.
+
+    A directory made with other direction-stage settings (model, dtype, method, hook, layer, pairs,
+    seed) is refused unless `force=True`, which discards every recorded stage."""
 
     def __init__(self, run_dir: str | Path, config: RunConfig, *, model: HookedTransformer | None = None,
-                 progress: bool = True, log=print):
+                 progress: bool = True, log=print, force: bool = False):
         self.dir, self.cfg, self.progress, self.log = Path(run_dir), config, progress, log
         self.manifest = Manifest(self.dir)
         self._model = model
         self._checked: set[str] = set()
+        saved = self.manifest.data.get("config")
+        if saved:
+            old = RunConfig.from_dict(saved).stage_settings("direction")
+            new = config.stage_settings("direction")
+            diff = [k for k in new if old.get(k) != new[k]]
+            if diff and not force:
+                k = diff[0]
+                raise ValueError(f"run directory {str(self.dir)!r} was made with a different config "
+                                 f"({k}: {old[k]!r} there, {new[k]!r} here); pass --force to overwrite "
+                                 "it or choose another directory")
+            if diff:
+                self.manifest.data = {"stages": {}}
+                shutil.rmtree(self.dir / ".partial", ignore_errors=True)
 
     @property
     def model(self) -> HookedTransformer:
         if self._model is None:
-            self.log(f"loading {self.cfg.model} ...")
             self._model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
         return self._model
 
@@ -175,7 +212,7 @@ class Run:
             return False
         self.log(f"[{stage}] running ...")
         start = time.perf_counter()
-        fn()
+        fn(key)
         secs = time.perf_counter() - start
         self.manifest.data["config"] = self.cfg.to_dict()
         self.manifest.record(stage, key, settings, secs)
@@ -183,14 +220,25 @@ class Run:
         self._checked.add(stage)
         return True
 
-    def _begin(self) -> None:
+    def begin(self) -> None:
+        """Check what can be checked before any work (model, hook), then record the run."""
+        resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
         if "model" not in self.manifest.data:
             self.manifest.set(model=model_identity(self.model))
         self.manifest.set(config=self.cfg.to_dict(), versions=versions(), seeds={"seed": self.cfg.seed})
 
     # --- stages ------------------------------------------------------------------------------
+    def _vector(self, d: Direction):
+        """The saved direction, checked against the model (size, dtype, finite)."""
+        return check_direction(self.model, d.vector)
+
+    def _partials(self, stage: str, key: str) -> Path:
+        path = self.dir / ".partial" / f"{stage}-{key}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def direction(self, force: bool = False) -> Direction:
-        def go():
+        def go(key):
             hook = resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
             compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method,
                               seed=self.cfg.seed).save(self.dir)
@@ -200,7 +248,8 @@ class Run:
     def calibrate(self, force: bool = False) -> Calibration:
         d = self.direction()
 
-        def go():
+        def go(key):
+            self._vector(d)
             prompts = [prompt_ids(self.model.tokenizer, p)
                        for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
             cal = calibrate(self.model, d, prompts, self.cfg.calibration_settings(),
@@ -214,38 +263,58 @@ class Run:
     def rollout(self, force: bool = False) -> Rollouts:
         d, cal = self.direction(), self.calibrate()
 
-        def go():
+        def go(key):
+            # One batch of rows at a time, each saved as it finishes: a killed sweep loses at most
+            # the batch in flight, and a rerun picks up the saved ones (part i is seeded seed + i).
+            vector = self._vector(d)
             texts = load_prompts(self.cfg.prompts)[: self.cfg.n_prompts]
             ids = [prompt_ids(self.model.tokenizer, p) for p in texts]
             alphas = self.cfg.sweep_alphas()
             rows = [p for _ in alphas for p in ids]
             alpha = torch.tensor([a for a in alphas for _ in ids])
             index = torch.tensor([i for _ in alphas for i in range(len(ids))])
-            r = rollout(self.model, rows, alpha * cal.c_star, direction=d.vector, hook=d.hook,
-                        method=d.intervention, window=self.cfg.window,
-                        generated_only=self.cfg.generated_only,
-                        sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed),
-                        rows_per_batch=self.cfg.rows_per_batch, prompt_index=index, alpha=alpha,
-                        progress=self.progress)
-            r.save(self.dir, self.model.tokenizer)
+            parts_dir, parts = self._partials("rollout", key), []
+            for i, sl in enumerate(chunks(len(rows), self.cfg.rows_per_batch)):
+                part = parts_dir / f"{i:04d}"
+                if not (part / files.ROLLOUTS_META).exists():
+                    rollout(self.model, rows[sl], alpha[sl] * cal.c_star, direction=vector,
+                            hook=d.hook, method=d.intervention, window=self.cfg.window,
+                            generated_only=self.cfg.generated_only,
+                            sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),
+                            rows_per_batch=self.cfg.rows_per_batch, prompt_index=index[sl],
+                            alpha=alpha[sl], progress=self.progress).save(part)
+                    _fault_point("rollout", i)
+                parts.append(Rollouts.load(part))
+            whole = Rollouts.concat(parts) if len(parts) > 1 else parts[0]
+            whole.save(self.dir, self.model.tokenizer)
+            shutil.rmtree(parts_dir)
         self._stage("rollout", [files.ROLLOUTS, files.ROLLOUTS_CSV, files.TEXTS], go, force)
         return Rollouts.load(self.dir)
 
     def pmass(self, force: bool = False) -> pd.DataFrame:
         d, r = self.direction(), self.rollout()
 
-        def go():
-            splice = self.cfg.splice_spec()
-            pm = fork_pmass(self.model, r, d.vector, self.cfg.forks(), splice, progress=self.progress)
-            write_json(self.dir / files.SPLICE, pm.splice)
-            write_csv(self.dir / files.PMASS, pm.frame)
+        def go(key):
+            vector, splice = self._vector(d), self.cfg.splice_spec()
+            parts_dir, frames = self._partials("pmass", key), []
+            for i, sl in enumerate(chunks(r.n_rows, PMASS_ROWS_PER_PART)):
+                part = parts_dir / f"{i:04d}.csv"
+                if not part.exists():
+                    pm = fork_pmass(self.model, r, vector, self.cfg.forks(), splice,
+                                    rows=list(range(r.n_rows))[sl], progress=self.progress)
+                    write_csv(part, pm.frame)
+                    _fault_point("pmass", i)
+                frames.append(pd.read_csv(part, float_precision="round_trip"))
+            write_json(self.dir / files.SPLICE, splice.to_dict(self.model.tokenizer))
+            write_csv(self.dir / files.PMASS, pd.concat(frames, ignore_index=True))
+            shutil.rmtree(parts_dir)
         self._stage("pmass", [files.PMASS, files.SPLICE], go, force)
-        return pd.read_csv(self.dir / files.PMASS)
+        return pd.read_csv(self.dir / files.PMASS, float_precision="round_trip")
 
     def survival(self, force: bool = False) -> pd.DataFrame:
         pm = self.pmass()
 
-        def go():
+        def go(key):
             rule = self.cfg.death_rule()
             per_row = deaths(pm, rule)
             table, curves = survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak)
@@ -258,7 +327,7 @@ class Run:
     def plot(self, force: bool = False) -> None:
         self.survival()
 
-        def go():
+        def go(key):
             from isokl_tl.report import write_figures, write_summary
             write_figures(self.dir, self.cfg)
             write_summary(self.dir, self.cfg)
@@ -267,5 +336,5 @@ class Run:
     def run_all(self) -> None:
         """Every stage in order; finished stages with matching settings are reused."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._begin()
+        self.begin()
         self.plot()

@@ -4,6 +4,7 @@ Saving is the caller's business (`save_figure`)."""
 
 import math
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -16,6 +17,7 @@ from matplotlib.axes import Axes  # noqa: E402
 
 from isokl_tl.calibrate import Calibration  # noqa: E402
 from isokl_tl.rollout import Rollouts  # noqa: E402
+from isokl_tl.runs import write_atomic  # noqa: E402
 from isokl_tl.survival import SurvivalCurve  # noqa: E402
 
 ALIVE, DEAD = "#3b75af", "#d1495b"
@@ -29,7 +31,7 @@ def _ax(ax: Axes | None, size=(5, 3.5)) -> Axes:
 def save_figure(ax_or_axes, path) -> None:
     fig = (ax_or_axes.flat[0] if isinstance(ax_or_axes, np.ndarray) else ax_or_axes).figure
     fig.tight_layout()
-    fig.savefig(path, dpi=130, metadata={"Software": None})
+    write_atomic(Path(path), lambda p: fig.savefig(p, format="png", dpi=130, metadata={"Software": None}))
     plt.close(fig)
 
 

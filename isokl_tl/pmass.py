@@ -130,8 +130,9 @@ class ForkPMass:
 
 @torch.no_grad()
 def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Tensor, " d_model"],
-               forks: list[int], splice: Splice = Splice(), *, rows_per_prefill: int = 8,
-               progress: bool = False) -> ForkPMass:
+               forks: list[int], splice: Splice = Splice(), *, rows: list[int] | None = None,
+               rows_per_prefill: int = 8, progress: bool = False) -> ForkPMass:
+    """Fork pmass of every rollout row (or of `rows` only; the frame keeps the global row ids)."""
     tok = model.tokenizer
     true_ids, false_ids = answer_token_sets(tok, splice.true_words, splice.false_words)
     tail = torch.tensor(splice.token_ids(tok), dtype=torch.long, device=model.cfg.device)
@@ -140,9 +141,11 @@ def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Te
     content = rollouts.gen_len - rollouts.eos.long()   # the EOS token is not content
     width = rollouts.prompt.shape[1]
     records = []
-    bar = tqdm(total=rollouts.n_rows, desc="pmass", unit="rollout", disable=not progress, leave=False)
-    for sl in chunks(rollouts.n_rows, rows_per_prefill):
-        rows = list(range(rollouts.n_rows))[sl]
+    todo = list(range(rollouts.n_rows)) if rows is None else list(rows)
+    bar = tqdm(total=len(todo), desc="pmass", unit="rollout", disable=not progress, leave=False)
+    for sl in chunks(len(todo), rows_per_prefill):
+        batch = todo[sl]
+        sl = torch.tensor(batch)
         g = max(1, int(content[sl].max()))
         gen = rollouts.tokens[sl, :g].clamp(min=0)
         gen_mask = (torch.arange(g)[None, :] < content[sl][:, None]).long()
@@ -151,10 +154,10 @@ def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Te
         mask = torch.cat([rollouts.prompt_mask[sl], gen_mask], 1).to(model.cfg.device)
         coeff = rollouts.coeff[sl]
         start = width if rollouts.start == "generated" else 0
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(batch))
         with steer(model, rollouts.hook, direction, coeff, method=rollouts.method, start=start):
             model(tokens, attention_mask=mask, past_kv_cache=cache)
-        for j, r in enumerate(rows):
+        for j, r in enumerate(batch):
             ts = [t for t in forks if t <= int(content[r])]
             k = len(ts)
             fork_cache = TransformerLensKeyValueCache(

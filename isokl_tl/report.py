@@ -9,6 +9,7 @@ from isokl_tl import files
 from isokl_tl.calibrate import Calibration
 from isokl_tl.directions import Direction
 from isokl_tl.rollout import Rollouts
+from isokl_tl.runs import write_atomic
 
 
 def write_figures(run_dir: Path, cfg) -> None:
@@ -61,4 +62,4 @@ def write_summary(run_dir: Path, cfg) -> None:
         lines.append(f"| {t.alpha:g} | {t.n} | {t.died} | {t.censored} | {t.S_mid:.2f} | {t.S_end:.2f} "
                      f"| {_fmt(t.median)} | {_fmt(t.median_lo)} - {_fmt(t.median_hi)} |")
     lines += ["", "Figures:", ""] + [f"![{k}]({v})" for k, v in files.FIGURES.items()]
-    (run_dir / files.SUMMARY).write_text("\n".join(lines) + "\n")
+    write_atomic(run_dir / files.SUMMARY, lambda p: p.write_text("\n".join(lines) + "\n"))

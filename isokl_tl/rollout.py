@@ -158,6 +158,16 @@ def _choose(logp: Float[Tensor, "batch d_vocab"], sampling: Sampling,
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
+def _check_finite(logits: Tensor, t: int, active: Tensor, coeff: Tensor) -> None:
+    bad = ~torch.isfinite(logits).all(-1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        row = int(active[i % len(active)])
+        who = "steered" if i < len(active) else "base"
+        raise ValueError(f"NaN or inf logits at generated token {t} of row {row} ({who} model, "
+                         f"coefficient {float(coeff[row]):.4g}); the coefficient is probably too large")
+
+
 DecoderFactory = Callable[[HookedTransformer, Steering], Decoder]
 
 
@@ -184,6 +194,7 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
         active = torch.arange(b)            # chunk rows still decoding, in batch order
         for t in range(window):
             n = len(active)
+            _check_finite(logits, t, active, coeff)
             logp = torch.log_softmax(logits.float(), dim=-1)
             ls, lb = logp[:n], logp[n:]
             nxt = _choose(ls, sampling, gen)
