@@ -187,64 +187,66 @@ def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list
     c0 = _first_coeff(direction)
     c_min, c_max = c0 * 2.0 ** -24, c0 * 2.0 ** 24
     bar = tqdm(total=s.max_rounds, desc="calibrate", unit="round", disable=not progress, leave=False)
-    rounds, prev, last_retained, streak, jump = 0, None, None, 0, None
-    candidates = [c0]
-    while True:
-        search.evaluate(candidates)
-        rounds += 1
-        best = search.best()
-        bar.update(1)
-        bar.set_postfix_str(f"c={best.coeff:.4g} stat={best.value:.4g}")
-        if search.done() or rounds >= s.max_rounds:
-            break
-        lo, hi = search.bracket()
-        if lo is None or hi is None:
-            pts = sorted(search.evals, key=lambda e: e.coeff)
-            edge = pts[-1] if hi is None else pts[0]
-            nxt = pts[-2] if hi is None and len(pts) > 1 else (pts[1] if len(pts) > 1 else None)
-            slope = _log_slope(nxt, edge) if nxt is not None else 2.0
-            if edge.value <= 0:
-                guess = edge.coeff * 16
-            else:
-                guess = edge.coeff * (s.target / edge.value) ** (1 / slope)
-            if hi is None:  # everything below target: go up, at least doubling
-                if len(pts) >= 3 and pts[-1].value <= pts[-3].value * 1.05 and pts[-1].coeff >= 4 * pts[-3].coeff:
-                    raise CalibrationError(
-                        f"KL statistic saturates below the target {s.target} (it stopped growing with "
-                        f"the coefficient); history: {_history_text(search.evals)}")
-                guess = min(max(guess, 2 * edge.coeff), 64 * edge.coeff)
-                if guess > c_max:
-                    raise CalibrationError(f"target {s.target} not reached up to c={edge.coeff:.4g}; "
-                                           f"history: {_history_text(search.evals)}")
-                candidates = [guess, 2 * guess]
-            else:  # everything above target: go down, at least halving
-                guess = max(min(guess, edge.coeff / 2), edge.coeff / 64)
-                if guess < c_min:
-                    raise CalibrationError(
-                        f"KL statistic exceeds the target {s.target} even at the smallest coefficient "
-                        f"tried (c={edge.coeff:.4g}); history: {_history_text(search.evals)}")
-                candidates = [guess / 2, guess]
-            continue
-        if hi.coeff / lo.coeff - 1 < 1e-3:
-            # The statistic jumps across a bracket this narrow (a greedy token flips): no
-            # coefficient reaches the target within tol. Stop; `converged` stays False.
-            jump = (lo.coeff, lo.value, hi.coeff, hi.value)
-            break
-        # Illinois step in log-log space: when one end of the bracket survives twice in a row,
-        # halve its weight so that the bracket shrinks from both sides.
-        retained = "hi" if prev is not None and prev[1] == hi.coeff else "lo" if prev is not None and prev[0] == lo.coeff else None
-        streak = streak + 1 if retained is not None and retained == last_retained else 1
-        last_retained, prev = retained, (lo.coeff, hi.coeff)
-        xl, xh = math.log(lo.coeff), math.log(hi.coeff)
-        yl, yh = math.log(max(lo.value, 1e-30) / s.target), math.log(hi.value / s.target)
-        if retained == "lo" and streak >= 2:
-            yl *= 0.5 ** (streak - 1)
-        if retained == "hi" and streak >= 2:
-            yh *= 0.5 ** (streak - 1)
-        x = xl - yl * (xh - xl) / (yh - yl)
-        x = min(max(x, xl + 0.02 * (xh - xl)), xh - 0.02 * (xh - xl))
-        candidates = [math.exp(x)]
-    bar.close()
+    try:
+        rounds, prev, last_retained, streak, jump = 0, None, None, 0, None
+        candidates = [c0]
+        while True:
+            search.evaluate(candidates)
+            rounds += 1
+            best = search.best()
+            bar.update(1)
+            bar.set_postfix_str(f"c={best.coeff:.4g} stat={best.value:.4g}")
+            if search.done() or rounds >= s.max_rounds:
+                break
+            lo, hi = search.bracket()
+            if lo is None or hi is None:
+                pts = sorted(search.evals, key=lambda e: e.coeff)
+                edge = pts[-1] if hi is None else pts[0]
+                nxt = pts[-2] if hi is None and len(pts) > 1 else (pts[1] if len(pts) > 1 else None)
+                slope = _log_slope(nxt, edge) if nxt is not None else 2.0
+                if edge.value <= 0:
+                    guess = edge.coeff * 16
+                else:
+                    guess = edge.coeff * (s.target / edge.value) ** (1 / slope)
+                if hi is None:  # everything below target: go up, at least doubling
+                    if len(pts) >= 3 and pts[-1].value <= pts[-3].value * 1.05 and pts[-1].coeff >= 4 * pts[-3].coeff:
+                        raise CalibrationError(
+                            f"KL statistic saturates below the target {s.target} (it stopped growing with "
+                            f"the coefficient); history: {_history_text(search.evals)}")
+                    guess = min(max(guess, 2 * edge.coeff), 64 * edge.coeff)
+                    if guess > c_max:
+                        raise CalibrationError(f"target {s.target} not reached up to c={edge.coeff:.4g}; "
+                                               f"history: {_history_text(search.evals)}")
+                    candidates = [guess, 2 * guess]
+                else:  # everything above target: go down, at least halving
+                    guess = max(min(guess, edge.coeff / 2), edge.coeff / 64)
+                    if guess < c_min:
+                        raise CalibrationError(
+                            f"KL statistic exceeds the target {s.target} even at the smallest coefficient "
+                            f"tried (c={edge.coeff:.4g}); history: {_history_text(search.evals)}")
+                    candidates = [guess / 2, guess]
+                continue
+            if hi.coeff / lo.coeff - 1 < 1e-3:
+                # The statistic jumps across a bracket this narrow (a greedy token flips): no
+                # coefficient reaches the target within tol. Stop; `converged` stays False.
+                jump = (lo.coeff, lo.value, hi.coeff, hi.value)
+                break
+            # Illinois step in log-log space: when one end of the bracket survives twice in a row,
+            # halve its weight so that the bracket shrinks from both sides.
+            retained = "hi" if prev is not None and prev[1] == hi.coeff else "lo" if prev is not None and prev[0] == lo.coeff else None
+            streak = streak + 1 if retained is not None and retained == last_retained else 1
+            last_retained, prev = retained, (lo.coeff, hi.coeff)
+            xl, xh = math.log(lo.coeff), math.log(hi.coeff)
+            yl, yh = math.log(max(lo.value, 1e-30) / s.target), math.log(hi.value / s.target)
+            if retained == "lo" and streak >= 2:
+                yl *= 0.5 ** (streak - 1)
+            if retained == "hi" and streak >= 2:
+                yh *= 0.5 ** (streak - 1)
+            x = xl - yl * (xh - xl) / (yh - yl)
+            x = min(max(x, xl + 0.02 * (xh - xl)), xh - 0.02 * (xh - xl))
+            candidates = [math.exp(x)]
+    finally:
+        bar.close()
     best = search.best()
     cal = Calibration(
         c_star=best.coeff, converged=search.done(), statistic=s.statistic, quantile=s.quantile,

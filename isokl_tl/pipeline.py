@@ -221,8 +221,10 @@ class Run:
         return True
 
     def begin(self) -> None:
-        """Check what can be checked before any work (model, hook), then record the run."""
+        """Check what can be checked before any work (model, hook, answer words), then record
+        the run."""
         resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
+        self.cfg.splice_spec().to_dict(self.model.tokenizer)
         if "model" not in self.manifest.data:
             self.manifest.set(model=model_identity(self.model))
         self.manifest.set(config=self.cfg.to_dict(), versions=versions(), seeds={"seed": self.cfg.seed})

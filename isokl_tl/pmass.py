@@ -143,47 +143,49 @@ def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Te
     records = []
     todo = list(range(rollouts.n_rows)) if rows is None else list(rows)
     bar = tqdm(total=len(todo), desc="pmass", unit="rollout", disable=not progress, leave=False)
-    for sl in chunks(len(todo), rows_per_prefill):
-        batch = todo[sl]
-        sl = torch.tensor(batch)
-        g = max(1, int(content[sl].max()))
-        gen = rollouts.tokens[sl, :g].clamp(min=0)
-        gen_mask = (torch.arange(g)[None, :] < content[sl][:, None]).long()
-        tokens = torch.cat([rollouts.prompt[sl], gen], 1).to(model.cfg.device)
-        tokens[:, width:][gen_mask == 0] = pad_id(tok)
-        mask = torch.cat([rollouts.prompt_mask[sl], gen_mask], 1).to(model.cfg.device)
-        coeff = rollouts.coeff[sl]
-        start = width if rollouts.start == "generated" else 0
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(batch))
-        with steer(model, rollouts.hook, direction, coeff, method=rollouts.method, start=start):
-            model(tokens, attention_mask=mask, past_kv_cache=cache)
-        for j, r in enumerate(batch):
-            ts = [t for t in forks if t <= int(content[r])]
-            k = len(ts)
-            fork_cache = TransformerLensKeyValueCache(
-                entries=[type(e)(past_keys=e.past_keys[j:j + 1].expand(k, -1, -1, -1),
-                                 past_values=e.past_values[j:j + 1].expand(k, -1, -1, -1),
-                                 frozen=True) for e in cache.entries],
-                previous_attention_mask=mask[j:j + 1].repeat(k, 1), frozen=True)
-            for i, t in enumerate(ts):
-                fork_cache.previous_attention_mask[i, width + t:] = 0
-            with steer(model, rollouts.hook, direction, coeff[j].repeat(k), method=rollouts.method,
-                       start=start) as s:
-                s.offset = tokens.shape[1]
-                logits = model(tail.expand(k, -1), attention_mask=torch.ones(k, len(tail), dtype=torch.long,
-                               device=model.cfg.device), past_kv_cache=fork_cache)[:, -1]
-            probs = torch.softmax(logits.float(), dim=-1)
-            mass = probs[:, answer]
-            pm = mass.sum(-1)
-            pt = mass[:, :n_true].sum(-1) / pm
-            top = probs.argmax(-1)
-            for i, t in enumerate(ts):
-                records.append({"row": r, "prompt": int(rollouts.prompt_index[r]),
-                                "alpha": float(rollouts.alpha[r]), "coeff": float(rollouts.coeff[r]),
-                                "fork": t, "pmass": float(pm[i]), "p_true": float(pt[i]),
-                                "argmax": int(top[i])})
-            bar.update(1)
-    bar.close()
+    try:
+        for sl in chunks(len(todo), rows_per_prefill):
+            batch = todo[sl]
+            sl = torch.tensor(batch)
+            g = max(1, int(content[sl].max()))
+            gen = rollouts.tokens[sl, :g].clamp(min=0)
+            gen_mask = (torch.arange(g)[None, :] < content[sl][:, None]).long()
+            tokens = torch.cat([rollouts.prompt[sl], gen], 1).to(model.cfg.device)
+            tokens[:, width:][gen_mask == 0] = pad_id(tok)
+            mask = torch.cat([rollouts.prompt_mask[sl], gen_mask], 1).to(model.cfg.device)
+            coeff = rollouts.coeff[sl]
+            start = width if rollouts.start == "generated" else 0
+            cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(batch))
+            with steer(model, rollouts.hook, direction, coeff, method=rollouts.method, start=start):
+                model(tokens, attention_mask=mask, past_kv_cache=cache)
+            for j, r in enumerate(batch):
+                ts = [t for t in forks if t <= int(content[r])]
+                k = len(ts)
+                fork_cache = TransformerLensKeyValueCache(
+                    entries=[type(e)(past_keys=e.past_keys[j:j + 1].expand(k, -1, -1, -1),
+                                     past_values=e.past_values[j:j + 1].expand(k, -1, -1, -1),
+                                     frozen=True) for e in cache.entries],
+                    previous_attention_mask=mask[j:j + 1].repeat(k, 1), frozen=True)
+                for i, t in enumerate(ts):
+                    fork_cache.previous_attention_mask[i, width + t:] = 0
+                with steer(model, rollouts.hook, direction, coeff[j].repeat(k), method=rollouts.method,
+                           start=start) as s:
+                    s.offset = tokens.shape[1]
+                    logits = model(tail.expand(k, -1), attention_mask=torch.ones(k, len(tail), dtype=torch.long,
+                                   device=model.cfg.device), past_kv_cache=fork_cache)[:, -1]
+                probs = torch.softmax(logits.float(), dim=-1)
+                mass = probs[:, answer]
+                pm = mass.sum(-1)
+                pt = mass[:, :n_true].sum(-1) / pm
+                top = probs.argmax(-1)
+                for i, t in enumerate(ts):
+                    records.append({"row": r, "prompt": int(rollouts.prompt_index[r]),
+                                    "alpha": float(rollouts.alpha[r]), "coeff": float(rollouts.coeff[r]),
+                                    "fork": t, "pmass": float(pm[i]), "p_true": float(pt[i]),
+                                    "argmax": int(top[i])})
+                bar.update(1)
+    finally:
+        bar.close()
     frame = pd.DataFrame.from_records(records, columns=["row", "prompt", "alpha", "coeff", "fork",
                                                         "pmass", "p_true", "argmax"])
     return ForkPMass(frame=frame, forks=list(forks), splice=splice.to_dict(tok))

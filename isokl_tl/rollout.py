@@ -255,12 +255,14 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
     start = "generated" if generated_only else "all"
     bar = tqdm(total=window * len(chunks(len(prompts), rows_per_batch)), desc="rollout",
                unit="step", disable=not progress, leave=False)
-    parts = []
-    for sl in chunks(len(prompts), rows_per_batch):
-        res = _rollout_chunk(model, prompts[sl], coeffs[sl], direction=direction, hook=hook,
-                             method=method, window=window, generated_only=generated_only,
-                             sampling=sampling, eos=eos_t, gen=gen, decoder=decoder, bar=bar)
-        parts.append(Rollouts(**res, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
-                              hook=hook, method=method, start=start))
-    bar.close()
+    try:
+        parts = []
+        for sl in chunks(len(prompts), rows_per_batch):
+            res = _rollout_chunk(model, prompts[sl], coeffs[sl], direction=direction, hook=hook,
+                                 method=method, window=window, generated_only=generated_only,
+                                 sampling=sampling, eos=eos_t, gen=gen, decoder=decoder, bar=bar)
+            parts.append(Rollouts(**res, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
+                                  hook=hook, method=method, start=start))
+    finally:
+        bar.close()
     return Rollouts.concat(parts) if len(parts) > 1 else parts[0]

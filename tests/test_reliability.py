@@ -1,0 +1,185 @@
+"""Bad input through the CLI, killed-and-resumed runs, byte-identical reruns."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from isokl_tl.cli.main import main
+
+BASE = ["--model", "tiny-random", "--calib-window", "12", "--n-calib", "3", "--bootstrap", "20"]
+SWEEP = ["--window", "16", "--n-prompts", "6", "--alphas", "0 1 2", "--fork-every", "8",
+         "--min-base-pmass", "0.001", "--rows-per-batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "run"
+    res = CliRunner().invoke(main, ["calibrate", *BASE, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _jsonl(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def _cases(tmp_path, calibrated):
+    """(args, expected message) for every bad input of DESIGN.md section 6 and issue 7."""
+    run = str(_copy(calibrated, tmp_path))
+    wrong_size, nan_dir = tmp_path / "w", tmp_path / "n"
+    for d, vec in ((wrong_size, torch.ones(7)), (nan_dir, torch.full((64,), float("nan")))):
+        shutil.copytree(calibrated, d)
+        (d / "calibration.json").unlink()
+        save_file({"vector": vec}, str(d / "direction.safetensors"))
+    toml = tmp_path / "bad.toml"
+    toml.write_text('model = "tiny-random"\nanswer_true = ["yes"]\nanswer_false = ["yes"]\n')
+    toml2 = tmp_path / "bad2.toml"
+    toml2.write_text('model = "tiny-random"\nanswer_true = [""]\n')
+    return {
+        "unknown hook": (["direction", "--model", "tiny-random", "--hook", "blocks.1.hook_resid_pots",
+                          "--out", "d1"], r"unknown hook name 'blocks\.1\.hook_resid_pots'; closest valid names: blocks\.1\.hook_resid_post"),
+        "layer out of range": (["direction", "--model", "tiny-random", "--layer", "4", "--out", "d2"],
+                               r"layer 4 is out of range: this model has layers 0\.\.3"),
+        "not a residual site": (["direction", "--model", "tiny-random", "--hook", "blocks.1.attn.hook_q",
+                                 "--out", "d3"], r"'blocks\.1\.attn\.hook_q' is not a residual-stream site"),
+        "direction of wrong size": (["calibrate", *BASE, "--out", str(wrong_size)],
+                                    r"direction has shape \(7,\); expected \(64,\)"),
+        "direction with NaN": (["calibrate", *BASE, "--out", str(nan_dir)], r"direction contains NaN"),
+        "empty prompt file": (["rollout", "--run", run, "--prompts", _jsonl(tmp_path, "e.jsonl", "\n")],
+                              r"prompt file .*e\.jsonl is empty"),
+        "malformed prompt file": (["rollout", "--run", run, "--prompts",
+                                   _jsonl(tmp_path, "m.jsonl", '{"prompt": "ok"}\n{"prompt": oops}\n')],
+                                  r"m\.jsonl line 2: not valid JSON"),
+        "prompt longer than context": (["rollout", "--run", run, "--prompts",
+                                        _jsonl(tmp_path, "l.jsonl", json.dumps({"prompt": "word " * 600}) + "\n")],
+                                       r"prompt 0 has \d+ tokens; with window 96 that exceeds the model's context of 512"),
+        "answer words that do not tokenize": (["run", "--config", str(toml2), "--out", "d4"] + SWEEP,
+                                              r"answer word '' does not tokenize"),
+        "overlapping answer sets": (["run", "--config", str(toml), "--out", "d5"] + SWEEP,
+                                    r"true and false answer sets overlap"),
+        "threshold outside (0, 1)": (["survival", "--run", run, "--threshold", "1.2"],
+                                     r"threshold must be in \(0, 1\), got 1\.2"),
+        "non-positive window": (["rollout", "--run", run, "--window", "0"], r"window must be positive, got 0"),
+        "negative ablation coefficient": (["run", *BASE, "--method", "directional_ablation", "--alphas",
+                                           "-1 1", "--out", "d6"], r"directional ablation needs alphas >= 0, got -1"),
+        "unreachable target": (["calibrate", *BASE, "--target-kl", "500", "--out", "d7"],
+                               r"(saturates below|not reached).*history: c="),
+        "NaN or inf logits": (["rollout", "--run", run, "--alphas", "0 1e38", "--window", "8"],
+                              r"NaN or inf logits at generated token 0 of row \d+"),
+        "run dir of another config": (["calibrate", *BASE, "--method", "pca", "--out", run],
+                                      r"was made with a different config \(method: 'mean_diff' there, 'pca' here\); pass --force"),
+    }
+
+
+CASES = ["unknown hook", "layer out of range", "not a residual site", "direction of wrong size",
+         "direction with NaN", "empty prompt file", "malformed prompt file", "prompt longer than context",
+         "answer words that do not tokenize", "overlapping answer sets", "threshold outside (0, 1)",
+         "non-positive window", "negative ablation coefficient", "unreachable target", "NaN or inf logits",
+         "run dir of another config"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_nonzero(case, tmp_path, monkeypatch, calibrated):
+    monkeypatch.chdir(tmp_path)
+    args, msg = _cases(tmp_path, calibrated)[case]
+    res = CliRunner().invoke(main, args)
+    err = res.stderr
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert res.exit_code == 1, res.output
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(msg, errors[0]), errors[0]
+
+
+def test_force_overwrites_a_run_of_another_config(tmp_path, calibrated):
+    run = _copy(calibrated, tmp_path)
+    res = CliRunner().invoke(main, ["calibrate", *BASE, "--method", "pca", "--force", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "direction.json").read_text())["method"] == "pca"
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="layer 9"):
+        CliRunner().invoke(main, ["--debug", "direction", "--model", "tiny-random", "--layer", "9",
+                                  "--out", "x"], catch_exceptions=False)
+
+
+# --- killed and resumed, byte for byte ----------------------------------------------------------
+def _cli(out: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("ISOKL_TL_KILL_AFTER", None)
+    if kill:
+        env["ISOKL_TL_KILL_AFTER"] = kill
+    return subprocess.run([sys.executable, "-m", "isokl_tl.cli.main", "run", *BASE, *SWEEP, *extra,
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _results(run: Path) -> dict[str, bytes]:
+    """Every result file; the manifest (timings, command line) and calibration timings excluded."""
+    out = {}
+    for p in sorted(run.iterdir()):
+        if p.is_dir() or p.name == "manifest.json":
+            continue
+        data = p.read_bytes()
+        if p.name == "calibration.json":
+            cal = json.loads(data)
+            for h in cal["history"]:
+                del h["seconds"]
+            data = json.dumps(cal, sort_keys=True).encode()
+        out[p.name] = data
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = _cli(out)
+    assert res.returncode == 0, res.stderr
+    return _results(out)
+
+
+@pytest.mark.parametrize("kill", ["rollout:1", "pmass:0"])
+def test_killed_run_resumes_to_identical_results(tmp_path, reference, kill):
+    out = tmp_path / "run"
+    res = _cli(out, kill=kill)
+    assert res.returncode == -9, res.stderr          # SIGKILL, mid-stage
+    stage = kill.split(":")[0]
+    assert list((out / ".partial").glob(f"{stage}-*/*"))   # the parts done so far were kept
+    res = _cli(out)
+    assert res.returncode == 0, res.stderr
+    assert f"[{stage}] running" in res.stderr and "[calibrate] up to date" in res.stderr
+    assert _results(out) == reference
+    assert not list((out / ".partial").glob("*/*"))      # parts are cleaned up once merged
+
+
+def test_same_command_twice_gives_the_same_bytes(tmp_path, reference):
+    out = tmp_path / "run"
+    assert _cli(out).returncode == 0
+    got = _results(out)
+    assert set(got) == set(reference) and len(got) >= 15
+    assert got == reference
+
+
+def test_sampled_runs_repeat_for_the_same_seed(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in ((a, "3"), (b, "3"), (c, "4")):
+        assert _cli(out, "--temperature", "1.0", "--seed", seed).returncode == 0
+    assert (a / "rollouts.safetensors").read_bytes() == (b / "rollouts.safetensors").read_bytes()
+    assert (a / "rollouts.safetensors").read_bytes() != (c / "rollouts.safetensors").read_bytes()
