@@ -82,7 +82,8 @@ class Manifest:
 
     def record(self, stage: str, key: str, settings: dict, seconds: float) -> None:
         self.data["stages"][stage] = {"key": key, "settings": settings, "seconds": round(seconds, 3),
-                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      "command": " ".join(sys.argv)}
         self.save()
 
     def set(self, **fields) -> None:
@@ -91,5 +92,5 @@ class Manifest:
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.data.setdefault("command", " ".join(sys.argv))
+        self.data["command"] = " ".join(sys.argv)   # the latest; each stage keeps its own
         write_json(self.path, self.data)
