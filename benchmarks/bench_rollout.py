@@ -1,10 +1,16 @@
-"""Rollout throughput on CPU: isokl-tl's engine (steered tokens + per-token KL against a base
-partner) against TransformerLens's own `generate` with the same steering hook (tokens only).
+"""Rollout throughput on CPU, in one process, same model, prompts, batch and steering hook:
 
-    python benchmarks/bench_rollout.py --model smollm2-135m-instruct --batches 1 8 64 --window 32
+  isokl-tl fast   this project's engine with the fast decode path (steered tokens + per-token KL
+                  against a base partner per steered row)
+  isokl-tl TL     the same engine over TransformerLens's own forward and KV cache
+  TL generate     HookedTransformer.generate with the steering hook (tokens only, no KL)
+  HF generate     transformers' generate on the same GGUF weights, steering by a forward hook on
+                  the same block (tokens only, no KL)
 
-Prints steered tokens/s for each batch size. Both decode greedily with a KV cache for exactly
-`window` tokens (EOS ignored), from the same chat-rendered prompts, in the same process.
+    python benchmarks/bench_rollout.py --batches 1 8 64 --window 32
+
+All decode greedily with a KV cache for exactly `window` new tokens (EOS ignored) from equal-length
+chat prompts. Reported: steered tokens per second and milliseconds per decode step.
 """
 
 import argparse
@@ -13,16 +19,31 @@ import time
 import torch
 
 from isokl_tl.chat import prompt_ids
+from isokl_tl.decode import TLDecoder
 from isokl_tl.directions import compute_direction
-from isokl_tl.hooks import resolve_hook, steer
-from isokl_tl.models import load_model
+from isokl_tl.fast_decode import FastDecoder
+from isokl_tl.hooks import hook_layer, resolve_hook, steer
+from isokl_tl.models import EMBEDDED, embedded_gguf_path, load_model
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import rollout
 
 
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    path = embedded_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=EMBEDDED)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--window", type=int, default=32)
     a = ap.parse_args()
@@ -31,23 +52,50 @@ def main() -> None:
     d = compute_direction(model, load_pairs(), resolve_hook(model), "mean_diff")
     base = [prompt_ids(model.tokenizer, p) for p in load_prompts("calibration")]
     width = min(len(p) for p in base)
-    base = [p[-width:] for p in base]  # equal lengths: TL generate gets no padding to handle
+    base = [p[-width:] for p in base]  # equal lengths: no padding for generate() to handle
     coeff = 0.3 * d.resid_norm
-    print(f"model {a.model}, window {a.window}, threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'isokl-tl tok/s':>15} {'TL generate tok/s':>18}")
+    hf = hf_model() if a.model == EMBEDDED else None
+    v = d.vector.to(model.cfg.dtype)
+
+    def hf_hook(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + coeff * v
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    print(f"model {a.model}, window {a.window}, prompt {width} tokens, threads {torch.get_num_threads()}, "
+          f"hook {d.hook}, coefficient {coeff:.3g}")
+    print(f"{'batch':>5} | {'isokl-tl fast':>20} | {'isokl-tl TL':>20} | {'TL generate':>20} | {'HF generate':>20}")
+    print(f"{'':>5} | {'tok/s   ms/step':>20} | {'tok/s   ms/step':>20} | {'tok/s   ms/step':>20} | {'tok/s   ms/step':>20}")
     for b in a.batches:
         prompts = (base * (b // len(base) + 1))[:b]
-        t0 = time.perf_counter()
-        rollout(model, prompts, torch.full((b,), coeff), direction=d.vector, hook=d.hook,
-                window=a.window, eos=[], rows_per_batch=b)
-        ours = b * a.window / (time.perf_counter() - t0)
         tokens = torch.tensor(prompts)
-        t0 = time.perf_counter()
-        with torch.no_grad(), steer(model, d.hook, d.vector, coeff):
-            model.generate(tokens, max_new_tokens=a.window, do_sample=False, stop_at_eos=False,
-                           use_past_kv_cache=True, verbose=False)
-        tl = b * a.window / (time.perf_counter() - t0)
-        print(f"{b:>5} {ours:>15.1f} {tl:>18.1f}")
+        c = torch.full((b,), coeff)
+        kw = dict(direction=d.vector, hook=d.hook, window=a.window, eos=[], rows_per_batch=b)
+        secs = {
+            "fast": timed(lambda: rollout(model, prompts, c, decoder=FastDecoder, **kw)),
+            "tl": timed(lambda: rollout(model, prompts, c, decoder=TLDecoder, **kw)),
+        }
+
+        def tl_generate():
+            with torch.no_grad(), steer(model, d.hook, d.vector, coeff):
+                model.generate(tokens, max_new_tokens=a.window, do_sample=False, stop_at_eos=False,
+                               use_past_kv_cache=True, verbose=False)
+        secs["tlgen"] = timed(tl_generate)
+        if hf is not None:
+            def hf_generate():
+                handle = hf.model.layers[hook_layer(d.hook)].register_forward_hook(hf_hook)
+                try:
+                    with torch.no_grad():
+                        hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=a.window,
+                                    min_new_tokens=a.window, do_sample=False, pad_token_id=0)
+                finally:
+                    handle.remove()
+            secs["hf"] = timed(hf_generate)
+        cells = []
+        for k in ("fast", "tl", "tlgen", "hf"):
+            s = secs.get(k)
+            cells.append(f"{b * a.window / s:>8.1f} {1000 * s / a.window:>9.1f}" if s else f"{'n/a':>20}")
+        print(f"{b:>5} | " + " | ".join(f"{x:>20}" for x in cells), flush=True)
 
 
 if __name__ == "__main__":

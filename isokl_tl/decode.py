@@ -30,8 +30,9 @@ class Decoder(Protocol):
 class TLDecoder:
     """TransformerLens's own forward with its key-value cache (the reference decode path)."""
 
-    def __init__(self, model: HookedTransformer, steering: Steering | None = None):
-        self.model, self.steering = model, steering
+    def __init__(self, model: HookedTransformer, steering: Steering | None = None,
+                 capacity: int | None = None):
+        self.model, self.steering = model, steering   # the TL cache grows: capacity is unused
         self.cache: TransformerLensKeyValueCache | None = None
         self.length = 0
 

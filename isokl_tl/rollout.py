@@ -24,7 +24,8 @@ from transformer_lens import HookedTransformer
 
 from isokl_tl.batching import chunks, left_pad, pad_id
 from isokl_tl.chat import eos_ids
-from isokl_tl.decode import Decoder, TLDecoder
+from isokl_tl.decode import Decoder
+from isokl_tl.fast_decode import make_decoder
 from isokl_tl.files import ROLLOUTS, ROLLOUTS_CSV, ROLLOUTS_META, TEXTS
 from isokl_tl.hooks import Steering, steer
 from isokl_tl.kl import kl_from_logprobs
@@ -168,7 +169,7 @@ def _check_finite(logits: Tensor, t: int, active: Tensor, coeff: Tensor) -> None
                          f"coefficient {float(coeff[row]):.4g}); the coefficient is probably too large")
 
 
-DecoderFactory = Callable[[HookedTransformer, Steering], Decoder]
+DecoderFactory = Callable[[HookedTransformer, Steering, int], Decoder]   # (model, steering, capacity)
 
 
 @torch.no_grad()
@@ -180,7 +181,10 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     b = len(prompts)
     tokens, mask = left_pad(prompts, pad_id(model.tokenizer), dev)
     width = tokens.shape[1]
-    both = torch.cat([coeff.to(dev), torch.zeros_like(coeff, device=dev)])
+    # A row at coefficient 0 *is* the base model (steer() is the identity there), so only rows
+    # with c != 0 get a base partner; the partners sit after the steered rows in the batch.
+    paired = coeff != 0
+    both = torch.cat([coeff, torch.zeros(int(paired.sum()))]).to(dev)
     out_tok = torch.full((b, window), -1, dtype=torch.long)
     out_kl = torch.full((b, window), float("nan"))
     out_lp = torch.full((b, window), float("nan"))
@@ -189,14 +193,18 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     done = torch.zeros(b, dtype=torch.bool)
     with steer(model, hook, direction, both, method=method,
                start=width if generated_only else 0) as steering:
-        dec = decoder(model, steering)
-        logits = dec.prefill(torch.cat([tokens, tokens]), torch.cat([mask, mask]))
+        dec = decoder(model, steering, width + window)
+        logits = dec.prefill(torch.cat([tokens, tokens[paired.to(dev)]]),
+                             torch.cat([mask, mask[paired.to(dev)]]))
         active = torch.arange(b)            # chunk rows still decoding, in batch order
         for t in range(window):
             n = len(active)
+            has = paired[active].nonzero()[:, 0].to(dev)   # positions (among active) with a partner
             _check_finite(logits, t, active, coeff)
             logp = torch.log_softmax(logits.float(), dim=-1)
-            ls, lb = logp[:n], logp[n:]
+            ls = logp[:n]
+            lb = ls.clone()
+            lb[has] = logp[n:]
             nxt = _choose(ls, sampling, gen)
             out_tok[active, t] = nxt.cpu()
             out_kl[active, t] = kl_from_logprobs(ls, lb).cpu()
@@ -213,9 +221,11 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
                 break
             if finished.any():              # finished rows (and their partners) leave the batch
                 keep = (~finished).nonzero()[:, 0].to(dev)
-                dec.select(torch.cat([keep, keep + n]))
+                partner_kept = (~finished.to(dev))[has].nonzero()[:, 0]
+                dec.select(torch.cat([keep, n + partner_kept]))
                 active, nxt = active[~finished], nxt[keep]
-            logits = dec.step(torch.cat([nxt, nxt]))
+                has = paired[active].nonzero()[:, 0].to(dev)
+            logits = dec.step(torch.cat([nxt, nxt[has]]))
     return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), "tokens": out_tok, "kl": out_kl,
             "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done}
 
@@ -224,7 +234,7 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
             direction: Float[Tensor, " d_model"], hook: str, method: str = "add", window: int = 64,
             generated_only: bool = False, sampling: Sampling = GREEDY,
             eos: list[int] | None = None, rows_per_batch: int = 64,
-            decoder: DecoderFactory = TLDecoder, prompt_index: Int[Tensor, " row"] | None = None,
+            decoder: DecoderFactory = make_decoder, prompt_index: Int[Tensor, " row"] | None = None,
             alpha: Float[Tensor, " row"] | None = None, progress: bool = False) -> Rollouts:
     """Decode `window` tokens for every row (prompt ids, coefficient) and score them as it goes.
 

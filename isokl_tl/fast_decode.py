@@ -1,0 +1,152 @@
+"""A faster decode path for pre-norm rotary (Llama-like) HookedTransformers.
+
+Same weights and the same TransformerLens modules for everything but the attention core: the
+embedding, RMSNorms, Q/K/V projections, rotary, MLP and unembedding are the model's own modules,
+and the residual-stream hook points (`hook_embed`, `blocks.L.hook_resid_pre/mid/post`,
+`hook_attn_out`, `hook_mlp_out`, `attn.hook_q/k/v/rot_q/z`, the norms' and MLP's hooks) fire on the
+same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. What changes:
+
+- keys and values live in a static, pre-allocated cache (rotated once, written in place), where
+  TransformerLens concatenates its cache every step and re-rotates every cached key;
+- attention is `scaled_dot_product_attention` with grouped-query heads, without materialising
+  repeated K/V or the score matrix.
+
+So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
+`hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,
+or the architecture is not covered (`unsupported_reason`), `make_decoder` returns the plain
+`TLDecoder`.
+"""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from isokl_tl.decode import TLDecoder
+from isokl_tl.hooks import Steering
+
+UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
+                 "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "hook_tokens")
+
+
+def unsupported_reason(model: HookedTransformer) -> str | None:
+    """Why the fast path cannot run `model` exactly, or None when it can."""
+    c = model.cfg
+    checks = [
+        (c.positional_embedding_type == "rotary", "positional embeddings are not rotary"),
+        (c.normalization_type == "RMS", "normalisation is not RMSNorm"),
+        (c.gated_mlp, "the MLP is not gated"),
+        (not (c.use_attn_in or c.use_split_qkv_input), "split Q/K/V inputs"),
+        (not c.parallel_attn_mlp, "parallel attention and MLP"),
+        (not c.use_normalization_before_and_after, "post-sublayer norms"),
+        (not getattr(c, "use_qk_norm", False), "QK norm"),
+        (getattr(c, "clip_qkv", None) is None, "clipped Q/K/V"),
+        (not getattr(c, "use_logn_attn", False), "log-n attention scaling"),
+        (not getattr(c, "use_dynamic_ntk_rope", False), "dynamic NTK rotary"),
+        (not getattr(c, "use_attention_sinks", False), "attention sinks"),
+        (not (getattr(c, "attn_scores_soft_cap", -1.0) or -1.0) > 0, "attention logit soft-capping"),
+        (c.attn_types is None or set(c.attn_types) == {"global"}, "local attention"),
+        (c.n_devices == 1, "a model split over devices"),
+        (not c.load_in_4bit, "4-bit weights"),
+        (c.original_architecture not in ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM"),
+         "post-norm OLMo blocks"),
+        (not getattr(c, "scale_attn_by_inverse_layer_idx", False), "per-layer attention scaling"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    hooked = [name for name, hp in model.hook_dict.items()
+              if name.endswith(UNFIRED_HOOKS) and (hp.fwd_hooks or hp._forward_hooks)]
+    if hooked:
+        return f"a hook is registered on {hooked[0]}, which the fast path does not fire"
+    return None
+
+
+class FastDecoder:
+    """Static KV cache + SDPA decode step over the model's own modules (see module docstring)."""
+
+    def __init__(self, model: HookedTransformer, steering: Steering | None, capacity: int):
+        self.model, self.steering, self.capacity = model, steering, capacity
+        cfg = model.cfg
+        self.n_kv = cfg.n_key_value_heads or cfg.n_heads
+        self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.key_mask: Tensor | None = None
+        self.length = 0
+
+    def _layer(self, i: int, resid: Tensor, mask_now: Tensor, attn_mask: Tensor) -> Tensor:
+        block = self.model.blocks[i]
+        attn = block.attn
+        resid = block.hook_resid_pre(resid)
+        x = block.ln1(resid)
+        q, k, v = attn.calculate_qkv_matrices(x, x, x)           # fires hook_q/k/v
+        n = q.shape[1]
+        q = attn.hook_rot_q(attn.apply_rotary(q, self.length, mask_now))
+        k = attn.apply_rotary(k, self.length, mask_now)
+        self.k[i][:, :, self.length:self.length + n] = k.transpose(1, 2)
+        self.v[i][:, :, self.length:self.length + n] = v.transpose(1, 2)
+        end = self.length + n
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=attn_mask,
+            scale=self.scale, enable_gqa=self.n_kv != q.shape[2])
+        z = attn.hook_z(z.transpose(1, 2))                        # [batch, pos, head, d_head]
+        w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
+        attn_out = block.hook_attn_out(F.linear(z.reshape(z.shape[0], n, -1), w, attn.b_O))
+        resid_mid = block.hook_resid_mid(resid + attn_out)
+        mlp_out = block.hook_mlp_out(block.mlp(block.ln2(resid_mid)))
+        return block.hook_resid_post(resid_mid + mlp_out)
+
+    def _forward(self, tokens: Tensor, mask_new: Tensor) -> Tensor:
+        m = self.model
+        n = tokens.shape[1]
+        end = self.length + n
+        if end > self.capacity:
+            raise ValueError(f"decode past the cache capacity of {self.capacity} tokens")
+        self.key_mask[:, self.length:end] = mask_new
+        mask_now = self.key_mask[:, :end]
+        keys = mask_now.bool()[:, None, None, :]                  # [batch, 1, 1, key]
+        if n > 1:
+            causal = torch.ones(n, end, dtype=torch.bool, device=tokens.device).tril(self.length)
+            keys = keys & causal
+            own = torch.zeros(n, end, dtype=torch.bool, device=tokens.device)
+            own[torch.arange(n), self.length + torch.arange(n)] = True  # padding rows see themselves
+            keys = keys | own
+        if self.steering is not None:
+            self.steering.offset = self.length
+        resid = m.hook_embed(m.embed(tokens))
+        for i in range(m.cfg.n_layers):
+            resid = self._layer(i, resid, mask_now, keys)
+        self.length = end
+        return m.unembed(m.ln_final(resid[:, -1:]))[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
+                ) -> Float[Tensor, "batch d_vocab"]:
+        cfg = self.model.cfg
+        b, dev = tokens.shape[0], tokens.device
+        shape = (b, self.n_kv, self.capacity, cfg.d_head)
+        self.k = [torch.zeros(shape, dtype=cfg.dtype, device=dev) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=cfg.dtype, device=dev) for _ in range(cfg.n_layers)]
+        self.key_mask = torch.zeros((b, self.capacity), dtype=torch.long, device=dev)
+        self.length = 0
+        return self._forward(tokens, mask)
+
+    @torch.no_grad()
+    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
+
+    def select(self, rows: Int[Tensor, " keep"]) -> None:
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.key_mask = self.key_mask[rows]
+        if self.steering is not None and torch.is_tensor(self.steering.coeff):
+            self.steering.coeff = self.steering.coeff[rows]
+
+
+def make_decoder(model: HookedTransformer, steering: Steering | None, capacity: int):
+    """The fast decoder when it covers `model` exactly, else TransformerLens's own path."""
+    if unsupported_reason(model) is None:
+        return FastDecoder(model, steering, capacity)
+    return TLDecoder(model, steering, capacity)

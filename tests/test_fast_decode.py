@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from isokl_tl.chat import prompt_ids
+from isokl_tl.decode import TLDecoder
+from isokl_tl.fast_decode import FastDecoder, make_decoder, unsupported_reason
+from isokl_tl.hooks import steer
+from isokl_tl.prompts import load_prompts
+from isokl_tl.rollout import rollout
+
+
+def _prompts(model, n):
+    return [prompt_ids(model.tokenizer, p) for p in load_prompts("eval")[:n]]
+
+
+def _both(model, direction, hook, coeffs, **kw):
+    prompts = _prompts(model, len(coeffs))
+    args = dict(direction=direction, hook=hook, **kw)
+    fast = rollout(model, prompts, coeffs, decoder=FastDecoder, **args)
+    ref = rollout(model, prompts, coeffs, decoder=TLDecoder, **args)
+    return fast, ref
+
+
+@pytest.mark.parametrize("method,c", [("add", 9.0), ("ablate", 1.5)])
+@pytest.mark.parametrize("generated_only", [False, True])
+def test_fast_path_matches_transformer_lens_on_tiny(tiny, tiny_direction, method, c, generated_only):
+    fast, ref = _both(tiny, tiny_direction.vector, "blocks.2.hook_resid_post",
+                      torch.tensor([0.0, c, c / 3, 2 * c]), window=20, method=method,
+                      generated_only=generated_only)
+    assert torch.equal(fast.tokens, ref.tokens) and torch.equal(fast.gen_len, ref.gen_len)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
+    assert fast.kl[1:].nan_to_num().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_fast_path_matches_transformer_lens_on_the_embedded_model(smol):
+    from isokl_tl.directions import compute_direction
+    from isokl_tl.prompts import load_pairs
+
+    d = compute_direction(smol, load_pairs()[:8], "blocks.18.hook_resid_post", "mean_diff")
+    fast, ref = _both(smol, d.vector, d.hook, torch.tensor([0.0, 30.0, 60.0]), window=24)
+    assert torch.equal(fast.tokens, ref.tokens)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
+
+
+def test_hooks_fire_at_every_fast_step(tiny, tiny_direction):
+    seen = []
+    with steer(tiny, "blocks.1.hook_resid_post", tiny_direction.vector, 2.0) as s:
+        with tiny.hooks(fwd_hooks=[("blocks.3.hook_mlp_out", lambda x, hook: seen.append(x.shape))]):
+            dec = FastDecoder(tiny, s, capacity=200)
+            tokens = torch.tensor([_prompts(tiny, 1)[0]])
+            dec.prefill(tokens, torch.ones_like(tokens))
+            for _ in range(5):
+                dec.step(torch.tensor([7]))
+    assert s.calls == 6 and len(seen) == 6 and seen[-1] == (1, 1, 64)
+
+
+def test_falls_back_when_an_unfired_hook_is_registered(tiny):
+    assert isinstance(make_decoder(tiny, None, 32), FastDecoder)
+    with tiny.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: x)]):
+        assert "hook_pattern" in unsupported_reason(tiny)
+        assert isinstance(make_decoder(tiny, None, 32), TLDecoder)
+
+
+def test_unsupported_architecture_is_named():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(d_model=16, d_head=4, n_heads=4, n_layers=1, n_ctx=32, d_vocab=50,
+                                  act_fn="gelu", normalization_type="LN")
+    assert unsupported_reason(HookedTransformer(cfg)) == "positional embeddings are not rotary"
+
+
+def test_capacity_is_enforced(tiny):
+    dec = FastDecoder(tiny, None, capacity=4)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    dec.prefill(tokens, torch.ones_like(tokens))
+    with pytest.raises(ValueError, match="capacity of 4"):
+        dec.step(torch.zeros(1, dtype=torch.long))
