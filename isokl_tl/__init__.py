@@ -1,25 +1,35 @@
 """isokl-tl: iso-KL calibrated activation steering on TransformerLens models.
 
-Everything a notebook needs is importable from here; see README.md and DESIGN.md for the science.
+Everything a notebook needs is importable from here (`from isokl_tl import steer, calibrate, ...`);
+submodules are imported on first use, so `import isokl_tl` stays cheap. See README.md.
 """
 
-from isokl_tl.calibrate import Calibration, CalibrationError, CalibrationSettings, calibrate
-from isokl_tl.chat import prompt_ids
-from isokl_tl.directions import Direction, compute_direction
-from isokl_tl.hooks import hook_name, resolve_hook, steer
-from isokl_tl.kl import teacher_forced_kl, token_kl
-from isokl_tl.models import EMBEDDED, TINY, load_model
-from isokl_tl.pipeline import Run, RunConfig
-from isokl_tl.pmass import Splice, answer_token_sets, fork_pmass, fork_schedule
-from isokl_tl.prompts import load_pairs, load_prompts, load_questions
-from isokl_tl.rollout import Rollouts, Sampling, rollout
-from isokl_tl.survival import DeathRule, SurvivalCurve, deaths, kaplan_meier, survival_table
+import importlib
 
-__all__ = [
-    "Calibration", "CalibrationError", "CalibrationSettings", "DeathRule", "Direction", "EMBEDDED",
-    "Rollouts", "Run", "RunConfig", "Sampling", "Splice", "SurvivalCurve", "TINY",
-    "answer_token_sets", "calibrate", "compute_direction", "deaths", "fork_pmass", "fork_schedule",
-    "hook_name", "kaplan_meier", "load_model", "load_pairs", "load_prompts", "load_questions",
-    "prompt_ids", "resolve_hook", "rollout", "steer", "survival_table", "teacher_forced_kl",
-    "token_kl",
-]
+_EXPORTS = {
+    "calibrate": ["Calibration", "CalibrationError", "CalibrationSettings", "calibrate"],
+    "chat": ["prompt_ids"],
+    "directions": ["Direction", "compute_direction"],
+    "hooks": ["hook_name", "resolve_hook", "steer"],
+    "kl": ["teacher_forced_kl", "token_kl"],
+    "models": ["EMBEDDED", "TINY", "load_model"],
+    "pipeline": ["Run", "RunConfig"],
+    "pmass": ["Splice", "answer_token_sets", "fork_pmass", "fork_schedule"],
+    "prompts": ["load_pairs", "load_prompts", "load_questions"],
+    "rollout": ["Rollouts", "Sampling", "rollout"],
+    "survival": ["DeathRule", "SurvivalCurve", "deaths", "kaplan_meier", "survival_table"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'isokl_tl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"isokl_tl.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -146,7 +146,12 @@ class FastDecoder:
 
 
 def make_decoder(model: HookedTransformer, steering: Steering | None, capacity: int):
-    """The fast decoder when it covers `model` exactly, else TransformerLens's own path."""
-    if unsupported_reason(model) is None:
-        return FastDecoder(model, steering, capacity)
-    return TLDecoder(model, steering, capacity)
+    """The fastest exact decoder for `model`: on CUDA the fixed-shape step replayed as a CUDA graph
+    (`isokl_tl.graph_decode`), on CPU the dynamic fast path, and TransformerLens's own path for
+    architectures or hooks the fast paths do not cover."""
+    if unsupported_reason(model) is not None:
+        return TLDecoder(model, steering, capacity)
+    if torch.device(model.cfg.device).type == "cuda":
+        from isokl_tl.graph_decode import StaticDecoder
+        return StaticDecoder(model, steering, capacity)
+    return FastDecoder(model, steering, capacity)

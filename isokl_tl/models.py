@@ -160,7 +160,10 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg_dict = convert_hf_model_config(str(path))
+    try:
+        cfg_dict = convert_hf_model_config(str(path))
+    except NotImplementedError as e:
+        raise ValueError(f"checkpoint {str(path)!r}: {e} (by TransformerLens 3.9's converter)") from None
     cfg_dict["dtype"] = dtype
     cfg_dict["default_prepend_bos"] = False
     cfg = HookedTransformerConfig(**cfg_dict)

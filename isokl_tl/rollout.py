@@ -196,6 +196,10 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
         dec = decoder(model, steering, width + window)
         logits = dec.prefill(torch.cat([tokens, tokens[paired.to(dev)]]),
                              torch.cat([mask, mask[paired.to(dev)]]))
+        if getattr(dec, "static", False):   # fixed-shape decoder: no compaction, few host syncs
+            res = _decode_fixed(dec, logits, paired, coeff, window=window, sampling=sampling,
+                                eos=eos, gen=gen, bar=bar)
+            return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), **res}
         active = torch.arange(b)            # chunk rows still decoding, in batch order
         for t in range(window):
             n = len(active)
@@ -228,6 +232,51 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
             logits = dec.step(torch.cat([nxt, nxt[has]]))
     return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), "tokens": out_tok, "kl": out_kl,
             "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done}
+
+
+def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window: int,
+                  sampling: Sampling, eos: Tensor, gen, bar, check_every: int = 16) -> dict[str, Tensor]:
+    """The decode loop for a fixed-batch decoder: every row stays in the batch (finished rows are
+    masked), results stay on the device, and EOS is checked every `check_every` steps only."""
+    dev = logits.device
+    b = len(paired)
+    has = paired.nonzero()[:, 0].to(dev)
+    out_tok = torch.full((b, window), -1, dtype=torch.long, device=dev)
+    out_kl = torch.full((b, window), float("nan"), device=dev)
+    out_lp = torch.full((b, window), float("nan"), device=dev)
+    out_agree = torch.zeros((b, window), dtype=torch.bool, device=dev)
+    gen_len = torch.zeros(b, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    nan = torch.tensor(float("nan"), device=dev)
+    all_paired = bool(paired.all())
+    for t in range(window):
+        if t % check_every == 0:
+            _check_finite(logits, t, torch.arange(b), coeff)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ls = logp[:b]
+        if all_paired:
+            lb = logp[b:]
+        else:
+            lb = ls.clone()
+            lb[has] = logp[b:]
+        nxt = _choose(ls, sampling, gen)
+        alive = ~done
+        out_tok[:, t] = torch.where(alive, nxt, -1)
+        out_kl[:, t] = torch.where(alive, kl_from_logprobs(ls, lb), nan)
+        out_lp[:, t] = torch.where(alive, ls.gather(-1, nxt[:, None])[:, 0], nan)
+        out_agree[:, t] = alive & (lb.argmax(-1) == nxt)
+        gen_len += alive.long()
+        done |= torch.isin(nxt, eos)
+        if bar is not None:
+            bar.update(1)
+        last = t == window - 1
+        if last or (t % check_every == check_every - 1 and bool(done.all())):
+            if bar is not None:
+                bar.update(window - 1 - t)
+            break
+        logits = dec.step(torch.cat([nxt, nxt[has]]))
+    return {"tokens": out_tok.cpu(), "kl": out_kl.cpu(), "logprob": out_lp.cpu(),
+            "base_agree": out_agree.cpu(), "gen_len": gen_len.cpu(), "eos": done.cpu()}
 
 
 def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,

@@ -76,3 +76,22 @@ def test_capacity_is_enforced(tiny):
     dec.prefill(tokens, torch.ones_like(tokens))
     with pytest.raises(ValueError, match="capacity of 4"):
         dec.step(torch.zeros(1, dtype=torch.long))
+
+
+def test_static_decoder_matches_on_cpu(tiny, tiny_direction):
+    """The fixed-shape step (the one CUDA graphs capture) run eagerly on CPU, against TL's path."""
+    from isokl_tl.graph_decode import StaticDecoder
+
+    prompts = _prompts(tiny, 3)
+    coeffs = torch.tensor([0.0, 6.0, 12.0])
+    kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=18)
+    static = rollout(tiny, prompts, coeffs, decoder=StaticDecoder, **kw)
+    ref = rollout(tiny, prompts, coeffs, decoder=TLDecoder, **kw)
+    assert torch.equal(static.tokens, ref.tokens) and torch.equal(static.gen_len, ref.gen_len)
+    torch.testing.assert_close(static.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
+    # EOS inside the loop: rows stop, later positions are padding
+    stop = int(ref.tokens[1, 4])
+    s2 = rollout(tiny, prompts, coeffs, decoder=StaticDecoder, eos=[stop], **kw)
+    r2 = rollout(tiny, prompts, coeffs, decoder=TLDecoder, eos=[stop], **kw)
+    assert torch.equal(s2.tokens, r2.tokens) and torch.equal(s2.eos, r2.eos)
+    torch.testing.assert_close(s2.kl, r2.kl, atol=1e-4, rtol=0, equal_nan=True)

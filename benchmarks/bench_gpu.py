@@ -1,0 +1,207 @@
+"""GPU benchmark: decode speed of the rollout engine against TransformerLens and Hugging Face
+`generate`, the weight-streaming floor, bf16 parity, and the wall time of a full `run` cell.
+
+    python benchmarks/bench_gpu.py --shape qwen2.5-0.5b --out /tmp/bench
+
+The model is random-init (no hub here) with the named shape, built as a Hugging Face model, saved to
+a local checkpoint directory and loaded through `isokl_tl.models.load_model` (so the HF baseline and
+the HookedTransformer share the weights). Its tokenizer is the tiny BPE one (ids fit any vocab).
+Prints one line per measurement and writes them as JSON to OUT/bench.json.
+"""
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "qwen2.5-0.5b": dict(arch="Qwen2ForCausalLM", hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         vocab_size=151936, rope_theta=1e6, tie_word_embeddings=True),
+    "smollm2-135m": dict(arch="LlamaForCausalLM", hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True),
+    "olmo2-1b": dict(arch="Olmo2ForCausalLM", hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                     vocab_size=100352, rope_theta=5e5, tie_word_embeddings=False),
+}
+
+
+def build_checkpoint(shape: str, where: Path, seed: int = 0) -> Path:
+    import transformers
+    from isokl_tl.tiny import tiny_tokenizer
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    cfg = cfg_cls(max_position_embeddings=4096, initializer_range=0.05, **spec)
+    cfg.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).to(torch.bfloat16)
+    where.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(where)
+    tiny_tokenizer().save_pretrained(where)
+    return where
+
+
+def sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--baseline-new", type=int, default=128, help="tokens for the TL/HF baselines")
+    ap.add_argument("--layer", type=int, default=14)
+    ap.add_argument("--cell", action="store_true", help="also time a full run cell")
+    ap.add_argument("--out", default="/tmp/bench", help="where bench.json (and the cell summary) go")
+    ap.add_argument("--work", default="/tmp/isokl_bench", help="scratch: checkpoint and cell run dir")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"shape": a.shape, "batch": a.batch, "device": torch.cuda.get_device_name()}
+
+    def report(key, value, unit=""):
+        results[key] = value
+        print(f"{key}: {value:.4g} {unit}" if isinstance(value, float) else f"{key}: {value} {unit}", flush=True)
+
+    from transformers import AutoModelForCausalLM
+
+    from isokl_tl.decode import TLDecoder
+    from isokl_tl.fast_decode import FastDecoder, unsupported_reason
+    from isokl_tl.graph_decode import StaticDecoder
+    from isokl_tl.hooks import hook_name, steer
+    from isokl_tl.models import load_model
+    from isokl_tl.rollout import rollout
+
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    ckpt = build_checkpoint(a.shape, work / "ckpt")
+    model = load_model(str(ckpt), device="cuda", dtype="bfloat16")
+    why = unsupported_reason(model)
+    report("fast_path", why or "supported")
+    engines = [("graph", StaticDecoder), ("fast", FastDecoder)] if why is None else [("tl", TLDecoder)]
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    hook = hook_name(a.layer)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(model.cfg.d_model, generator=g)
+    v = v / v.norm()
+    prompts_t = torch.randint(5, 600, (a.batch, a.prompt_len), generator=g)
+    prompts = prompts_t.tolist()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(prompts_t[:8].cuda(), names_filter=hook)
+    coeff = 0.5 * float(cache[hook].float().norm(dim=-1).median())
+    report("coeff", coeff)
+
+    # (d) floor: the bytes of every weight over the measured device bandwidth
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buf = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    dst.copy_(buf)
+    bw = 2 * buf.numel() / min(sync_time(lambda: dst.copy_(buf)) for _ in range(5))  # read + write
+    del buf, dst
+    report("weights_MB", nbytes / 2**20)
+    report("bandwidth_TB_per_s", bw / 1e12)
+    report("floor_ms_per_step", 1000 * nbytes / bw, "ms (weights read once at that bandwidth)")
+
+    # parity in bf16: fast paths against TransformerLens's own forward
+    c8 = torch.full((8,), coeff)
+    kw = dict(direction=v, hook=hook, window=64, eos=[])
+    ref = rollout(model, prompts[:8], c8, decoder=TLDecoder, **kw)
+    for name, dec in [e for e in engines if e[0] != "tl"]:
+        r = rollout(model, prompts[:8], c8, decoder=dec, **kw)
+        same = (r.tokens == ref.tokens).long().cumprod(1).bool()   # still on the same prefix
+        diff = (r.kl - ref.kl).abs()[same]
+        report(f"parity_{name}_token_agreement", float((r.tokens == ref.tokens).float().mean()))
+        report(f"parity_{name}_same_prefix_fraction", float(same.float().mean()))
+        report(f"parity_{name}_max_kl_diff_on_same_prefix", float(diff.max()) if diff.numel() else float("nan"))
+        report(f"parity_{name}_mean_kl_diff_on_same_prefix", float(diff.mean()) if diff.numel() else float("nan"))
+
+    # parity in float32 on the GPU: the same comparison without bf16 rounding
+    if why is None:
+        m32 = load_model(str(ckpt), device="cuda", dtype="float32")
+        ref = rollout(m32, prompts[:8], c8, decoder=TLDecoder, **kw)
+        r = rollout(m32, prompts[:8], c8, decoder=StaticDecoder, **kw)
+        same = (r.tokens == ref.tokens).long().cumprod(1).bool()
+        report("parity_graph_fp32_token_agreement", float((r.tokens == ref.tokens).float().mean()))
+        report("parity_graph_fp32_max_kl_diff_on_same_prefix", float((r.kl - ref.kl).abs()[same].max()))
+        del m32
+
+    # (a) the engine, batch x new tokens, steered, with per-token KL against base partners
+    c = torch.full((a.batch,), coeff)
+    for name, dec in engines:
+        rollout(model, prompts, c, decoder=dec, direction=v, hook=hook, window=16, eos=[],
+                rows_per_batch=a.batch)   # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        secs = sync_time(lambda: rollout(model, prompts, c, decoder=dec, direction=v, hook=hook,
+                                         window=a.new, eos=[], rows_per_batch=a.batch))
+        report(f"engine_{name}_ms_per_step", 1000 * secs / a.new, f"ms ({a.batch} steered rows + partners)")
+        report(f"engine_{name}_tok_per_s", a.batch * a.new / secs)
+        report(f"engine_{name}_peak_GB", torch.cuda.max_memory_allocated() / 2**30)
+
+    # (b) TransformerLens generate with the same hook
+    tokens = prompts_t.cuda()
+
+    def tl_gen(n):
+        with torch.no_grad(), steer(model, hook, v, coeff):
+            model.generate(tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False,
+                           use_past_kv_cache=True, verbose=False)
+    tl_gen(4)
+    secs = sync_time(lambda: tl_gen(a.baseline_new))
+    report("tl_generate_ms_per_step", 1000 * secs / a.baseline_new, f"ms (over {a.baseline_new} tokens)")
+
+    # (c) Hugging Face generate with a forward hook on the same block
+    vv = v.to(torch.bfloat16).cuda()
+
+    def hf_hook(module, inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + coeff * vv, *output[1:])
+        return output + coeff * vv
+
+    def hf_gen(n):
+        h = hf.model.layers[a.layer].register_forward_hook(hf_hook)
+        try:
+            with torch.no_grad():
+                hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, pad_token_id=0)
+        finally:
+            h.remove()
+    hf_gen(4)
+    secs = sync_time(lambda: hf_gen(a.baseline_new))
+    report("hf_generate_ms_per_step", 1000 * secs / a.baseline_new, f"ms (over {a.baseline_new} tokens)")
+
+    if a.cell:
+        from isokl_tl.pipeline import Run, RunConfig
+
+        cfg = RunConfig(model="tiny-random", device="cuda", dtype="bfloat16", layer=a.layer,
+                        n_calib=8, calib_window=64, n_prompts=8, window=512,
+                        alphas=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0), fork_every=8,
+                        min_base_pmass=1e-6, bootstrap=100, rows_per_batch=64)
+        run = Run(work / "cell", cfg, model=model, progress=False, log=lambda m: print(m, flush=True))
+        start = time.perf_counter()
+        try:
+            run.run_all()
+            report("cell_seconds", time.perf_counter() - start)
+        except Exception as e:  # report what finished; the stage timings below still print
+            report("cell_error", f"{type(e).__name__}: {str(e)[:300]}")
+        if (work / "cell" / "summary.md").exists():
+            (out / "cell_summary.md").write_text((work / "cell" / "summary.md").read_text())
+        if (work / "cell" / "manifest.json").exists():
+            man = json.loads((work / "cell" / "manifest.json").read_text())
+            for stage, rec in man["stages"].items():
+                report(f"cell_{stage}_seconds_recorded", rec["seconds"])
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
