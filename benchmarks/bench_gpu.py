@@ -181,7 +181,8 @@ def main() -> None:
     report("hf_generate_ms_per_step", 1000 * secs / a.baseline_new, f"ms (over {a.baseline_new} tokens)")
 
     if a.cell:
-        from isokl_tl.pipeline import Run, RunConfig
+        from isokl_tl.config import RunConfig
+        from isokl_tl.pipeline import Run
 
         cfg = RunConfig(model="tiny-random", device="cuda", dtype="bfloat16", layer=a.layer,
                         n_calib=8, calib_window=64, n_prompts=8, window=512,

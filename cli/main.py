@@ -28,7 +28,8 @@ from isokl_tl.cli.options import (calibration_options, direction_options, overri
 
 def _fresh_or_existing(out: str, given: dict, config: str | None = None, force: bool = False):
     """A Run at `out`: its saved config (if any), then --config, then the options given."""
-    from isokl_tl.pipeline import Run, RunConfig
+    from isokl_tl.config import RunConfig
+    from isokl_tl.pipeline import Run
     from isokl_tl.runs import Manifest
 
     saved = Manifest(out).data.get("config", {})

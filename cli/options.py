@@ -2,7 +2,7 @@
 
 import click
 
-from isokl_tl.pipeline import RunConfig
+from isokl_tl.config import RunConfig
 
 D = RunConfig()
 

@@ -13,10 +13,12 @@ _EXPORTS = {
     "hooks": ["hook_name", "resolve_hook", "steer"],
     "kl": ["teacher_forced_kl", "token_kl"],
     "models": ["EMBEDDED", "TINY", "load_model"],
-    "pipeline": ["Run", "RunConfig"],
+    "config": ["RunConfig"],
+    "pipeline": ["Run"],
     "pmass": ["Splice", "answer_token_sets", "fork_pmass", "fork_schedule"],
     "prompts": ["load_pairs", "load_prompts", "load_questions"],
-    "rollout": ["Rollouts", "Sampling", "rollout"],
+    "rollout": ["Sampling", "rollout"],
+    "rollouts": ["Rollouts"],
     "survival": ["DeathRule", "SurvivalCurve", "deaths", "kaplan_meier", "survival_table"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

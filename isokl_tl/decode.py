@@ -62,5 +62,10 @@ class TLDecoder:
             entry.past_keys = entry.past_keys[rows]
             entry.past_values = entry.past_values[rows]
         self.cache.previous_attention_mask = self.cache.previous_attention_mask[rows]
-        if self.steering is not None and torch.is_tensor(self.steering.coeff):
-            self.steering.coeff = self.steering.coeff[rows]
+        select_coeff(self.steering, rows)
+
+
+def select_coeff(steering: Steering | None, rows: Tensor) -> None:
+    """Keep the per-row coefficients of the rows that stay in the batch."""
+    if steering is not None and torch.is_tensor(steering.coeff):
+        steering.coeff = steering.coeff[rows]

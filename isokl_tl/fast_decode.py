@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl.decode import TLDecoder
+from isokl_tl.decode import TLDecoder, select_coeff
 from isokl_tl.hooks import Steering
 
 UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
@@ -141,8 +141,7 @@ class FastDecoder:
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
         self.key_mask = self.key_mask[rows]
-        if self.steering is not None and torch.is_tensor(self.steering.coeff):
-            self.steering.coeff = self.steering.coeff[rows]
+        select_coeff(self.steering, rows)
 
 
 def make_decoder(model: HookedTransformer, steering: Steering | None, capacity: int):

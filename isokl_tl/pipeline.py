@@ -7,8 +7,6 @@ import os
 import shutil
 import signal
 import time
-import tomllib
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -16,151 +14,19 @@ import torch
 from transformer_lens import HookedTransformer
 
 from isokl_tl import files
-from isokl_tl.calibrate import Calibration, CalibrationSettings, calibrate
+from isokl_tl.calibrate import Calibration, calibrate
 from isokl_tl.chat import prompt_ids
-from isokl_tl.directions import Direction, check_method, compute_direction
+from isokl_tl.config import RunConfig
+from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.batching import chunks
 from isokl_tl.hooks import check_direction, resolve_hook
-from isokl_tl.models import EMBEDDED, load_model
-from isokl_tl.pmass import FALSE_WORDS, TRUE_WORDS, Splice, fork_pmass, fork_schedule
+from isokl_tl.models import load_model
+from isokl_tl.pmass import fork_pmass
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, Sampling, rollout
 from isokl_tl.runs import Manifest, model_identity, settings_hash, versions, write_csv, write_json
-from isokl_tl.survival import DeathRule, curves_frame, deaths, survival_table
+from isokl_tl.survival import curves_frame, deaths, survival_table
 
-STAGES = ("direction", "calibrate", "rollout", "pmass", "survival", "plot")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Every setting of a run. Defaults are the embedded model's CPU run (< 10 min on 2 cores)."""
-
-    model: str = EMBEDDED
-    device: str = "cpu"
-    dtype: str = "float32"
-    method: str = "mean_diff"
-    hook: str | None = None
-    layer: int | None = None
-    pairs: str = "pairs"
-    seed: int = 0
-    calib_prompts: str = "calibration"
-    n_calib: int = 8
-    calib_window: int = 32
-    target: float = 1.0
-    quantile: float = 0.95
-    statistic: str = "quantile"
-    tol: float = 0.02
-    bootstrap: int = 200
-    prompts: str = "eval"
-    n_prompts: int = 12
-    window: int = 96
-    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
-    generated_only: bool = False
-    temperature: float = 0.0
-    top_p: float = 1.0
-    fork_every: int | None = 16
-    fork_log: int | None = None
-    splice: str = "interrupt"
-    splice_question: str | None = None
-    splice_close: str = ""
-    splice_prefill: str | None = None
-    answer_true: tuple[str, ...] = TRUE_WORDS
-    answer_false: tuple[str, ...] = FALSE_WORDS
-    threshold: float | None = None
-    relative_threshold: float | None = 0.5
-    death_run: int = 1
-    min_base_pmass: float = 0.3
-    keep_weak: bool = False
-    rows_per_batch: int = 64
-
-    def __post_init__(self):
-        check_method(self.method)
-        for name in ("window", "calib_window", "n_prompts", "n_calib", "rows_per_batch"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not self.alphas:
-            raise ValueError("give at least one alpha")
-        if self.method == "directional_ablation" and min(self.alphas) < 0:
-            raise ValueError(f"directional ablation needs alphas >= 0, got {min(self.alphas)} "
-                             "(negative alphas only make sense for additive methods)")
-        if self.fork_every is not None and self.fork_log is not None:
-            object.__setattr__(self, "fork_every", None)
-        self.death_rule()
-        self.splice_spec()
-        self.calibration_settings()
-        Sampling(self.temperature, self.top_p, self.seed)
-
-    # --- derived settings -----------------------------------------------------------------
-    def death_rule(self) -> DeathRule:
-        rel = None if self.threshold is not None else self.relative_threshold
-        return DeathRule(threshold=self.threshold, relative_threshold=rel, death_run=self.death_run,
-                         min_base_pmass=self.min_base_pmass, keep_weak=self.keep_weak)
-
-    def splice_spec(self) -> Splice:
-        kw = {"question": self.splice_question} if self.splice_question else {}
-        return Splice(mode=self.splice, close=self.splice_close, prefill=self.splice_prefill,
-                      true_words=tuple(self.answer_true), false_words=tuple(self.answer_false), **kw)
-
-    def calibration_settings(self) -> CalibrationSettings:
-        return CalibrationSettings(target=self.target, quantile=self.quantile, statistic=self.statistic,
-                                   window=self.calib_window, tol=self.tol, bootstrap=self.bootstrap,
-                                   generated_only=self.generated_only, seed=self.seed)
-
-    def sweep_alphas(self) -> list[float]:
-        """The alphas to roll out: alpha 0 is always included (the baseline check needs it)."""
-        return sorted(set(self.alphas) | {0.0})
-
-    def forks(self) -> list[int]:
-        return fork_schedule(self.window, every=self.fork_every, n_log=self.fork_log)
-
-    _STAGE_KEYS = {
-        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed"),
-        "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
-                      "tol", "bootstrap", "generated_only"),
-        "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p"),
-        "pmass": ("fork_every", "fork_log", "splice", "splice_question", "splice_close",
-                  "splice_prefill", "answer_true", "answer_false"),
-        "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),
-        "plot": (),
-    }
-
-    def stage_settings(self, stage: str) -> dict:
-        """This stage's settings plus every upstream stage's (so a change invalidates downstream)."""
-        out = {}
-        for s in STAGES[: STAGES.index(stage) + 1]:
-            out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]})
-        return out
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        for k in _TUPLES:
-            d[k] = list(getattr(self, k))
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; allowed: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "alphas" in d:
-            d["alphas"] = tuple(float(a) for a in d["alphas"])
-        for k in ("answer_true", "answer_false"):
-            if k in d:
-                d[k] = tuple(str(w) for w in d[k])
-        return cls(**d)
-
-    @classmethod
-    def from_toml(cls, path: str | Path, **overrides) -> "RunConfig":
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read config {str(path)!r}: {e}") from None
-        return cls.from_dict({**{k.replace("-", "_"): v for k, v in data.items()}, **overrides})
-
-
-_TUPLES = ("alphas", "answer_true", "answer_false")
 KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
 PMASS_ROWS_PER_PART = 16
 

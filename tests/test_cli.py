@@ -93,7 +93,7 @@ def test_library_never_imports_click_and_exports_the_api():
 
 
 def test_toml_config(tmp_path):
-    from isokl_tl.pipeline import RunConfig
+    from isokl_tl.config import RunConfig
 
     path = tmp_path / "cell.toml"
     path.write_text('model = "tiny-random"\nwindow = 20\nalphas = [0, 1, 3]\nfork-every = 5\n')
