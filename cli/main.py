@@ -150,5 +150,48 @@ def run_cmd(out, config, force, **kw) -> None:
     click.echo((run.dir / "summary.md").read_text())
 
 
+@main.command("layers")
+@model_options
+@click.option("--layers", "layer_spec", default=None,
+              help="start:stop:step (stop exclusive) or a comma list [default: 6 layers evenly spread].")
+@click.option("--method", default="mean_diff", show_default=True,
+              type=click.Choice(["mean_diff", "pca", "directional_ablation", "random"]),
+              help="Direction method calibrated at each layer.")
+@click.option("--pairs", default="pairs", show_default=True, help="Contrastive pairs: set name or JSONL file.")
+@click.option("--calib-prompts", default="calibration", show_default=True, help="Calibration prompts.")
+@click.option("--n-calib", default=8, show_default=True, help="Calibration prompts used.")
+@click.option("--calib-window", default=32, show_default=True, help="Calibration window in tokens.")
+@click.option("--target-kl", default=1.0, show_default=True, help="Target KL statistic, nats.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the table and figure.")
+@user_errors
+def layers_cmd(model_spec, device, dtype, layer_spec, method, pairs, calib_prompts, n_calib,
+               calib_window, target_kl, out) -> None:
+    """Per-layer diagnostics: c* (absolute and relative to the residual norm), KL curvature, and
+    direction quality, as layers.csv, layers.md and layers.png."""
+    from pathlib import Path
+
+    from isokl_tl.calibrate import CalibrationSettings
+    from isokl_tl.chat import prompt_ids
+    from isokl_tl.diagnostics import layer_table, parse_layers, plot_layers, table_markdown
+    from isokl_tl.models import load_model
+    from isokl_tl.plots import save_figure
+    from isokl_tl.prompts import load_pairs, load_prompts
+    from isokl_tl.runs import write_atomic, write_csv
+
+    model = load_model(model_spec, device=device, dtype=dtype)
+    n = model.cfg.n_layers
+    chosen = parse_layers(layer_spec, n) if layer_spec else sorted({round(i * (n - 1) / 5) for i in range(6)})
+    settings = CalibrationSettings(window=calib_window, target=target_kl, bootstrap=0)
+    prompts = [prompt_ids(model.tokenizer, p) for p in load_prompts(calib_prompts)[:n_calib]]
+    table = layer_table(model, load_pairs(pairs), prompts, chosen, method=method, settings=settings,
+                        progress=True)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "layers.csv", table)
+    write_atomic(out_dir / "layers.md", lambda p: p.write_text(table_markdown(table)))
+    save_figure(plot_layers(table), out_dir / "layers.png")
+    click.echo(table_markdown(table))
+
+
 if __name__ == "__main__":
     main()

@@ -103,3 +103,43 @@ def test_toml_config(tmp_path):
     import pytest as _pytest
     with _pytest.raises(ValueError, match="unknown config keys \\['windw'\\]"):
         RunConfig.from_toml(path)
+
+
+def test_layers_command_on_tiny(tmp_path):
+    out = tmp_path / "layers"
+    res = _invoke(["layers", "--model", "tiny-random", "--layers", "0:4", "--calib-window", "12",
+                   "--n-calib", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "layers.csv")
+    from isokl_tl.diagnostics import COLUMNS
+    assert list(table.columns) == COLUMNS and list(table.layer) == [0, 1, 2, 3]
+    ok = table[table.error.isna()]
+    assert len(ok) >= 3
+    assert (ok.c_star > 0).all() and np.allclose(ok.c_star_rel, ok.c_star / ok.resid_norm)
+    assert ((ok.cos_mean_diff_pca > 0) & (ok.cos_mean_diff_pca <= 1 + 1e-6)).all()
+    assert ok.projection_gap.notna().all() and (out / "layers.png").exists() and (out / "layers.md").exists()
+    fitted = ok[ok.curvature_a.notna()]
+    assert len(fitted) and (fitted.curvature_a > 0).all()
+
+
+def test_curvature_fit_recovers_a_known_law():
+    from isokl_tl.calibrate import Calibration
+    from isokl_tl.diagnostics import fit_curvature
+
+    hist = [{"coeff": c, "value": 0.01 * c ** 2, "n_tokens": 1, "seconds": 0} for c in (0.5, 1, 2, 3)]
+    hist.append({"coeff": 30.0, "value": 1.0, "n_tokens": 1, "seconds": 0})   # saturated: law broken
+    cal = Calibration(c_star=30.0, converged=True, statistic="quantile", quantile=0.95, target=1.0,
+                      window=8, n_tokens=1, rounds=2, history=hist)
+    fit = fit_curvature(cal)
+    assert abs(fit.a - 0.01) < 1e-9 and abs(fit.slope - 2) < 1e-9 and fit.holds_to == 3
+
+
+def test_parse_layers():
+    from isokl_tl.diagnostics import parse_layers
+
+    assert parse_layers("0:30:3", 30) == list(range(0, 30, 3))
+    assert parse_layers("6,12,18", 30) == [6, 12, 18]
+    with pytest.raises(ValueError, match="this model has layers 0..29"):
+        parse_layers("6,40", 30)
+    with pytest.raises(ValueError, match="start:stop:step or a comma list"):
+        parse_layers("six", 30)
