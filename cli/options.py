@@ -57,6 +57,10 @@ def sweep_options(f):
         click.option("--window", type=int, default=None, help=f"Tokens per rollout [default: {D.window}]."),
         click.option("--temperature", type=float, default=None, help="Sampling temperature (0: greedy)."),
         click.option("--top-p", type=float, default=None, help="Nucleus sampling mass."),
+        click.option("--record-acts/--no-record-acts", default=None,
+                     help="Also record, per generated token, every layer's residual projected on the "
+                          "direction, its norm and ||steered - base||, and the steered hook's residual "
+                          "(float16) -> activations.safetensors."),
     ]):
         f = opt(f)
     return f

@@ -42,6 +42,7 @@ class RunConfig:
     generated_only: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
+    record_acts: bool = False
     fork_every: int | None = 16
     fork_log: int | None = None
     splice: str = "interrupt"
@@ -101,7 +102,7 @@ class RunConfig:
         "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed"),
         "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
                       "tol", "bootstrap", "generated_only"),
-        "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p"),
+        "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p", "record_acts"),
         "pmass": ("fork_every", "fork_log", "splice", "splice_question", "splice_close",
                   "splice_prefill", "answer_true", "answer_false"),
         "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),

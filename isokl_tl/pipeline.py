@@ -14,6 +14,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from isokl_tl import files
+from isokl_tl.activations import Record
 from isokl_tl.calibrate import Calibration, calibrate
 from isokl_tl.chat import prompt_ids
 from isokl_tl.config import RunConfig
@@ -150,7 +151,8 @@ class Run:
                             generated_only=self.cfg.generated_only,
                             sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),
                             rows_per_batch=self.cfg.rows_per_batch, prompt_index=index[sl],
-                            alpha=alpha[sl], progress=self.progress).save(part)
+                            alpha=alpha[sl], record=Record() if self.cfg.record_acts else None,
+                            progress=self.progress).save(part)
                     _fault_point("rollout", i)
                 parts.append(Rollouts.load(part))
             whole = Rollouts.concat(parts) if len(parts) > 1 else parts[0]

@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from isokl_tl.activations import Record, Recorder
 from isokl_tl.batching import chunks, left_pad, pad_id
 from isokl_tl.chat import eos_ids
 from isokl_tl.decode import Decoder
@@ -73,7 +74,7 @@ DecoderFactory = Callable[[HookedTransformer, Steering, int], Decoder]   # (mode
 def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Tensor, *,
                    direction: Tensor, hook: str, method: str, window: int, generated_only: bool,
                    sampling: Sampling, eos: Tensor, gen: torch.Generator | None,
-                   decoder: DecoderFactory, bar) -> dict[str, Tensor]:
+                   decoder: DecoderFactory, bar, record: Record | None) -> dict:
     dev = model.cfg.device
     b = len(prompts)
     tokens, mask = left_pad(prompts, pad_id(model.tokenizer), dev)
@@ -88,15 +89,21 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     out_agree = torch.zeros((b, window), dtype=torch.bool)
     gen_len = torch.zeros(b, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool)
+    rec = None if record is None else Recorder(model, record, hook, direction, b, window)
     with steer(model, hook, direction, both, method=method,
-               start=width if generated_only else 0) as steering:
+               start=width if generated_only else 0) as steering, \
+            model.hooks(fwd_hooks=[] if rec is None else rec.fwd_hooks()):
         dec = decoder(model, steering, width + window)
+        if rec is not None:
+            dec.use_graph = False           # recording hooks have Python side effects every step
+            rec.at(0, torch.arange(b), paired.nonzero()[:, 0].to(dev))
         logits = dec.prefill(torch.cat([tokens, tokens[paired.to(dev)]]),
                              torch.cat([mask, mask[paired.to(dev)]]))
         if getattr(dec, "static", False):   # fixed-shape decoder: no compaction, few host syncs
             res = _decode_fixed(dec, logits, paired, coeff, window=window, sampling=sampling,
-                                eos=eos, gen=gen, bar=bar)
-            return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), **res}
+                                eos=eos, gen=gen, bar=bar, rec=rec)
+            return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), **res,
+                    "acts": None if rec is None else rec.result(res["gen_len"])}
         active = torch.arange(b)            # chunk rows still decoding, in batch order
         for t in range(window):
             n = len(active)
@@ -126,13 +133,17 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
                 dec.select(torch.cat([keep, n + partner_kept]))
                 active, nxt = active[~finished], nxt[keep]
                 has = paired[active].nonzero()[:, 0].to(dev)
+            if rec is not None:
+                rec.at(t + 1, active, has)
             logits = dec.step(torch.cat([nxt, nxt[has]]))
     return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), "tokens": out_tok, "kl": out_kl,
-            "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done}
+            "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done,
+            "acts": None if rec is None else rec.result(gen_len)}
 
 
 def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window: int,
-                  sampling: Sampling, eos: Tensor, gen, bar, check_every: int = 16) -> dict[str, Tensor]:
+                  sampling: Sampling, eos: Tensor, gen, bar, rec: Recorder | None = None,
+                  check_every: int = 16) -> dict[str, Tensor]:
     """The decode loop for a fixed-batch decoder: every row stays in the batch (finished rows are
     masked), results stay on the device, and EOS is checked every `check_every` steps only."""
     dev = logits.device
@@ -171,6 +182,8 @@ def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window:
             if bar is not None:
                 bar.update(window - 1 - t)
             break
+        if rec is not None:
+            rec.at(t + 1, torch.arange(b), has)
         logits = dec.step(torch.cat([nxt, nxt[has]]))
     return {"tokens": out_tok.cpu(), "kl": out_kl.cpu(), "logprob": out_lp.cpu(),
             "base_agree": out_agree.cpu(), "gen_len": gen_len.cpu(), "eos": done.cpu()}
@@ -181,7 +194,8 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
             generated_only: bool = False, sampling: Sampling = GREEDY,
             eos: list[int] | None = None, rows_per_batch: int = 64,
             decoder: DecoderFactory = make_decoder, prompt_index: Int[Tensor, " row"] | None = None,
-            alpha: Float[Tensor, " row"] | None = None, progress: bool = False) -> Rollouts:
+            alpha: Float[Tensor, " row"] | None = None, record: Record | None = None,
+            progress: bool = False) -> Rollouts:
     """Decode `window` tokens for every row (prompt ids, coefficient) and score them as it goes.
 
     Rows are processed `rows_per_batch` at a time (each with its base partner, so the forward
@@ -216,7 +230,8 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
         for sl in chunks(len(prompts), rows_per_batch):
             res = _rollout_chunk(model, prompts[sl], coeffs[sl], direction=direction, hook=hook,
                                  method=method, window=window, generated_only=generated_only,
-                                 sampling=sampling, eos=eos_t, gen=gen, decoder=decoder, bar=bar)
+                                 sampling=sampling, eos=eos_t, gen=gen, decoder=decoder, bar=bar,
+                                 record=record)
             parts.append(Rollouts(**res, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
                                   hook=hook, method=method, start=start))
     finally:

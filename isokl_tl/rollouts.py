@@ -11,7 +11,8 @@ from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from isokl_tl.files import ROLLOUTS, ROLLOUTS_CSV, ROLLOUTS_META, TEXTS
+from isokl_tl.activations import Activations
+from isokl_tl.files import ACTIVATIONS, ROLLOUTS, ROLLOUTS_CSV, ROLLOUTS_META, TEXTS
 from isokl_tl.runs import write_atomic, write_csv, write_json
 
 
@@ -34,6 +35,7 @@ class Rollouts:
     hook: str = ""
     method: str = "add"
     start: str = "all"
+    acts: Activations | None = None            # recorded activations (rollout(record=...))
 
     @property
     def window(self) -> int:
@@ -64,7 +66,9 @@ class Rollouts:
                if torch.is_tensor(v) and k not in ("prompt", "prompt_mask")}
         out["prompt"] = torch.cat([widen(p.prompt, 0) for p in parts])
         out["prompt_mask"] = torch.cat([widen(p.prompt_mask, 0) for p in parts])
-        return Rollouts(**out, hook=parts[0].hook, method=parts[0].method, start=parts[0].start)
+        acts = Activations.concat([p.acts for p in parts]) if parts[0].acts is not None else None
+        return Rollouts(**out, hook=parts[0].hook, method=parts[0].method, start=parts[0].start,
+                        acts=acts)
 
     # --- persistence -------------------------------------------------------------------------
     def save(self, run_dir: str | Path, tokenizer=None) -> None:
@@ -77,6 +81,10 @@ class Rollouts:
         meta = {"hook": self.hook, "method": self.method, "start": self.start}
         write_json(run_dir / ROLLOUTS_META, meta)
         write_csv(run_dir / ROLLOUTS_CSV, self.to_frame())
+        if self.acts is not None:
+            self.acts.save(run_dir)
+        else:                                    # no stale recording from an earlier run
+            (run_dir / ACTIVATIONS).unlink(missing_ok=True)
         if tokenizer is not None:
             lines = [json.dumps(r) for r in self.texts(tokenizer)]
             write_atomic(run_dir / TEXTS, lambda p: p.write_text("\n".join(lines) + "\n"))
@@ -89,7 +97,8 @@ class Rollouts:
         t = load_file(str(run_dir / ROLLOUTS))
         t["base_agree"], t["eos"] = t["base_agree"].bool(), t["eos"].bool()
         meta = json.loads((run_dir / ROLLOUTS_META).read_text())
-        return cls(**t, **meta)
+        acts = Activations.load(run_dir) if (run_dir / ACTIVATIONS).exists() else None
+        return cls(**t, **meta, acts=acts)
 
     def to_frame(self) -> pd.DataFrame:
         """Long format: one row per generated token."""

@@ -74,6 +74,13 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
     assert [line for line in res.output.splitlines() if "running" in line] == ["[plot] running ..."]
     res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--out", str(out)])
     assert "running" not in res.output
+    # --record-acts reruns the sweep only, and the activations load with the rollouts
+    res = _invoke(["rollout", "--run", str(out), "--record-acts"])
+    assert res.exit_code == 0, res.output
+    from isokl_tl.rollouts import Rollouts
+    r = Rollouts.load(out)
+    assert r.acts is not None and len(r.acts.hooks) == 4 and r.acts.proj.shape[0] == r.n_rows
+    assert r.acts.full["blocks.2.hook_resid_post"].dtype.itemsize == 2
 
 
 def test_models_lists_specs():
