@@ -1,9 +1,10 @@
-"""Question: how do the iso-KL dose, the KL curvature and the direction's quality vary with depth
-in the embedded SmolLM2-135M-Instruct (mean_diff, casual-vs-formal pairs)?
+"""Question: how do the iso-KL dose, the KL curvature, the direction's quality, the propagation of
+the perturbation through later layers, and directional ablation at the same KL budget vary with
+depth in the embedded SmolLM2-135M-Instruct (mean_diff, casual-vs-formal pairs)?
 
 Regenerates figures/layers.png and figures/layers.md:
 
-    python analyses/layer_sweep.py            # about 3 minutes on 2 CPU cores
+    python analyses/layer_sweep.py            # about 7 minutes on 2 CPU cores
 """
 
 from pathlib import Path
@@ -16,4 +17,5 @@ if __name__ == "__main__":
     out = Path(__file__).resolve().parent.parent / "figures"
     res = CliRunner().invoke(main, ["layers", "--layers", "0:30:5", "--out", str(out)])
     print(res.output)
-    (out / "layers.csv").unlink(missing_ok=True)   # the figure and the Markdown table are what the README shows
+    for name in ("layers.csv", "layers_propagation.csv"):   # the README shows the figure and table
+        (out / name).unlink(missing_ok=True)

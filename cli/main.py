@@ -162,19 +162,25 @@ def run_cmd(out, config, force, **kw) -> None:
 @click.option("--n-calib", default=8, show_default=True, help="Calibration prompts used.")
 @click.option("--calib-window", default=32, show_default=True, help="Calibration window in tokens.")
 @click.option("--target-kl", default=1.0, show_default=True, help="Target KL statistic, nats.")
+@click.option("--heldout-prompts", default="eval", show_default=True,
+              help="Held-out prompts for the ablation study's pmass.")
+@click.option("--n-heldout", default=8, show_default=True,
+              help="Held-out prompts used; 0 skips the ablation study.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the table and figure.")
 @user_errors
 def layers_cmd(model_spec, device, dtype, layer_spec, method, pairs, calib_prompts, n_calib,
-               calib_window, target_kl, out) -> None:
-    """Per-layer diagnostics: c* (absolute and relative to the residual norm), KL curvature, and
-    direction quality, as layers.csv, layers.md and layers.png."""
+               calib_window, target_kl, heldout_prompts, n_heldout, out) -> None:
+    """Per-layer diagnostics: c* (absolute and relative to the residual norm), KL curvature,
+    direction quality, propagation of the perturbation through later layers, and directional
+    ablation at the same KL budget with its held-out pmass. Writes layers.csv, layers.md,
+    layers_propagation.csv and layers.png."""
     from pathlib import Path
 
     from isokl_tl.calibrate import CalibrationSettings
     from isokl_tl.chat import prompt_ids
-    from isokl_tl.diagnostics import layer_table, parse_layers, plot_layers, table_markdown
+    from isokl_tl.diagnostics import layer_study, parse_layers, table_markdown
     from isokl_tl.models import load_model
-    from isokl_tl.plots import save_figure
+    from isokl_tl.plots import plot_layers, save_figure
     from isokl_tl.prompts import load_pairs, load_prompts
     from isokl_tl.runs import write_atomic, write_csv
 
@@ -182,15 +188,17 @@ def layers_cmd(model_spec, device, dtype, layer_spec, method, pairs, calib_promp
     n = model.cfg.n_layers
     chosen = parse_layers(layer_spec, n) if layer_spec else sorted({round(i * (n - 1) / 5) for i in range(6)})
     settings = CalibrationSettings(window=calib_window, target=target_kl, bootstrap=0)
-    prompts = [prompt_ids(model.tokenizer, p) for p in load_prompts(calib_prompts)[:n_calib]]
-    table = layer_table(model, load_pairs(pairs), prompts, chosen, method=method, settings=settings,
+    ids = lambda name, k: [prompt_ids(model.tokenizer, p) for p in load_prompts(name)[:k]]  # noqa: E731
+    study = layer_study(model, load_pairs(pairs), ids(calib_prompts, n_calib), chosen, method=method,
+                        settings=settings, heldout=ids(heldout_prompts, n_heldout) if n_heldout else None,
                         progress=True)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "layers.csv", table)
-    write_atomic(out_dir / "layers.md", lambda p: p.write_text(table_markdown(table)))
-    save_figure(plot_layers(table), out_dir / "layers.png")
-    click.echo(table_markdown(table))
+    write_csv(out_dir / "layers.csv", study.table)
+    write_csv(out_dir / "layers_propagation.csv", study.propagation)
+    write_atomic(out_dir / "layers.md", lambda p: p.write_text(table_markdown(study.table)))
+    save_figure(plot_layers(study.table, study.propagation), out_dir / "layers.png")
+    click.echo(table_markdown(study.table))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import importlib
 
 _EXPORTS = {
     "calibrate": ["Calibration", "CalibrationError", "CalibrationSettings", "calibrate"],
+    "activations": ["Activations", "Record"],
     "chat": ["prompt_ids"],
+    "diagnostics": ["LayerStudy", "layer_study"],
     "directions": ["Direction", "compute_direction"],
     "hooks": ["hook_name", "resolve_hook", "steer"],
     "kl": ["teacher_forced_kl", "token_kl"],

@@ -162,3 +162,39 @@ def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = N
                  legend=False, errorbar=("pi", 50), marker="o", markersize=3)
     axes[1].set(ylabel="pmass", xlabel="generated token", ylim=(0, 1))
     return axes
+
+
+def plot_layers(table: pd.DataFrame, propagation: pd.DataFrame | None = None, *, fig=None) -> np.ndarray:
+    """Per-layer diagnostics (`isokl_tl.diagnostics.layer_study`) in six panels: c* relative to the
+    residual norm, KL curvature a, direction quality, how ||steered - base|| propagates from each
+    steering layer to the last (relative to its value at the steering layer), the ablation dose, and
+    held-out pmass under directional ablation at the iso-KL dose."""
+    if fig is None:
+        fig = plt.figure(figsize=(11, 6))
+    axes = fig.subplots(2, 3)
+    (a0, a1, a2), (a3, a4, a5) = axes
+    a0.plot(table.layer, table.c_star_rel, marker="o")
+    a0.set(xlabel="layer", ylabel="c* / median residual norm", title="iso-KL dose")
+    a1.plot(table.layer, table.curvature_a, marker="o", color="C1")
+    a1.set(xlabel="layer", ylabel="a in KL ~ a c^2", yscale="log", title="KL curvature")
+    a2.plot(table.layer, table.projection_gap, marker="o", color="C2", label="projection gap")
+    a2.set(xlabel="layer", ylabel="gap / pooled std", title="direction quality")
+    twin = a2.twinx()
+    twin.plot(table.layer, table.cos_mean_diff_pca, marker="s", color="C3", label="cos(mean_diff, pca)")
+    twin.set(ylabel="cos(mean_diff, pca)", ylim=(0, 1.05))
+    a2.legend(loc="lower left", fontsize=7)
+    twin.legend(loc="lower right", fontsize=7)
+    if propagation is not None and len(propagation):
+        palette = sns.color_palette("viridis", propagation.steer_layer.nunique())
+        for color, (steer_at, p) in zip(palette, propagation.groupby("steer_layer")):
+            p = p[p.layer >= steer_at]
+            a3.plot(p.layer, p.delta / p.delta.iloc[0], color=color, marker=".", label=f"{steer_at}")
+        a3.legend(title="steered at", fontsize=7, title_fontsize=7)
+    a3.set(xlabel="layer", ylabel="||steered - base|| / value at steering layer", yscale="log",
+           title="propagation at c*")
+    a4.plot(table.layer, table.ablation_c_star, marker="o", color="C4")
+    a4.set(xlabel="layer", ylabel="ablation c* (1 = remove)", title="directional ablation dose")
+    a5.plot(table.layer, table.ablation_pmass_rel, marker="o", color="C5")
+    a5.axhline(1.0, color="0.4", ls="--", lw=0.8)
+    a5.set(xlabel="layer", ylabel="held-out pmass / unsteered", title="ablation at iso-KL", ylim=(0, None))
+    return axes

@@ -145,48 +145,57 @@ def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window:
                   sampling: Sampling, eos: Tensor, gen, bar, rec: Recorder | None = None,
                   check_every: int = 16) -> dict[str, Tensor]:
     """The decode loop for a fixed-batch decoder: every row stays in the batch (finished rows are
-    masked), results stay on the device, and EOS is checked every `check_every` steps only."""
+    masked), results stay on the device, and EOS is checked every `check_every` steps only. The
+    scoring of a step writes into device buffers at a device-side column index, so for greedy
+    decoding it is captured into the decoder's CUDA graph together with the next forward step."""
     dev = logits.device
     b = len(paired)
     has = paired.nonzero()[:, 0].to(dev)
-    out_tok = torch.full((b, window), -1, dtype=torch.long, device=dev)
-    out_kl = torch.full((b, window), float("nan"), device=dev)
-    out_lp = torch.full((b, window), float("nan"), device=dev)
-    out_agree = torch.zeros((b, window), dtype=torch.bool, device=dev)
-    gen_len = torch.zeros(b, dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    out = {"tokens": torch.full((b, window), -1, dtype=torch.long, device=dev),
+           "kl": torch.full((b, window), float("nan"), device=dev),
+           "logprob": torch.full((b, window), float("nan"), device=dev),
+           "base_agree": torch.zeros((b, window), dtype=torch.bool, device=dev),
+           "gen_len": torch.zeros(b, dtype=torch.long, device=dev),
+           "eos": torch.zeros(b, dtype=torch.bool, device=dev)}
+    col = torch.zeros(1, dtype=torch.long, device=dev)      # the column t being written
     nan = torch.tensor(float("nan"), device=dev)
     all_paired = bool(paired.all())
+
+    def score(logits: Tensor) -> Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ls = logp[:b]
+        lb = logp[b:] if all_paired else ls.index_copy(0, has, logp[b:])
+        nxt = _choose(ls, sampling, gen)
+        alive = ~out["eos"]
+        out["tokens"].index_copy_(1, col, torch.where(alive, nxt, -1)[:, None])
+        out["kl"].index_copy_(1, col, torch.where(alive, kl_from_logprobs(ls, lb), nan)[:, None])
+        out["logprob"].index_copy_(1, col, torch.where(alive, ls.gather(-1, nxt[:, None])[:, 0], nan)[:, None])
+        out["base_agree"].index_copy_(1, col, (alive & (lb.argmax(-1) == nxt))[:, None])
+        out["gen_len"].add_(alive.long())
+        out["eos"].logical_or_(torch.isin(nxt, eos))
+        col.add_(1)
+        return torch.cat([nxt, nxt[has]])
+
+    in_graph = sampling.temperature == 0 and hasattr(dec, "scored_step")
     for t in range(window):
         if t % check_every == 0:
             _check_finite(logits, t, torch.arange(b), coeff)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        ls = logp[:b]
-        if all_paired:
-            lb = logp[b:]
+        last = t == window - 1
+        if rec is not None:
+            rec.at(t + 1, torch.arange(b), has)
+        if in_graph and not last:          # score t and step to t + 1 in one (captured) call
+            logits = dec.scored_step(score)
         else:
-            lb = ls.clone()
-            lb[has] = logp[b:]
-        nxt = _choose(ls, sampling, gen)
-        alive = ~done
-        out_tok[:, t] = torch.where(alive, nxt, -1)
-        out_kl[:, t] = torch.where(alive, kl_from_logprobs(ls, lb), nan)
-        out_lp[:, t] = torch.where(alive, ls.gather(-1, nxt[:, None])[:, 0], nan)
-        out_agree[:, t] = alive & (lb.argmax(-1) == nxt)
-        gen_len += alive.long()
-        done |= torch.isin(nxt, eos)
+            nxt = score(logits)
+            if not last:
+                logits = dec.step(nxt)
         if bar is not None:
             bar.update(1)
-        last = t == window - 1
-        if last or (t % check_every == check_every - 1 and bool(done.all())):
+        if last or (t % check_every == check_every - 1 and bool(out["eos"].all())):
             if bar is not None:
                 bar.update(window - 1 - t)
             break
-        if rec is not None:
-            rec.at(t + 1, torch.arange(b), has)
-        logits = dec.step(torch.cat([nxt, nxt[has]]))
-    return {"tokens": out_tok.cpu(), "kl": out_kl.cpu(), "logprob": out_lp.cpu(),
-            "base_agree": out_agree.cpu(), "gen_len": gen_len.cpu(), "eos": done.cpu()}
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,

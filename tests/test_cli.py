@@ -115,7 +115,7 @@ def test_toml_config(tmp_path):
 def test_layers_command_on_tiny(tmp_path):
     out = tmp_path / "layers"
     res = _invoke(["layers", "--model", "tiny-random", "--layers", "0:4", "--calib-window", "12",
-                   "--n-calib", "3", "--out", str(out)])
+                   "--n-calib", "3", "--n-heldout", "3", "--out", str(out)])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(out / "layers.csv")
     from isokl_tl.diagnostics import COLUMNS
@@ -125,8 +125,21 @@ def test_layers_command_on_tiny(tmp_path):
     assert (ok.c_star > 0).all() and np.allclose(ok.c_star_rel, ok.c_star / ok.resid_norm)
     assert ((ok.cos_mean_diff_pca > 0) & (ok.cos_mean_diff_pca <= 1 + 1e-6)).all()
     assert ok.projection_gap.notna().all() and (out / "layers.png").exists() and (out / "layers.md").exists()
-    fitted = ok[ok.curvature_a.notna()]
-    assert len(fitted) and (fitted.curvature_a > 0).all()
+    # the two small-c probes give every layer a fitted law with a slope near 2
+    assert (ok.curvature_a > 0).all() and ok.loglog_slope.between(1.0, 3.0).all()
+    assert (ok.law_holds_to > 0).all()
+    # additive steering: ||steered - base|| at the steering layer is c* itself
+    assert np.allclose(ok.delta_at_layer, ok.c_star, rtol=1e-3)
+    assert (ok.delta_gain_final > 0).all() and (ok.delta_rel_final > 0).all()
+    last = ok[ok.layer == 3]
+    assert np.allclose(last.delta_gain_final, 1.0, rtol=1e-3)     # steering at the last layer
+    prop = pd.read_csv(out / "layers_propagation.csv")
+    assert set(prop.steer_layer) == set(ok.layer) and len(prop) == 4 * len(ok)
+    assert (prop[prop.layer < prop.steer_layer].delta_rel < 1e-5).all()   # nothing upstream moves
+    # directional ablation calibrated to the same budget, with held-out pmass under it
+    assert (ok.ablation_c_star > 0).all() and (ok.ablation_pmass.between(0, 1)).all()
+    assert (ok.ablation_pmass_rel > 0).all()
+    assert "ablation_pmass_rel" in (out / "layers.md").read_text()
 
 
 def test_curvature_fit_recovers_a_known_law():

@@ -95,3 +95,17 @@ def test_static_decoder_matches_on_cpu(tiny, tiny_direction):
     r2 = rollout(tiny, prompts, coeffs, decoder=TLDecoder, eos=[stop], **kw)
     assert torch.equal(s2.tokens, r2.tokens) and torch.equal(s2.eos, r2.eos)
     torch.testing.assert_close(s2.kl, r2.kl, atol=1e-4, rtol=0, equal_nan=True)
+
+
+def test_static_decoder_sampling_path_matches(tiny, tiny_direction):
+    """Sampled decoding takes the static decoder's plain step (scoring outside the graph)."""
+    from isokl_tl.graph_decode import StaticDecoder
+    from isokl_tl.rollout import Sampling
+
+    kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=12,
+              sampling=Sampling(temperature=1.0, seed=3))
+    prompts, coeffs = _prompts(tiny, 3), torch.tensor([0.0, 6.0, 12.0])
+    static = rollout(tiny, prompts, coeffs, decoder=StaticDecoder, **kw)
+    ref = rollout(tiny, prompts, coeffs, decoder=TLDecoder, **kw)
+    assert torch.equal(static.tokens, ref.tokens)
+    torch.testing.assert_close(static.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)

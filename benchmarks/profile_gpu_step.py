@@ -1,0 +1,84 @@
+"""Where the time of one GPU decode step goes: the captured forward step alone, the per-step scoring
+(log-softmax, KL, argmax) alone, and the kernels of one eager step (count and top by GPU time).
+
+    python benchmarks/profile_gpu_step.py --shape qwen2.5-0.5b
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import build_checkpoint  # noqa: E402
+
+
+def timed(fn, n=50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen2.5-0.5b")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--capacity", type=int, default=560)
+    a = ap.parse_args()
+    from isokl_tl.graph_decode import StaticDecoder
+    from isokl_tl.hooks import hook_name, steer
+    from isokl_tl.kl import kl_from_logprobs
+    from isokl_tl.models import load_model
+
+    ckpt = build_checkpoint(a.shape, Path("/tmp/isokl_profile/ckpt"))
+    model = load_model(str(ckpt), device="cuda", dtype="bfloat16")
+    b = 2 * a.batch
+    tokens = torch.randint(5, 600, (b, 48), device="cuda")
+    v = torch.randn(model.cfg.d_model)
+    v = v / v.norm()
+    with torch.no_grad(), steer(model, hook_name(14), v, torch.full((b,), 3.0, device="cuda")) as s:
+        dec = StaticDecoder(model, s, a.capacity)
+        logits = dec.prefill(tokens, torch.ones_like(tokens))
+        nxt = logits.argmax(-1)
+        dec.step(nxt)
+        dec.step(nxt)                      # captured now
+
+        def replay():
+            dec.length -= 1
+            dec.pos_ids -= 1
+            dec.step(nxt)
+        print(f"graph step replay: {timed(replay):.3f} ms")
+
+        def eager():
+            dec.length -= 1
+            dec.pos_ids -= 1
+            dec._static_step()
+        print(f"eager static step: {timed(eager):.3f} ms")
+
+        def score():
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            ls, lb = logp[: a.batch], logp[a.batch:]
+            n = ls.argmax(-1)
+            kl_from_logprobs(ls, lb)
+            ls.gather(-1, n[:, None])
+            lb.argmax(-1) == n
+        print(f"scoring: {timed(score):.3f} ms")
+
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        n_kernels = sum(e.count for e in events)
+        print(f"kernels in one eager step: {n_kernels}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
