@@ -50,7 +50,7 @@ class Record:
     full: tuple[str, ...] = ("steering",)
     dtype: torch.dtype = torch.float16
 
-    def hooks(self, model: HookedTransformer, steering_hook: str) -> tuple[list[str], list[str]]:
+    def hooks(self, model: HookedTransformer, steering_hooks: list[str]) -> tuple[list[str], list[str]]:
         f = self.names
         if isinstance(f, str):
             chosen = [f]
@@ -58,7 +58,7 @@ class Record:
             chosen = list(f)
         else:
             chosen = [n for n in model.hook_dict if f(n)]
-        full = [steering_hook if n == "steering" else n for n in self.full]
+        full = list(dict.fromkeys(h for n in self.full for h in (steering_hooks if n == "steering" else [n])))
         chosen = [check_residual_hook(model, n) for n in dict.fromkeys(chosen + full)]
         if not chosen:
             raise ValueError("the names filter matches no hook point of this model")
@@ -114,10 +114,11 @@ class Recorder:
     """The hooks that fill an `Activations` for one chunk of rows. The decode loop calls `at()`
     before each forward pass to say which rows are in the batch and which have a base partner."""
 
-    def __init__(self, model: HookedTransformer, spec: Record, steering_hook: str,
-                 direction: Tensor, rows: int, window: int):
-        self.hooks, full = spec.hooks(model, steering_hook)
-        self.v = direction.to(model.cfg.device).float()
+    def __init__(self, model: HookedTransformer, spec: Record, sites: list, site: Tensor, window: int):
+        rows = len(site)
+        self.hooks, full = spec.hooks(model, [s.hook for s in sites])
+        # each row's own steering direction, for the projection
+        self.v = torch.stack([s.direction.float() for s in sites])[site].to(model.cfg.device)
         nan = torch.full((rows, len(self.hooks), window), float("nan"))
         self.proj, self.norm, self.delta = nan, nan.clone(), nan.clone()
         self.full = {h: torch.full((rows, window, model.cfg.d_model), float("nan"), dtype=spec.dtype)
@@ -139,7 +140,7 @@ class Recorder:
             if len(self.has):
                 delta[self.has] = (steered[self.has] - h[n:]).norm(dim=-1)
             rows, t = self.active, self.t
-            self.proj[rows, i, t] = (steered @ self.v).cpu()
+            self.proj[rows, i, t] = (steered * self.v[rows.to(h.device)]).sum(-1).cpu()
             self.norm[rows, i, t] = steered.norm(dim=-1).cpu()
             self.delta[rows, i, t] = delta.cpu()
             if name in self.full:

@@ -1,11 +1,10 @@
 """Iso-KL calibration: the coefficient c* at which a KL statistic of a w-token rollout hits a target.
 
-KL grows like a*c^2 for small c and saturates for large c, so the search works on
-(log c, log statistic): a first probe gives `a`, the power law guesses where the target lies,
-doubling/halving (with at least that stride) brackets it, and Illinois-modified regula falsi steps
-refine it. It stops once an *evaluated* coefficient has a statistic within `tol` (relative) of the
-target, so c* always comes with a real statistic and token count. Several candidates are rolled out
-in one batch where that saves rounds. Every evaluation is kept in `history`.
+The search itself (log-log bracketing + Illinois steps) is `isokl_tl.search`; this module rolls out
+its candidates and keeps the result. c* always comes with a real statistic and token count (it is
+an evaluated coefficient), several candidates are rolled out in one batch where that saves rounds,
+and `calibrate_many` runs the searches of several directions (layers, methods) in lockstep, sharing
+batches. Every evaluation is kept in `history`.
 """
 
 import json
@@ -21,42 +20,11 @@ from transformer_lens import HookedTransformer
 
 from isokl_tl.directions import Direction
 from isokl_tl.files import CALIBRATION
+from isokl_tl.hooks import Site
+from isokl_tl.search import (STATISTICS, CalibrationError, CalibrationSettings, Search,  # noqa: F401
+                             _Eval, kl_statistic, steps)
 from isokl_tl.rollout import rollout
 from isokl_tl.runs import write_json
-
-STATISTICS = ("quantile", "mean", "max", "prompt_quantile")
-
-
-class CalibrationError(ValueError):
-    """The target cannot be bracketed; the message shows every evaluation."""
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    target: float = 1.0
-    quantile: float = 0.95
-    statistic: str = "quantile"
-    window: int = 64
-    tol: float = 0.02
-    max_rounds: int = 14
-    generated_only: bool = False
-    bootstrap: int = 200
-    seed: int = 0
-
-    def __post_init__(self):
-        if not self.target > 0:
-            raise ValueError(f"target KL must be > 0 nats, got {self.target}")
-        if not 0 < self.quantile < 1:
-            raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
-        if self.statistic not in STATISTICS:
-            raise ValueError(f"statistic {self.statistic!r} is not one of {', '.join(STATISTICS)}")
-        if self.window <= 0:
-            raise ValueError(f"window must be a positive number of tokens, got {self.window}")
-        if not 0 < self.tol < 1:
-            raise ValueError(f"tol must be in (0, 1), got {self.tol}")
-        if self.bootstrap < 0:
-            raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
-
 
 @dataclass
 class Calibration:
@@ -91,172 +59,80 @@ class Calibration:
         return cls(**json.loads(path.read_text()))
 
 
-def kl_statistic(per_row: list[np.ndarray], statistic: str, quantile: float) -> float:
-    """The calibration statistic over per-row arrays of valid per-token KLs."""
-    if statistic == "prompt_quantile":
-        return float(np.mean([np.quantile(r, quantile) for r in per_row if len(r)]))
-    pooled = np.concatenate(per_row)
-    if pooled.size == 0:
-        return float("nan")
-    if statistic == "quantile":
-        return float(np.quantile(pooled, quantile))
-    return float(pooled.mean() if statistic == "mean" else pooled.max())
-
-
-@dataclass
-class _Eval:
-    coeff: float
-    value: float
-    n_tokens: int
-    seconds: float
-    per_row: list[np.ndarray]
-
-    def record(self) -> dict:
-        return {"coeff": self.coeff, "value": self.value, "n_tokens": self.n_tokens,
-                "seconds": round(self.seconds, 3)}
-
-
-def _history_text(evals: list[_Eval]) -> str:
-    rows = sorted(evals, key=lambda e: e.coeff)
-    return "; ".join(f"c={e.coeff:.4g}: {e.value:.4g}" for e in rows)
-
-
-class _Search:
-    def __init__(self, model, direction, prompts, settings, rows_per_batch):
-        self.model, self.direction, self.prompts = model, direction, prompts
-        self.s, self.rows_per_batch = settings, rows_per_batch
-        self.evals: list[_Eval] = []
-
-    def evaluate(self, coeffs: list[float]) -> None:
-        n = len(self.prompts)
-        rows = [p for _ in coeffs for p in self.prompts]
-        c = torch.tensor([x for x in coeffs for _ in range(n)])
-        t0 = time.perf_counter()
-        r = rollout(self.model, rows, c, direction=self.direction.vector, hook=self.direction.hook,
-                    method=self.direction.intervention, window=self.s.window,
-                    generated_only=self.s.generated_only, rows_per_batch=self.rows_per_batch)
-        secs = (time.perf_counter() - t0) / len(coeffs)
-        kl, mask = r.kl.numpy(), r.mask.numpy()
-        for j, coeff in enumerate(coeffs):
-            per_row = [kl[i][mask[i]] for i in range(j * n, (j + 1) * n)]
-            value = kl_statistic(per_row, self.s.statistic, self.s.quantile)
-            if not math.isfinite(value):
-                raise CalibrationError(f"statistic is {value} at c={coeff:.4g}: non-finite KL "
-                                       f"(NaN or inf logits?). History: {_history_text(self.evals)}")
-            self.evals.append(_Eval(coeff, value, int(sum(len(x) for x in per_row)), secs, per_row))
-
-    def bracket(self) -> tuple[_Eval | None, _Eval | None]:
-        below = [e for e in self.evals if e.value < self.s.target]
-        above = [e for e in self.evals if e.value >= self.s.target]
-        lo = max(below, key=lambda e: e.coeff) if below else None
-        hi = min(above, key=lambda e: e.coeff) if above else None
-        if lo is not None and hi is not None and lo.coeff > hi.coeff:
-            bad = [e for e in below if e.value < self.s.target * (1 - self.s.tol) and e.coeff > hi.coeff]
-            if bad:
-                raise CalibrationError(
-                    f"KL statistic is non-monotone in the coefficient (above target at c={hi.coeff:.4g} "
-                    f"but below at c={bad[0].coeff:.4g}); history: {_history_text(self.evals)}")
-        return lo, hi
-
-    def best(self) -> _Eval:
-        return min(self.evals, key=lambda e: abs(math.log(max(e.value, 1e-30) / self.s.target)))
-
-    def done(self) -> bool:
-        return abs(self.best().value / self.s.target - 1) <= self.s.tol
-
-
-def _first_coeff(direction: Direction) -> float:
-    return 0.5 if direction.intervention == "ablate" else 0.1 * max(direction.resid_norm, 1e-6)
-
-
-def _log_slope(a: _Eval, b: _Eval) -> float:
-    if a.value <= 0 or b.value <= 0 or a.coeff == b.coeff:
-        return 2.0
-    s = math.log(b.value / a.value) / math.log(b.coeff / a.coeff)
-    return min(max(s, 0.5), 4.0)
-
-
 def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list[int]],
               settings: CalibrationSettings = CalibrationSettings(), *, rows_per_batch: int = 64,
               progress: bool = False) -> Calibration:
     """Find c* for `direction` over the calibration `prompts` (token ids, chat-rendered)."""
+    out = calibrate_many(model, [direction], prompts, settings, rows_per_batch=rows_per_batch,
+                         progress=progress)[0]
+    if isinstance(out, CalibrationError):
+        raise out
+    return out
+
+
+def calibrate_many(model: HookedTransformer, directions: list[Direction], prompts: list[list[int]],
+                   settings: CalibrationSettings = CalibrationSettings(), *, rows_per_batch: int = 64,
+                   progress: bool = False) -> list[Calibration | CalibrationError]:
+    """Calibrate several directions (other layers, methods) in lockstep: every round rolls out the
+    next candidates of every unfinished search in the same batches (each row steered at its own
+    site only), so the searches cost about as many rounds as the slowest of them. Each search makes
+    exactly the evaluations it would make alone. A search that fails gives its CalibrationError in
+    its place in the list; the others go on."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
-    s = settings
-    search = _Search(model, direction, prompts, s, rows_per_batch)
-    c0 = _first_coeff(direction)
-    c_min, c_max = c0 * 2.0 ** -24, c0 * 2.0 ** 24
+    s, n = settings, len(prompts)
+    searches = [Search(d, s) for d in directions]
+    gens = [steps(x) for x in searches]
+    pending = {i: next(g) for i, g in enumerate(gens)}
+    results: list[Calibration | CalibrationError | None] = [None] * len(directions)
+    sites = [Site(d.hook, d.vector, d.intervention) for d in directions]
     bar = tqdm(total=s.max_rounds, desc="calibrate", unit="round", disable=not progress, leave=False)
     try:
-        rounds, prev, last_retained, streak, jump = 0, None, None, 0, None
-        candidates = [c0]
-        while True:
-            search.evaluate(candidates)
-            rounds += 1
-            best = search.best()
+        while pending:
+            order = list(pending)
+            coeff = [c for i in order for c in pending[i] for _ in range(n)]
+            site = [i for i in order for _ in pending[i] for _ in range(n)]
+            t0 = time.perf_counter()
+            r = rollout(model, prompts * (len(coeff) // n), torch.tensor(coeff), sites=sites,
+                        site=torch.tensor(site), window=s.window, generated_only=s.generated_only,
+                        rows_per_batch=rows_per_batch)
+            secs = (time.perf_counter() - t0) / (len(coeff) // n)
+            kl, mask, row = r.kl.numpy(), r.mask.numpy(), 0
+            advanced = {}
+            for i in order:
+                k = len(pending[i]) * n
+                try:
+                    searches[i].record(pending[i], kl[row:row + k], mask[row:row + k], secs)
+                    advanced[i] = gens[i].send(None)
+                except StopIteration as stop:
+                    results[i] = _result(searches[i], *stop.value, n)
+                except CalibrationError as e:
+                    results[i] = e
+                row += k
+            pending = advanced
             bar.update(1)
-            bar.set_postfix_str(f"c={best.coeff:.4g} stat={best.value:.4g}")
-            if search.done() or rounds >= s.max_rounds:
-                break
-            lo, hi = search.bracket()
-            if lo is None or hi is None:
-                pts = sorted(search.evals, key=lambda e: e.coeff)
-                edge = pts[-1] if hi is None else pts[0]
-                nxt = pts[-2] if hi is None and len(pts) > 1 else (pts[1] if len(pts) > 1 else None)
-                slope = _log_slope(nxt, edge) if nxt is not None else 2.0
-                if edge.value <= 0:
-                    guess = edge.coeff * 16
-                else:
-                    guess = edge.coeff * (s.target / edge.value) ** (1 / slope)
-                if hi is None:  # everything below target: go up, at least doubling
-                    if len(pts) >= 3 and pts[-1].value <= pts[-3].value * 1.05 and pts[-1].coeff >= 4 * pts[-3].coeff:
-                        raise CalibrationError(
-                            f"KL statistic saturates below the target {s.target} (it stopped growing with "
-                            f"the coefficient); history: {_history_text(search.evals)}")
-                    guess = min(max(guess, 2 * edge.coeff), 64 * edge.coeff)
-                    if guess > c_max:
-                        raise CalibrationError(f"target {s.target} not reached up to c={edge.coeff:.4g}; "
-                                               f"history: {_history_text(search.evals)}")
-                    candidates = [guess, 2 * guess]
-                else:  # everything above target: go down, at least halving
-                    guess = max(min(guess, edge.coeff / 2), edge.coeff / 64)
-                    if guess < c_min:
-                        raise CalibrationError(
-                            f"KL statistic exceeds the target {s.target} even at the smallest coefficient "
-                            f"tried (c={edge.coeff:.4g}); history: {_history_text(search.evals)}")
-                    candidates = [guess / 2, guess]
-                continue
-            if hi.coeff / lo.coeff - 1 < 1e-3:
-                # The statistic jumps across a bracket this narrow (a greedy token flips): no
-                # coefficient reaches the target within tol. Stop; `converged` stays False.
-                jump = (lo.coeff, lo.value, hi.coeff, hi.value)
-                break
-            # Illinois step in log-log space: when one end of the bracket survives twice in a row,
-            # halve its weight so that the bracket shrinks from both sides.
-            retained = "hi" if prev is not None and prev[1] == hi.coeff else "lo" if prev is not None and prev[0] == lo.coeff else None
-            streak = streak + 1 if retained is not None and retained == last_retained else 1
-            last_retained, prev = retained, (lo.coeff, hi.coeff)
-            xl, xh = math.log(lo.coeff), math.log(hi.coeff)
-            yl, yh = math.log(max(lo.value, 1e-30) / s.target), math.log(hi.value / s.target)
-            if retained == "lo" and streak >= 2:
-                yl *= 0.5 ** (streak - 1)
-            if retained == "hi" and streak >= 2:
-                yh *= 0.5 ** (streak - 1)
-            x = xl - yl * (xh - xl) / (yh - yl)
-            x = min(max(x, xl + 0.02 * (xh - xl)), xh - 0.02 * (xh - xl))
-            candidates = [math.exp(x)]
+            if len(directions) == 1 and searches[0].evals:
+                best = searches[0].best()
+                bar.set_postfix_str(f"c={best.coeff:.4g} stat={best.value:.4g}")
+            else:
+                bar.set_postfix_str(f"{len(pending)} searches left")
     finally:
         bar.close()
+    return results
+
+
+def _result(search: Search, rounds: int, jump: tuple | None, n_prompts: int) -> Calibration:
+    s, d = search.s, search.direction
     best = search.best()
     cal = Calibration(
         c_star=best.coeff, converged=search.done(), statistic=s.statistic, quantile=s.quantile,
         target=s.target, window=s.window, n_tokens=best.n_tokens, rounds=rounds,
-        history=[e.record() for e in search.evals], method=direction.method, hook=direction.hook,
+        history=[e.record() for e in search.evals], method=d.method, hook=d.hook,
         tol=s.tol, value=best.value,
         extra={"jump": dict(zip(("c_lo", "value_lo", "c_hi", "value_hi"), jump))} if jump else {},
     )
     if s.bootstrap:
-        cal.interval = bootstrap_interval(search.evals, s, len(prompts))
+        cal.interval = bootstrap_interval(search.evals, s, n_prompts)
     return cal
 
 

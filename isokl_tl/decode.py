@@ -14,7 +14,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from isokl_tl.hooks import Steering
+from isokl_tl.hooks import Steering, SteeringGroup
 
 
 class Decoder(Protocol):
@@ -30,7 +30,7 @@ class Decoder(Protocol):
 class TLDecoder:
     """TransformerLens's own forward with its key-value cache (the reference decode path)."""
 
-    def __init__(self, model: HookedTransformer, steering: Steering | None = None,
+    def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None = None,
                  capacity: int | None = None):
         self.model, self.steering = model, steering   # the TL cache grows: capacity is unused
         self.cache: TransformerLensKeyValueCache | None = None
@@ -65,7 +65,7 @@ class TLDecoder:
         select_coeff(self.steering, rows)
 
 
-def select_coeff(steering: Steering | None, rows: Tensor) -> None:
+def select_coeff(steering: Steering | SteeringGroup | None, rows: Tensor) -> None:
     """Keep the per-row coefficients of the rows that stay in the batch."""
-    if steering is not None and torch.is_tensor(steering.coeff):
-        steering.coeff = steering.coeff[rows]
+    if steering is not None:
+        steering.select(rows)

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from isokl_tl.activations import Record
-from isokl_tl.calibrate import (Calibration, CalibrationError, CalibrationSettings, calibrate,
+from isokl_tl.calibrate import (Calibration, CalibrationError, CalibrationSettings, calibrate_many,
                                 kl_statistic)
 from isokl_tl.directions import Direction, compute_direction
-from isokl_tl.hooks import hook_layer, hook_name
+from isokl_tl.hooks import Site, hook_layer, hook_name
 from isokl_tl.pmass import Splice, fork_pmass, fork_schedule
 from isokl_tl.prompts import ContrastPair
 from isokl_tl.rollout import rollout
@@ -80,57 +80,62 @@ def fit_curvature(cal: Calibration, small: float = 0.3, extra: list[dict] = ()) 
     return CurvatureFit(a, slope, float(within.coeff.max()) if len(within) else math.nan)
 
 
-@dataclass
-class _Probe:
-    extra: list[dict]               # small-c evaluations for the curvature fit
-    profile: pd.DataFrame           # per recorded layer: median delta, norm, delta / norm at c*
+def _probe(model: HookedTransformer, found: dict[int, tuple[Direction, Calibration]],
+           prompts: list[list[int]], s: CalibrationSettings, rows_per_batch: int
+           ) -> tuple[dict[int, list[dict]], pd.DataFrame]:
+    """One batched rollout over the calibration prompts, for every calibrated layer at c* (recording
+    every layer's residual) and at c*/8 and c*/4 (the small-c end of the KL law). Returns the
+    small-c evaluations per layer and the propagation profiles."""
+    layers = list(found)
+    sites = [Site(d.hook, d.vector, d.intervention) for d, _ in found.values()]
+    n, fractions = len(prompts), (1.0, 1 / 8, 1 / 4)
+    coeff = [found[layer][1].c_star * f for layer in layers for f in fractions for _ in range(n)]
+    site = [j for j in range(len(layers)) for _ in fractions for _ in range(n)]
+    r = rollout(model, prompts * (len(coeff) // n), torch.tensor(coeff), sites=sites,
+                site=torch.tensor(site), window=s.window, generated_only=s.generated_only,
+                rows_per_batch=rows_per_batch, record=Record(full=()))
+    kl, mask, a = r.kl.numpy(), r.mask.numpy(), r.acts
+    extra, profiles = {}, []
+    for j, layer in enumerate(layers):
+        base = j * len(fractions) * n
+        extra[layer] = []
+        for k, f in enumerate(fractions[1:], start=1):
+            per_row = [kl[i][mask[i]] for i in range(base + k * n, base + (k + 1) * n)]
+            extra[layer].append({"coeff": found[layer][1].c_star * f, "n_tokens": int(sum(map(len, per_row))),
+                                 "value": kl_statistic(per_row, s.statistic, s.quantile), "probe": "curvature"})
+        ok = torch.as_tensor(mask[base:base + n])
+        for i, hook in enumerate(a.hooks):
+            delta, norm = a.delta[base:base + n, i][ok], a.norm[base:base + n, i][ok]
+            profiles.append({"steer_layer": layer, "layer": hook_layer(hook), "delta": float(delta.median()),
+                             "norm": float(norm.median()), "delta_rel": float((delta / norm).median())})
+    return extra, pd.DataFrame(profiles)
 
 
-def _probe(model: HookedTransformer, d: Direction, cal: Calibration, prompts: list[list[int]],
-           s: CalibrationSettings, rows_per_batch: int) -> _Probe:
-    """One batched rollout over the calibration prompts at c* (recording every layer's residual)
-    and at c*/8 and c*/4 (the small-c end of the KL law)."""
-    coeffs = [cal.c_star, cal.c_star / 8, cal.c_star / 4]
-    n = len(prompts)
-    r = rollout(model, [p for _ in coeffs for p in prompts], torch.tensor(coeffs).repeat_interleave(n),
-                direction=d.vector, hook=d.hook, method=d.intervention, window=s.window,
-                generated_only=s.generated_only, rows_per_batch=rows_per_batch, record=Record(full=()))
-    kl, mask = r.kl.numpy(), r.mask.numpy()
-    extra = []
-    for j, c in enumerate(coeffs[1:], start=1):
-        per_row = [kl[i][mask[i]] for i in range(j * n, (j + 1) * n)]
-        extra.append({"coeff": c, "value": kl_statistic(per_row, s.statistic, s.quantile),
-                      "n_tokens": int(sum(len(x) for x in per_row)), "probe": "curvature"})
-    a, ok = r.acts, torch.as_tensor(mask[:n])
-    rows = []
-    for i, hook in enumerate(a.hooks):
-        delta, norm = a.delta[:n, i][ok], a.norm[:n, i][ok]
-        rows.append({"steer_layer": hook_layer(d.hook), "layer": hook_layer(hook),
-                     "delta": float(delta.median()), "norm": float(norm.median()),
-                     "delta_rel": float((delta / norm).median())})
-    return _Probe(extra, pd.DataFrame(rows))
+def _heldout_pmass(model: HookedTransformer, ablations: dict[int, tuple[Direction, float]],
+                   prompts: list[list[int]], window: int, splice: Splice, rows_per_batch: int
+                   ) -> dict[int, tuple[float, float]]:
+    """Held-out rollouts of the unsteered model and of every layer's ablation at its c*, in one
+    batch; then fork pmass at the start, middle and end of the window. Per layer: (mean pmass,
+    mean pmass / the unsteered model's at the same prompts and forks)."""
+    layers, n = list(ablations), len(prompts)
+    sites = [Site(d.hook, d.vector, d.intervention) for d, _ in ablations.values()]
+    coeff = [0.0] * n + [ablations[layer][1] for layer in layers for _ in range(n)]
+    site = [0] * n + [j for j in range(len(layers)) for _ in range(n)]
+    r = rollout(model, prompts * (len(layers) + 1), torch.tensor(coeff), sites=sites,
+                site=torch.tensor(site), window=window, rows_per_batch=rows_per_batch,
+                prompt_index=torch.arange(n).repeat(len(layers) + 1))
+    forks = fork_schedule(window, every=max(1, window // 2))
 
+    def pmass(j: int, d: Direction) -> pd.DataFrame:
+        part = r.take(list(range(j * n, (j + 1) * n)), hook=d.hook, method=d.intervention)
+        return fork_pmass(model, part, d.vector, forks, splice).frame
 
-class _HeldOut:
-    """Held-out prompts, their unsteered fork pmass (computed once), and the pmass of a steered
-    rollout relative to it at the same prompts and forks."""
-
-    def __init__(self, model, prompts, window, splice, rows_per_batch):
-        self.model, self.prompts, self.window, self.splice = model, prompts, window, splice
-        self.forks, self.rows_per_batch = fork_schedule(window, every=max(1, window // 2)), rows_per_batch
-        self._base: pd.DataFrame | None = None
-
-    def pmass(self, d: Direction, coeff: float) -> pd.DataFrame:
-        r = rollout(self.model, self.prompts, torch.full((len(self.prompts),), coeff),
-                    direction=d.vector, hook=d.hook, method=d.intervention, window=self.window,
-                    rows_per_batch=self.rows_per_batch)
-        return fork_pmass(self.model, r, d.vector, self.forks, self.splice).frame
-
-    def relative(self, d: Direction, coeff: float) -> tuple[float, float]:
-        if self._base is None:
-            self._base = self.pmass(d, 0.0)
-        both = self.pmass(d, coeff).merge(self._base, on=["prompt", "fork"], suffixes=("", "_base"))
-        return float(both.pmass.mean()), float(both.pmass.mean() / both.pmass_base.mean())
+    base = pmass(0, ablations[layers[0]][0])
+    out = {}
+    for j, layer in enumerate(layers, start=1):
+        both = pmass(j, ablations[layer][0]).merge(base, on=["prompt", "fork"], suffixes=("", "_base"))
+        out[layer] = (float(both.pmass.mean()), float(both.pmass.mean() / both.pmass_base.mean()))
+    return out
 
 
 @dataclass
@@ -144,43 +149,54 @@ def layer_study(model: HookedTransformer, pairs: list[ContrastPair], prompts: li
                 settings: CalibrationSettings = CalibrationSettings(window=32, bootstrap=0),
                 heldout: list[list[int]] | None = None, splice: Splice = Splice(),
                 rows_per_batch: int = 64, progress: bool = False) -> LayerStudy:
-    """The per-layer table (and propagation profiles). A layer whose calibration fails keeps its
-    row, with the error in `error` and NaN numbers, so one bad layer does not sink the sweep.
-    Without `heldout` prompts the ablation columns are NaN."""
-    held = None if not heldout else _HeldOut(model, heldout, settings.window, splice, rows_per_batch)
-    rows, profiles = [], []
-    for layer in tqdm(layers, desc="layers", disable=not progress, leave=False):
+    """The per-layer table (and propagation profiles). Layers run batched: every layer's (and every
+    ablation's) calibration runs in lockstep in shared batches, then one rollout probes them all,
+    then one rollout gives the held-out ablation runs. A layer whose calibration fails keeps its
+    row, with the error in `error` and NaN numbers. Without `heldout` prompts the ablation columns
+    are NaN."""
+    rows, dirs, abls = {}, {}, {}
+    for layer in tqdm(layers, desc="directions", disable=not progress, leave=False):
         hook = hook_name(layer)
         d = compute_direction(model, pairs, hook, method)
         md = d if method == "mean_diff" else compute_direction(model, pairs, hook, "mean_diff")
         pca = compute_direction(model, pairs, hook, "pca")
-        row = {"layer": layer, "hook": hook, "method": method, "resid_norm": d.resid_norm,
-               "projection_gap": d.projection_gap, "cos_mean_diff_pca": float(md.vector @ pca.vector),
-               "error": ""}
-        try:
-            cal = calibrate(model, d, prompts, settings, rows_per_batch=rows_per_batch)
-            probe = _probe(model, d, cal, prompts, settings, rows_per_batch)
-            fit = fit_curvature(cal, extra=probe.extra)
-            prof = probe.profile.set_index("layer")
-            row.update(c_star=cal.c_star, converged=cal.converged, calib_rounds=cal.rounds,
-                       c_star_rel=cal.c_star / d.resid_norm, curvature_a=fit.a,
-                       loglog_slope=fit.slope, law_holds_to=fit.holds_to,
-                       delta_at_layer=prof.delta[layer],
-                       delta_gain_final=prof.delta.iloc[-1] / prof.delta[layer],
-                       delta_rel_final=prof.delta_rel.iloc[-1])
-            profiles.append(probe.profile)
-            if held is not None:
-                abl = d if method == "directional_ablation" else compute_direction(
-                    model, pairs, hook, "directional_ablation")
-                abl_cal = cal if abl is d else calibrate(model, abl, prompts, settings,
-                                                         rows_per_batch=rows_per_batch)
-                pm, rel = held.relative(abl, abl_cal.c_star)
-                row.update(ablation_c_star=abl_cal.c_star, ablation_pmass=pm, ablation_pmass_rel=rel)
-        except CalibrationError as e:
-            row.update(error=str(e).split(";")[0])
-        rows.append(row)
-    prop = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
-    return LayerStudy(pd.DataFrame(rows, columns=COLUMNS), prop)
+        dirs[layer] = d
+        if heldout:
+            abls[layer] = d if method == "directional_ablation" else compute_direction(
+                model, pairs, hook, "directional_ablation")
+        rows[layer] = {"layer": layer, "hook": hook, "method": method, "resid_norm": d.resid_norm,
+                       "projection_gap": d.projection_gap,
+                       "cos_mean_diff_pca": float(md.vector @ pca.vector), "error": ""}
+    todo = [dirs[layer] for layer in layers]
+    todo += [abls[layer] for layer in abls if abls[layer] is not dirs[layer]]
+    cals = dict(zip(map(id, todo), calibrate_many(model, todo, prompts, settings,
+                                                  rows_per_batch=rows_per_batch, progress=progress)))
+    found = {}
+    for layer in layers:
+        cal = cals[id(dirs[layer])]
+        if isinstance(cal, CalibrationError):
+            rows[layer]["error"] = str(cal).split(";")[0]
+            continue
+        found[layer] = (dirs[layer], cal)
+        rows[layer].update(c_star=cal.c_star, converged=cal.converged, calib_rounds=cal.rounds,
+                           c_star_rel=cal.c_star / dirs[layer].resid_norm)
+    profiles = pd.DataFrame()
+    if found:
+        extra, profiles = _probe(model, found, prompts, settings, rows_per_batch)
+        for layer, (d, cal) in found.items():
+            fit = fit_curvature(cal, extra=extra[layer])
+            prof = profiles[profiles.steer_layer == layer].set_index("layer")
+            rows[layer].update(curvature_a=fit.a, loglog_slope=fit.slope, law_holds_to=fit.holds_to,
+                               delta_at_layer=prof.delta[layer],
+                               delta_gain_final=prof.delta.iloc[-1] / prof.delta[layer],
+                               delta_rel_final=prof.delta_rel.iloc[-1])
+    ablated = {layer: (abls[layer], cals[id(abls[layer])].c_star) for layer in found
+               if heldout and not isinstance(cals[id(abls[layer])], CalibrationError)}
+    if ablated:
+        for layer, (pm, rel) in _heldout_pmass(model, ablated, heldout, settings.window, splice,
+                                               rows_per_batch).items():
+            rows[layer].update(ablation_c_star=ablated[layer][1], ablation_pmass=pm, ablation_pmass_rel=rel)
+    return LayerStudy(pd.DataFrame([rows[layer] for layer in layers], columns=COLUMNS), profiles)
 
 
 def table_markdown(table: pd.DataFrame) -> str:

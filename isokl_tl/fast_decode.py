@@ -24,7 +24,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from isokl_tl.decode import TLDecoder, select_coeff
-from isokl_tl.hooks import Steering
+from isokl_tl.hooks import Steering, SteeringGroup
 
 UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
                  "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "hook_tokens")
@@ -66,7 +66,7 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
 class FastDecoder:
     """Static KV cache + SDPA decode step over the model's own modules (see module docstring)."""
 
-    def __init__(self, model: HookedTransformer, steering: Steering | None, capacity: int):
+    def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int):
         self.model, self.steering, self.capacity = model, steering, capacity
         cfg = model.cfg
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
@@ -144,7 +144,7 @@ class FastDecoder:
         select_coeff(self.steering, rows)
 
 
-def make_decoder(model: HookedTransformer, steering: Steering | None, capacity: int):
+def make_decoder(model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int):
     """The fastest exact decoder for `model`: on CUDA the fixed-shape step replayed as a CUDA graph
     (`isokl_tl.graph_decode`), on CPU the dynamic fast path, and TransformerLens's own path for
     architectures or hooks the fast paths do not cover."""

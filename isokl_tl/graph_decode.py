@@ -21,13 +21,13 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from isokl_tl.fast_decode import FastDecoder
-from isokl_tl.hooks import Steering
+from isokl_tl.hooks import Steering, SteeringGroup
 
 
 class StaticDecoder(FastDecoder):
     static = True
 
-    def __init__(self, model: HookedTransformer, steering: Steering | None, capacity: int,
+    def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int,
                  use_graph: bool | None = None):
         super().__init__(model, steering, capacity)
         dev = torch.device(model.cfg.device)

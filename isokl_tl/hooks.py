@@ -8,6 +8,7 @@ Two interventions, both exactly the identity at coefficient 0 (bit-identical log
 import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -126,6 +127,11 @@ class Steering:
             return resid + c * v
         return resid - c * (resid @ v)[..., None] * v
 
+    def select(self, rows: Tensor) -> None:
+        """Keep the per-row coefficients of the rows that stay in the batch."""
+        if torch.is_tensor(self.coeff):
+            self.coeff = self.coeff[rows]
+
 
 @contextmanager
 def steer(model: HookedTransformer, hook: str, direction: Float[Tensor, " d_model"],
@@ -140,3 +146,47 @@ def steer(model: HookedTransformer, hook: str, direction: Float[Tensor, " d_mode
     handle = Steering(hook, check_direction(model, direction), coeff, method, start)
     with model.hooks(fwd_hooks=[(hook, handle)]):
         yield handle
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where and how one direction acts: a hook point, a unit direction, an intervention."""
+
+    hook: str
+    direction: Tensor
+    method: str = "add"
+
+
+class SteeringGroup:
+    """Several `Steering`s active in the same forward passes (one per site); callers that set
+    `offset` or drop rows treat it like a single one."""
+
+    def __init__(self, handles: list[Steering]):
+        self.handles = handles
+
+    @property
+    def offset(self) -> int:
+        return self.handles[0].offset
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        for h in self.handles:
+            h.offset = value
+
+    def select(self, rows: Tensor) -> None:
+        for h in self.handles:
+            h.select(rows)
+
+
+@contextmanager
+def steer_sites(model: HookedTransformer, sites: list[Site], coeffs: list[Float[Tensor, " batch"]], *,
+                start: int = 0) -> Iterator[SteeringGroup]:
+    """Steer at several sites at once, site i with per-row coefficients `coeffs[i]`. A row meant for
+    one site carries coefficient 0 at every other site, where steering is exactly the identity, so
+    one batch can hold the rows of many sites (layers, directions, methods)."""
+    if len(sites) != len(coeffs):
+        raise ValueError(f"{len(sites)} sites but {len(coeffs)} coefficient vectors")
+    handles = [Steering(check_residual_hook(model, s.hook), check_direction(model, s.direction), c,
+                        s.method, start) for s, c in zip(sites, coeffs)]
+    with model.hooks(fwd_hooks=[(h.hook, h) for h in handles]):
+        yield SteeringGroup(handles)

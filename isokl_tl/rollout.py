@@ -22,7 +22,7 @@ from isokl_tl.batching import chunks, left_pad, pad_id
 from isokl_tl.chat import eos_ids
 from isokl_tl.decode import Decoder
 from isokl_tl.fast_decode import make_decoder
-from isokl_tl.hooks import Steering, steer
+from isokl_tl.hooks import Site, Steering, SteeringGroup, steer_sites
 from isokl_tl.kl import kl_from_logprobs
 from isokl_tl.rollouts import Rollouts
 
@@ -67,12 +67,12 @@ def _check_finite(logits: Tensor, t: int, active: Tensor, coeff: Tensor) -> None
                          f"coefficient {float(coeff[row]):.4g}); the coefficient is probably too large")
 
 
-DecoderFactory = Callable[[HookedTransformer, Steering, int], Decoder]   # (model, steering, capacity)
+DecoderFactory = Callable[[HookedTransformer, Steering | SteeringGroup, int], Decoder]   # (model, steering, capacity)
 
 
 @torch.no_grad()
 def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Tensor, *,
-                   direction: Tensor, hook: str, method: str, window: int, generated_only: bool,
+                   sites: list[Site], site: Tensor, window: int, generated_only: bool,
                    sampling: Sampling, eos: Tensor, gen: torch.Generator | None,
                    decoder: DecoderFactory, bar, record: Record | None) -> dict:
     dev = model.cfg.device
@@ -89,9 +89,12 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     out_agree = torch.zeros((b, window), dtype=torch.bool)
     gen_len = torch.zeros(b, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool)
-    rec = None if record is None else Recorder(model, record, hook, direction, b, window)
-    with steer(model, hook, direction, both, method=method,
-               start=width if generated_only else 0) as steering, \
+    # one coefficient vector per site: a row carries its coefficient at its own site and 0 (the
+    # identity) at every other; base partners carry 0 everywhere
+    site_both = torch.cat([site, site[paired]])
+    per_site = [torch.where(site_both == j, both.cpu(), 0.0).to(dev) for j in range(len(sites))]
+    rec = None if record is None else Recorder(model, record, sites, site, window)
+    with steer_sites(model, sites, per_site, start=width if generated_only else 0) as steering, \
             model.hooks(fwd_hooks=[] if rec is None else rec.fwd_hooks()):
         dec = decoder(model, steering, width + window)
         if rec is not None:
@@ -199,8 +202,9 @@ def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window:
 
 
 def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,
-            direction: Float[Tensor, " d_model"], hook: str, method: str = "add", window: int = 64,
-            generated_only: bool = False, sampling: Sampling = GREEDY,
+            direction: Float[Tensor, " d_model"] | None = None, hook: str | None = None,
+            method: str = "add", sites: list[Site] | None = None, site: Int[Tensor, " row"] | None = None,
+            window: int = 64, generated_only: bool = False, sampling: Sampling = GREEDY,
             eos: list[int] | None = None, rows_per_batch: int = 64,
             decoder: DecoderFactory = make_decoder, prompt_index: Int[Tensor, " row"] | None = None,
             alpha: Float[Tensor, " row"] | None = None, record: Record | None = None,
@@ -208,8 +212,22 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
     """Decode `window` tokens for every row (prompt ids, coefficient) and score them as it goes.
 
     Rows are processed `rows_per_batch` at a time (each with its base partner, so the forward
-    batch is twice that). EOS ids default to the tokenizer's end-of-turn tokens.
+    batch is twice that). EOS ids default to the tokenizer's end-of-turn tokens. `record` also
+    records activations along the way (`isokl_tl.activations`; `Rollouts.acts`).
+
+    Steering acts at one site (`direction`, `hook`, `method`), or, to put the rows of several
+    sites (layers, directions, methods) into the same batches, give `sites` and each row's index
+    into them as `site`; such Rollouts have an empty `hook` and `method`.
     """
+    if sites is None:
+        if direction is None or hook is None:
+            raise ValueError("give a direction and a hook, or sites and a site index per row")
+        sites, site = [Site(hook, direction, method)], torch.zeros(len(prompts), dtype=torch.long)
+    elif site is None or len(site) != len(prompts):
+        raise ValueError("with sites, give `site`: one site index per row")
+    site = site.long().cpu()
+    if len(site) and not 0 <= int(site.min()) <= int(site.max()) < len(sites):
+        raise ValueError(f"site indices must be in 0..{len(sites) - 1}")
     if window <= 0:
         raise ValueError(f"window must be a positive number of tokens, got {window}")
     if len(prompts) != len(coeffs):
@@ -237,12 +255,12 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
     try:
         parts = []
         for sl in chunks(len(prompts), rows_per_batch):
-            res = _rollout_chunk(model, prompts[sl], coeffs[sl], direction=direction, hook=hook,
-                                 method=method, window=window, generated_only=generated_only,
-                                 sampling=sampling, eos=eos_t, gen=gen, decoder=decoder, bar=bar,
-                                 record=record)
+            res = _rollout_chunk(model, prompts[sl], coeffs[sl], sites=sites, site=site[sl],
+                                 window=window, generated_only=generated_only, sampling=sampling,
+                                 eos=eos_t, gen=gen, decoder=decoder, bar=bar, record=record)
             parts.append(Rollouts(**res, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
-                                  hook=hook, method=method, start=start))
+                                  hook=sites[0].hook if len(sites) == 1 else "",
+                                  method=sites[0].method if len(sites) == 1 else "", start=start))
     finally:
         bar.close()
     return Rollouts.concat(parts) if len(parts) > 1 else parts[0]

@@ -55,6 +55,13 @@ class Rollouts:
         prompt = self.prompt[i][self.prompt_mask[i].bool()].tolist()
         return prompt, self.tokens[i, :n].tolist()
 
+    def take(self, rows: list[int], **fields) -> "Rollouts":
+        """These rows only (recorded activations are dropped); `fields` replace hook, method, ..."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        out = {k: v[idx] for k, v in self.__dict__.items() if torch.is_tensor(v)}
+        meta = {"hook": self.hook, "method": self.method, "start": self.start, **fields}
+        return Rollouts(**out, **meta)
+
     @staticmethod
     def concat(parts: list["Rollouts"]) -> "Rollouts":
         width = max(p.prompt.shape[1] for p in parts)

@@ -82,3 +82,22 @@ def test_a_jump_in_the_statistic_is_reported_not_hidden(tiny):
     else:
         j = cal.extra["jump"]
         assert j["value_lo"] < 0.98 and j["value_hi"] > 1.02 and j["c_hi"] / j["c_lo"] - 1 < 1e-3
+
+
+def test_lockstep_calibration_equals_separate_searches(tiny):
+    from isokl_tl.calibrate import calibrate_many
+    from isokl_tl.directions import compute_direction
+    from isokl_tl.prompts import load_pairs
+
+    pairs = load_pairs()[:8]
+    dirs = [compute_direction(tiny, pairs, "blocks.1.hook_resid_post", "mean_diff"),
+            compute_direction(tiny, pairs, "blocks.2.hook_resid_post", "directional_ablation"),
+            compute_direction(tiny, pairs, "blocks.3.hook_resid_post", "pca")]
+    prompts = _prompts(tiny, 3)
+    s = CalibrationSettings(window=12, bootstrap=0)
+    together = calibrate_many(tiny, dirs, prompts, s, rows_per_batch=8)
+    for d, cal in zip(dirs, together):
+        alone = calibrate(tiny, d, prompts, s)
+        assert cal.hook == d.hook and cal.method == d.method
+        assert [h["coeff"] for h in cal.history] == pytest.approx([h["coeff"] for h in alone.history], rel=1e-4)
+        assert cal.c_star == pytest.approx(alone.c_star, rel=1e-4) and cal.rounds == alone.rounds

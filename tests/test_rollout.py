@@ -99,3 +99,25 @@ def test_bad_window_and_context(tiny, tiny_direction):
         rollout(tiny, _prompts(tiny, 1), torch.ones(1), direction=tiny_direction.vector, hook=HOOK, window=0)
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         rollout(tiny, [[5] * 500], torch.ones(1), direction=tiny_direction.vector, hook=HOOK, window=20)
+
+
+def test_rows_of_several_sites_in_one_batch_equal_separate_rollouts(tiny, tiny_direction):
+    from isokl_tl.hooks import Site
+
+    prompts = _prompts(tiny, 2)
+    v = tiny_direction.vector
+    w = torch.roll(v, 1)
+    w = w / w.norm()
+    sites = [Site("blocks.1.hook_resid_post", v, "add"), Site(HOOK, w, "ablate"), Site(HOOK, v, "add")]
+    coeffs = torch.tensor([5.0, 0.0, 1.5, 2.0, 9.0, 4.0])
+    site = torch.tensor([0, 0, 1, 1, 2, 2])
+    together = rollout(tiny, prompts * 3, coeffs, sites=sites, site=site, window=10)
+    assert together.hook == "" and together.method == ""
+    for j, s in enumerate(sites):
+        alone = rollout(tiny, prompts, coeffs[2 * j:2 * j + 2], direction=s.direction, hook=s.hook,
+                        method=s.method, window=10)
+        assert torch.equal(alone.tokens, together.tokens[2 * j:2 * j + 2])
+        torch.testing.assert_close(alone.kl, together.kl[2 * j:2 * j + 2], atol=1e-5, rtol=0,
+                                   equal_nan=True)
+    with pytest.raises(ValueError, match="site indices must be in 0..2"):
+        rollout(tiny, prompts, coeffs[:2], sites=sites, site=torch.tensor([0, 3]), window=2)
