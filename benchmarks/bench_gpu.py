@@ -12,6 +12,7 @@ Prints one line per measurement and writes them as JSON to OUT/bench.json.
 import argparse
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--baseline-new", type=int, default=128, help="tokens for the TL/HF baselines")
     ap.add_argument("--layer", type=int, default=14)
     ap.add_argument("--cell", action="store_true", help="also time a full run cell")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement (median reported)")
     ap.add_argument("--out", default="/tmp/bench", help="where bench.json (and the cell summary) go")
     ap.add_argument("--work", default="/tmp/isokl_bench", help="scratch: checkpoint and cell run dir")
     a = ap.parse_args()
@@ -143,9 +145,12 @@ def main() -> None:
         rollout(model, prompts, c, decoder=dec, direction=v, hook=hook, window=16, eos=[],
                 rows_per_batch=a.batch)   # warm-up
         torch.cuda.reset_peak_memory_stats()
-        secs = sync_time(lambda: rollout(model, prompts, c, decoder=dec, direction=v, hook=hook,
-                                         window=a.new, eos=[], rows_per_batch=a.batch))
+        times = [sync_time(lambda: rollout(model, prompts, c, decoder=dec, direction=v, hook=hook,
+                                           window=a.new, eos=[], rows_per_batch=a.batch))
+                 for _ in range(a.repeats if name == "graph" else 1)]
+        secs = statistics.median(times)
         report(f"engine_{name}_ms_per_step", 1000 * secs / a.new, f"ms ({a.batch} steered rows + partners)")
+        report(f"engine_{name}_ms_per_step_all", ", ".join(f"{1000 * t / a.new:.3f}" for t in times))
         report(f"engine_{name}_tok_per_s", a.batch * a.new / secs)
         report(f"engine_{name}_peak_GB", torch.cuda.max_memory_allocated() / 2**30)
 
@@ -157,8 +162,10 @@ def main() -> None:
             model.generate(tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False,
                            use_past_kv_cache=True, verbose=False)
     tl_gen(4)
-    secs = sync_time(lambda: tl_gen(a.baseline_new))
-    report("tl_generate_ms_per_step", 1000 * secs / a.baseline_new, f"ms (over {a.baseline_new} tokens)")
+    times = [sync_time(lambda: tl_gen(a.baseline_new)) for _ in range(a.repeats)]
+    report("tl_generate_ms_per_step", 1000 * statistics.median(times) / a.baseline_new,
+           f"ms (over {a.baseline_new} tokens)")
+    report("tl_generate_ms_per_step_all", ", ".join(f"{1000 * t / a.baseline_new:.2f}" for t in times))
 
     # (c) Hugging Face generate with a forward hook on the same block
     vv = v.to(torch.bfloat16).cuda()
@@ -177,8 +184,12 @@ def main() -> None:
         finally:
             h.remove()
     hf_gen(4)
-    secs = sync_time(lambda: hf_gen(a.baseline_new))
-    report("hf_generate_ms_per_step", 1000 * secs / a.baseline_new, f"ms (over {a.baseline_new} tokens)")
+    times = [sync_time(lambda: hf_gen(a.baseline_new)) for _ in range(a.repeats)]
+    report("hf_generate_ms_per_step", 1000 * statistics.median(times) / a.baseline_new,
+           f"ms (over {a.baseline_new} tokens)")
+    report("hf_generate_ms_per_step_all", ", ".join(f"{1000 * t / a.baseline_new:.2f}" for t in times))
+    for base in ("tl", "hf") if "engine_graph_ms_per_step" in results else ():
+        report(f"speedup_vs_{base}", results[f"{base}_generate_ms_per_step"] / results["engine_graph_ms_per_step"])
 
     if a.cell:
         from isokl_tl.config import RunConfig

@@ -135,13 +135,10 @@ def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None)
     return ax
 
 
-def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = None,
-                   fig=None) -> np.ndarray:
-    """Top: per-alpha KL quantile bands (10-90%, 25-75%, median) over tokens. Bottom: mean pmass
-    per fork and alpha."""
-    if fig is None:
-        fig = plt.figure(figsize=(7, 5.5))
-    axes = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+def plot_kl_bands(r: Rollouts, *, target: float | None = None, ax: Axes | None = None,
+                  legend: bool = True) -> Axes:
+    """Per-alpha quantile bands of per-token KL over generated tokens (10-90%, 25-75%, median)."""
+    ax = _ax(ax)
     alphas = sorted(set(r.alpha.tolist()))
     palette = dict(zip(alphas, sns.color_palette("rocket_r", len(alphas))))
     kl = r.kl.numpy().astype(float)
@@ -151,16 +148,50 @@ def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             q = np.nanquantile(kl[rows], [0.1, 0.25, 0.5, 0.75, 0.9], axis=0)
-        axes[0].fill_between(t, q[0], q[4], color=palette[a], alpha=0.12, lw=0)
-        axes[0].fill_between(t, q[1], q[3], color=palette[a], alpha=0.25, lw=0)
-        axes[0].plot(t, q[2], color=palette[a], lw=1.2, label=f"{a:g}")
+        ax.fill_between(t, q[0], q[4], color=palette[a], alpha=0.12, lw=0)
+        ax.fill_between(t, q[1], q[3], color=palette[a], alpha=0.25, lw=0)
+        ax.plot(t, q[2], color=palette[a], lw=1.2, label=f"{a:g}")
     if target is not None:
-        axes[0].axhline(target, color="0.3", ls="--", lw=0.8)
-    axes[0].set(yscale="symlog", ylabel="per-token KL (nats)")
-    axes[0].legend(title="alpha", fontsize=7, ncol=2, title_fontsize=8)
+        ax.axhline(target, color="0.3", ls="--", lw=0.8)
+    ax.set(yscale="symlog", ylabel="per-token KL (nats)", xlabel="generated token")
+    if legend:
+        ax.legend(title="alpha", fontsize=7, ncol=2, title_fontsize=8)
+    return ax
+
+
+def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = None,
+                   fig=None) -> np.ndarray:
+    """Top: per-alpha KL quantile bands (10-90%, 25-75%, median) over tokens. Bottom: mean pmass
+    per fork and alpha."""
+    if fig is None:
+        fig = plt.figure(figsize=(7, 5.5))
+    axes = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    plot_kl_bands(r, target=target, ax=axes[0])
+    axes[0].set(xlabel="")
+    alphas = sorted(set(r.alpha.tolist()))
+    palette = dict(zip(alphas, sns.color_palette("rocket_r", len(alphas))))
     sns.lineplot(data=pmass, x="fork", y="pmass", hue="alpha", palette=palette, ax=axes[1],
                  legend=False, errorbar=("pi", 50), marker="o", markersize=3)
     axes[1].set(ylabel="pmass", xlabel="generated token", ylim=(0, 1))
+    return axes
+
+
+def plot_methods(results: dict[str, tuple[Rollouts, dict[float, SurvivalCurve], float]], *,
+                 fig=None) -> np.ndarray:
+    """Methods side by side at iso-KL: per-token KL bands (top) and Kaplan-Meier survival (bottom),
+    one column per method. `results[name] = (rollouts, curves per alpha, c*)`."""
+    if fig is None:
+        fig = plt.figure(figsize=(3.2 * len(results), 6))
+    axes = fig.subplots(2, len(results), sharey="row", squeeze=False)
+    for j, (name, (r, curves, c_star)) in enumerate(results.items()):
+        plot_kl_bands(r, target=1.0, ax=axes[0, j], legend=j == 0)
+        axes[0, j].set_title(f"{name}  (c* = {c_star:.3g})")
+        plot_survival(curves, ax=axes[1, j])
+        axes[1, j].set_title("")
+        if j:
+            axes[0, j].set(ylabel="")
+            axes[1, j].set(ylabel="")
+            axes[1, j].get_legend().remove()
     return axes
 
 

@@ -12,18 +12,26 @@ from isokl_tl.rollout import Rollouts
 from isokl_tl.runs import write_atomic
 
 
+def survival_curves(run_dir: Path, keep_weak: bool = False) -> dict:
+    """Kaplan-Meier curves per alpha from a run's per-rollout deaths (weak prompts dropped unless
+    `keep_weak`)."""
+    from isokl_tl.survival import kaplan_meier
+
+    per_row = pd.read_csv(Path(run_dir) / files.SURVIVAL)
+    used = per_row if keep_weak else per_row[~per_row.weak]
+    return {float(a): kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy().astype(bool))
+            for a, g in used.groupby("alpha")}
+
+
 def write_figures(run_dir: Path, cfg) -> None:
     from isokl_tl.plots import (plot_aggregate, plot_calibration, plot_spaghetti, plot_survival,
                                 save_figure)
-    from isokl_tl.survival import kaplan_meier
 
     r = Rollouts.load(run_dir)
     cal = Calibration.load(run_dir)
     pm = pd.read_csv(run_dir / files.PMASS)
     per_row = pd.read_csv(run_dir / files.SURVIVAL)
-    used = per_row if cfg.keep_weak else per_row[~per_row.weak]
-    curves = {float(a): kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy().astype(bool))
-              for a, g in used.groupby("alpha")}
+    curves = survival_curves(run_dir, cfg.keep_weak)
     fig = files.FIGURES
     save_figure(plot_spaghetti(r, deaths=per_row, target=cal.target), run_dir / fig["spaghetti"])
     save_figure(plot_spaghetti(r, deaths=per_row, normalise_k=16, skip_first=True),
@@ -63,3 +71,20 @@ def write_summary(run_dir: Path, cfg) -> None:
                      f"| {_fmt(t.median)} | {_fmt(t.median_lo)} - {_fmt(t.median_hi)} |")
     lines += ["", "Figures:", ""] + [f"![{k}]({v})" for k, v in files.FIGURES.items()]
     write_atomic(run_dir / files.SUMMARY, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path) -> None:
+    """One figure (KL bands and survival, a column per method) and one table (c*, and per alpha
+    the deaths and S at the end) for finished run directories of several methods."""
+    from isokl_tl.plots import plot_methods, save_figure
+
+    results, lines = {}, ["| method | c* | alpha | n | died | S(end) | median token |",
+                          "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, run_dir in runs.items():
+        cal = Calibration.load(run_dir)
+        results[name] = (Rollouts.load(run_dir), survival_curves(run_dir), cal.c_star)
+        for t in pd.read_csv(Path(run_dir) / files.SURVIVAL_TABLE).itertuples():
+            lines.append(f"| {name} | {cal.c_star:.4g} | {t.alpha:g} | {t.n} | {t.died} | "
+                         f"{t.S_end:.2f} | {_fmt(t.median)} |")
+    save_figure(plot_methods(results), png)
+    write_atomic(Path(markdown), lambda p: p.write_text("\n".join(lines) + "\n"))

@@ -163,3 +163,26 @@ def test_parse_layers():
         parse_layers("6,40", 30)
     with pytest.raises(ValueError, match="start:stop:step or a comma list"):
         parse_layers("six", 30)
+
+
+def test_method_comparison_report_on_tiny_runs(tmp_path):
+    """Two methods through the same pipeline at the same budget (the random direction is the
+    matched-dose control), then the side-by-side figure and table."""
+    from isokl_tl.calibrate import Calibration
+    from isokl_tl.config import RunConfig
+    from isokl_tl.pipeline import Run
+    from isokl_tl.report import write_method_comparison
+
+    runs = {}
+    for method in ("mean_diff", "random"):
+        cfg = RunConfig(model="tiny-random", method=method, window=12, n_prompts=2, calib_window=8,
+                        n_calib=2, fork_every=6, min_base_pmass=0.001, bootstrap=0, alphas=(0.0, 1.0))
+        run = Run(tmp_path / method, cfg, progress=False, log=lambda m: None)
+        run.run_all()
+        cal = Calibration.load(run.dir)
+        assert abs(cal.value / cal.target - 1) <= cal.tol        # both spend the same KL budget
+        runs[method] = run.dir
+    write_method_comparison(runs, tmp_path / "cmp.png", tmp_path / "cmp.md")
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
+    table = (tmp_path / "cmp.md").read_text().splitlines()
+    assert len(table) == 2 + 2 * 2 and any(line.startswith("| random |") for line in table)

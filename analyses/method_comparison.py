@@ -1,0 +1,33 @@
+"""Question: at the same KL budget, do mean_diff, pca and directional ablation keep the embedded
+SmolLM2-135M-Instruct answering for as long as each other, and as long as a random direction given
+the same dose ("same KL, no meaning")?
+
+Each method gets its own run directory (the whole pipeline: direction, iso-KL calibration, alpha
+sweep, fork pmass, survival) with the same prompts, window, alphas and death rule; the figure puts
+their per-token KL bands and Kaplan-Meier curves side by side. Regenerates
+figures/method_comparison.png and figures/method_comparison.md:
+
+    python analyses/method_comparison.py          # about 8 minutes on 2 CPU cores
+
+Run directories go to runs/methods/<method>; a rerun reuses finished stages.
+"""
+
+from pathlib import Path
+
+from isokl_tl.config import RunConfig
+from isokl_tl.pipeline import Run
+from isokl_tl.report import write_method_comparison
+
+METHODS = ("mean_diff", "pca", "directional_ablation", "random")
+ROOT = Path(__file__).resolve().parent.parent
+
+if __name__ == "__main__":
+    runs = {}
+    for method in METHODS:
+        cfg = RunConfig(method=method, alphas=(0.0, 1.0, 2.0))
+        run = Run(ROOT / "runs" / "methods" / method, cfg)
+        run.run_all()
+        runs[method] = run.dir
+    figures = ROOT / "figures"
+    write_method_comparison(runs, figures / "method_comparison.png", figures / "method_comparison.md")
+    print((figures / "method_comparison.md").read_text())
