@@ -6,14 +6,19 @@
   TL generate     HookedTransformer.generate with the steering hook (tokens only, no KL)
   HF generate     transformers' generate on the same GGUF weights, steering by a forward hook on
                   the same block (tokens only, no KL)
+  HF gen + KL     the same generate keeping its steered logits, then one teacher-forced forward of
+                  the base model over the finished rollouts and the per-token KL: the same output
+                  as this project's engine, the straightforward way
 
     python benchmarks/bench_rollout.py --batches 1 8 64 --window 32
 
 All decode greedily with a KV cache for exactly `window` new tokens (EOS ignored) from equal-length
-chat prompts. Reported: steered tokens per second and milliseconds per decode step.
+chat prompts. Each engine is warmed up once, then timed `--repeats` times; the median is reported
+as steered tokens per second and milliseconds per decode step.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,6 +28,7 @@ from isokl_tl.decode import TLDecoder
 from isokl_tl.directions import compute_direction
 from isokl_tl.fast_decode import FastDecoder
 from isokl_tl.hooks import hook_layer, resolve_hook, steer
+from isokl_tl.kl import token_kl
 from isokl_tl.models import EMBEDDED, embedded_gguf_path, load_model
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import rollout
@@ -35,10 +41,14 @@ def hf_model():
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed(fn, repeats: int) -> float:
+    fn()                                            # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -46,6 +56,7 @@ def main() -> None:
     ap.add_argument("--model", default=EMBEDDED)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.manual_seed(0)
     model = load_model(a.model)
@@ -64,35 +75,44 @@ def main() -> None:
 
     print(f"model {a.model}, window {a.window}, prompt {width} tokens, threads {torch.get_num_threads()}, "
           f"hook {d.hook}, coefficient {coeff:.3g}")
-    print(f"{'batch':>5} | {'isokl-tl fast':>20} | {'isokl-tl TL':>20} | {'TL generate':>20} | {'HF generate':>20}")
-    print(f"{'':>5} | {'tok/s   ms/step':>20} | {'tok/s   ms/step':>20} | {'tok/s   ms/step':>20} | {'tok/s   ms/step':>20}")
+    names = ["isokl-tl fast", "isokl-tl TL", "TL generate", "HF generate", "HF gen + KL"]
+    print(f"{'batch':>5} | " + " | ".join(f"{n:>20}" for n in names))
+    print(f"{'':>5} | " + " | ".join(f"{'tok/s   ms/step':>20}" for _ in names))
     for b in a.batches:
         prompts = (base * (b // len(base) + 1))[:b]
         tokens = torch.tensor(prompts)
         c = torch.full((b,), coeff)
         kw = dict(direction=d.vector, hook=d.hook, window=a.window, eos=[], rows_per_batch=b)
+        r = a.repeats
         secs = {
-            "fast": timed(lambda: rollout(model, prompts, c, decoder=FastDecoder, **kw)),
-            "tl": timed(lambda: rollout(model, prompts, c, decoder=TLDecoder, **kw)),
+            "fast": timed(lambda: rollout(model, prompts, c, decoder=FastDecoder, **kw), r),
+            "tl": timed(lambda: rollout(model, prompts, c, decoder=TLDecoder, **kw), r),
         }
 
         def tl_generate():
             with torch.no_grad(), steer(model, d.hook, d.vector, coeff):
                 model.generate(tokens, max_new_tokens=a.window, do_sample=False, stop_at_eos=False,
                                use_past_kv_cache=True, verbose=False)
-        secs["tlgen"] = timed(tl_generate)
+        secs["tlgen"] = timed(tl_generate, r)
         if hf is not None:
-            def hf_generate():
+            def hf_generate(kl: bool = False):
                 handle = hf.model.layers[hook_layer(d.hook)].register_forward_hook(hf_hook)
                 try:
                     with torch.no_grad():
-                        hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=a.window,
-                                    min_new_tokens=a.window, do_sample=False, pad_token_id=0)
+                        out = hf.generate(tokens, attention_mask=torch.ones_like(tokens),
+                                          max_new_tokens=a.window, min_new_tokens=a.window, do_sample=False,
+                                          pad_token_id=0, output_logits=kl, return_dict_in_generate=kl)
                 finally:
                     handle.remove()
-            secs["hf"] = timed(hf_generate)
+                if kl:     # base model teacher-forced on the finished rollouts, then per-token KL
+                    with torch.no_grad():
+                        base = hf(out.sequences[:, :-1]).logits[:, width - 1:]
+                        steered = torch.stack(out.logits, dim=1)
+                        token_kl(steered, base)
+            secs["hf"] = timed(hf_generate, r)
+            secs["hfkl"] = timed(lambda: hf_generate(kl=True), r)
         cells = []
-        for k in ("fast", "tl", "tlgen", "hf"):
+        for k in ("fast", "tl", "tlgen", "hf", "hfkl"):
             s = secs.get(k)
             cells.append(f"{b * a.window / s:>8.1f} {1000 * s / a.window:>9.1f}" if s else f"{'n/a':>20}")
         print(f"{b:>5} | " + " | ".join(f"{x:>20}" for x in cells), flush=True)

@@ -137,7 +137,7 @@ class Recorder:
             n = len(self.active)
             steered = h[:n]
             delta = torch.zeros(n, device=h.device)
-            if len(self.has):
+            if len(self.has) and h.shape[0] > n:    # below a shared prefix partners are not apart
                 delta[self.has] = (steered[self.has] - h[n:]).norm(dim=-1)
             rows, t = self.active, self.t
             self.proj[rows, i, t] = (steered * self.v[rows.to(h.device)]).sum(-1).cpu()

@@ -75,6 +75,26 @@ class FastDecoder:
         self.v: list[Tensor] = []
         self.key_mask: Tensor | None = None
         self.length = 0
+        self.split = 0                 # layers below `split` run on the first `n_own` rows only
+        self.n_own: int | None = None
+        self.partner_of: Tensor | None = None
+
+    def share_prefix(self, n_own: int, partner_of: Int[Tensor, " partner"], split: int) -> None:
+        """Declare that batch rows `n_own + j` repeat row `partner_of[j]` up to block `split`: same
+        tokens, same mask, no steering below it (base partners of steered rows). Blocks below
+        `split` then run on the first `n_own` rows only (their KV caches hold those rows), and
+        the residual stream is widened to the whole batch when block `split` begins. Exact:
+        those rows would compute the same numbers. Call before `prefill`."""
+        self.n_own, self.partner_of, self.split = n_own, partner_of, split if len(partner_of) else 0
+
+    def _rows(self, i: int) -> int | None:
+        """How many batch rows block i runs on (None: all)."""
+        return self.n_own if i < self.split else None
+
+    def _widen(self, i: int, resid: Tensor) -> Tensor:
+        if i == self.split and self.split > 0:
+            return torch.cat([resid, resid[self.partner_of]])
+        return resid
 
     def _layer(self, i: int, resid: Tensor, mask_now: Tensor, attn_mask: Tensor) -> Tensor:
         block = self.model.blocks[i]
@@ -115,9 +135,11 @@ class FastDecoder:
             keys = keys | own
         if self.steering is not None:
             self.steering.offset = self.length
-        resid = m.hook_embed(m.embed(tokens))
+        resid = m.hook_embed(m.embed(tokens[:self._rows(0)]))
         for i in range(m.cfg.n_layers):
-            resid = self._layer(i, resid, mask_now, keys)
+            resid = self._widen(i, resid)
+            rows = self._rows(i)
+            resid = self._layer(i, resid, mask_now[:rows], keys[:rows])
         self.length = end
         return m.unembed(m.ln_final(resid[:, -1:]))[:, -1]
 
@@ -126,9 +148,9 @@ class FastDecoder:
                 ) -> Float[Tensor, "batch d_vocab"]:
         cfg = self.model.cfg
         b, dev = tokens.shape[0], tokens.device
-        shape = (b, self.n_kv, self.capacity, cfg.d_head)
-        self.k = [torch.zeros(shape, dtype=cfg.dtype, device=dev) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=cfg.dtype, device=dev) for _ in range(cfg.n_layers)]
+        shape = [(self._rows(i) or b, self.n_kv, self.capacity, cfg.d_head) for i in range(cfg.n_layers)]
+        self.k = [torch.zeros(sh, dtype=cfg.dtype, device=dev) for sh in shape]
+        self.v = [torch.zeros(sh, dtype=cfg.dtype, device=dev) for sh in shape]
         self.key_mask = torch.zeros((b, self.capacity), dtype=torch.long, device=dev)
         self.length = 0
         return self._forward(tokens, mask)
@@ -138,8 +160,20 @@ class FastDecoder:
         return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
+        if self.split:
+            own = rows[rows < self.n_own]
+            where = torch.full((self.n_own,), -1, dtype=torch.long, device=rows.device)
+            where[own] = torch.arange(len(own), device=rows.device)
+            partner_of = where[self.partner_of[rows[rows >= self.n_own] - self.n_own]]
+            assert bool((partner_of >= 0).all()), "a partner row outlived the row it repeats"
+            self.k = [k[own] if i < self.split else k[rows] for i, k in enumerate(self.k)]
+            self.v = [v[own] if i < self.split else v[rows] for i, v in enumerate(self.v)]
+            self.n_own, self.partner_of = len(own), partner_of
+            if not len(partner_of):       # nothing left to widen: run every block on all rows
+                self.split = 0
+        else:
+            self.k = [k[rows] for k in self.k]
+            self.v = [v[rows] for v in self.v]
         self.key_mask = self.key_mask[rows]
         select_coeff(self.steering, rows)
 

@@ -81,6 +81,7 @@ class StaticDecoder(FastDecoder):
         x = block.ln1(resid)
         q, k, v = attn.calculate_qkv_matrices(x, x, x)
         cos, sin = self._rotary(attn)
+        cos, sin = cos[:resid.shape[0]], sin[:resid.shape[0]]   # fewer rows below a shared split
         q = attn.hook_rot_q(self._rotate(attn, q, cos, sin))
         self.k[i].index_copy_(2, self.write_at, self._rotate(attn, k, cos, sin).transpose(1, 2))
         self.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
@@ -104,9 +105,10 @@ class StaticDecoder(FastDecoder):
         bias.masked_fill_(self.key_mask == 0, float("-inf"))
         bias = bias[:, None, None, :]
         self._cos_sin = None
-        resid = m.hook_embed(m.embed(self.tok_buf[:, None]))
+        resid = m.hook_embed(m.embed(self.tok_buf[:self._rows(0), None]))
         for i in range(m.cfg.n_layers):
-            resid = self._static_layer(i, resid, bias)
+            resid = self._widen(i, resid)
+            resid = self._static_layer(i, resid, bias[:self._rows(i)])
         self.logits.copy_(m.unembed(m.ln_final(resid))[:, -1])
         self.pos_ids += 1
         self.write_at += 1

@@ -22,7 +22,7 @@ from isokl_tl.batching import chunks, left_pad, pad_id
 from isokl_tl.chat import eos_ids
 from isokl_tl.decode import Decoder
 from isokl_tl.fast_decode import make_decoder
-from isokl_tl.hooks import Site, Steering, SteeringGroup, steer_sites
+from isokl_tl.hooks import Site, Steering, SteeringGroup, hook_layer, steer_sites
 from isokl_tl.kl import kl_from_logprobs
 from isokl_tl.rollouts import Rollouts
 
@@ -67,6 +67,12 @@ def _check_finite(logits: Tensor, t: int, active: Tensor, coeff: Tensor) -> None
                          f"coefficient {float(coeff[row]):.4g}); the coefficient is probably too large")
 
 
+def _first_block(sites: list[Site]) -> int:
+    """The first block any site steers in (0 when a site sits before the blocks)."""
+    layers = [hook_layer(s.hook) for s in sites]
+    return 0 if any(layer is None for layer in layers) else min(layers)
+
+
 DecoderFactory = Callable[[HookedTransformer, Steering | SteeringGroup, int], Decoder]   # (model, steering, capacity)
 
 
@@ -97,6 +103,8 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     with steer_sites(model, sites, per_site, start=width if generated_only else 0) as steering, \
             model.hooks(fwd_hooks=[] if rec is None else rec.fwd_hooks()):
         dec = decoder(model, steering, width + window)
+        if hasattr(dec, "share_prefix"):    # base partners repeat their rows below the first site
+            dec.share_prefix(b, paired.nonzero()[:, 0].to(dev), _first_block(sites))
         if rec is not None:
             dec.use_graph = False           # recording hooks have Python side effects every step
             rec.at(0, torch.arange(b), paired.nonzero()[:, 0].to(dev))

@@ -109,3 +109,27 @@ def test_static_decoder_sampling_path_matches(tiny, tiny_direction):
     ref = rollout(tiny, prompts, coeffs, decoder=TLDecoder, **kw)
     assert torch.equal(static.tokens, ref.tokens)
     torch.testing.assert_close(static.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("hook", ["blocks.2.hook_resid_post", "blocks.1.hook_resid_pre", "hook_embed"])
+def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_direction, hook):
+    """Base partners share the blocks below the steering site with their rows (FastDecoder's
+    share_prefix); rows (and their partners) leave the batch at EOS at different steps, unpaired
+    coefficient-0 rows in between: tokens and KL still match TransformerLens's path."""
+    prompts = _prompts(tiny, 5)
+    coeffs = torch.tensor([6.0, 0.0, 12.0, 3.0, 0.0])
+    kw = dict(direction=tiny_direction.vector, hook=hook, window=16)
+    plain = rollout(tiny, prompts, coeffs, decoder=TLDecoder, **kw)
+    stops = [int(plain.tokens[0, 3]), int(plain.tokens[2, 6]), int(plain.tokens[3, 9])]
+    splits = []
+
+    class Recording(FastDecoder):
+        def share_prefix(self, n_own, partner_of, split):
+            super().share_prefix(n_own, partner_of, split)
+            splits.append(self.split)
+    got = rollout(tiny, prompts, coeffs, decoder=Recording, eos=stops, **kw)
+    ref = rollout(tiny, prompts, coeffs, decoder=TLDecoder, eos=stops, **kw)
+    assert splits == [{"blocks.2.hook_resid_post": 2, "blocks.1.hook_resid_pre": 1, "hook_embed": 0}[hook]]
+    assert len(set(got.gen_len.tolist())) > 1                 # rows really left at different steps
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.eos, ref.eos)
+    torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
