@@ -7,12 +7,12 @@ submodules are imported on first use, so `import isokl_tl` stays cheap. See READ
 import importlib
 
 _EXPORTS = {
-    "calibrate": ["Calibration", "CalibrationError", "CalibrationSettings", "calibrate"],
+    "calibrate": ["Calibration", "CalibrationError", "CalibrationSettings", "calibrate", "calibrate_many"],
     "activations": ["Activations", "Record"],
     "chat": ["prompt_ids"],
     "diagnostics": ["LayerStudy", "layer_study"],
     "directions": ["Direction", "compute_direction"],
-    "hooks": ["hook_name", "resolve_hook", "steer"],
+    "hooks": ["Site", "hook_name", "resolve_hook", "steer", "steer_sites"],
     "kl": ["teacher_forced_kl", "token_kl"],
     "models": ["EMBEDDED", "TINY", "load_model"],
     "config": ["RunConfig"],

@@ -188,3 +188,18 @@ def test_method_comparison_report_on_tiny_runs(tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 10_000
     table = (tmp_path / "cmp.md").read_text().splitlines()
     assert len(table) == 2 + 2 * 2 and any(line.startswith("| random |") for line in table)
+
+
+def test_layer_study_without_heldout_prompts_skips_the_ablation(tiny):
+    from isokl_tl.calibrate import CalibrationSettings
+    from isokl_tl.chat import prompt_ids
+    from isokl_tl.diagnostics import layer_study
+    from isokl_tl.prompts import load_pairs, load_prompts
+
+    prompts = [prompt_ids(tiny.tokenizer, p) for p in load_prompts("calibration")[:2]]
+    study = layer_study(tiny, load_pairs()[:8], prompts, [1, 3], method="pca",
+                        settings=CalibrationSettings(window=8, bootstrap=0))
+    t = study.table
+    assert list(t.layer) == [1, 3] and (t.method == "pca").all() and t.c_star.notna().all()
+    assert t[["ablation_c_star", "ablation_pmass", "ablation_pmass_rel"]].isna().all().all()
+    assert set(study.propagation.steer_layer) == {1, 3}
