@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 from isokl_tl.decode import TLDecoder, select_coeff
 from isokl_tl.hooks import Steering, SteeringGroup
 
+POST_NORM = ("Olmo2ForCausalLM",)   # blocks normalise sublayer outputs, and Q/K as whole vectors
 UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
                  "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "hook_tokens")
 
@@ -40,7 +41,7 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
         (not (c.use_attn_in or c.use_split_qkv_input), "split Q/K/V inputs"),
         (not c.parallel_attn_mlp, "parallel attention and MLP"),
         (not c.use_normalization_before_and_after, "post-sublayer norms"),
-        (not getattr(c, "use_qk_norm", False), "QK norm"),
+        (not getattr(c, "use_qk_norm", False), "per-head QK norm"),
         (getattr(c, "clip_qkv", None) is None, "clipped Q/K/V"),
         (not getattr(c, "use_logn_attn", False), "log-n attention scaling"),
         (not getattr(c, "use_dynamic_ntk_rope", False), "dynamic NTK rotary"),
@@ -49,8 +50,8 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
         (c.attn_types is None or set(c.attn_types) == {"global"}, "local attention"),
         (c.n_devices == 1, "a model split over devices"),
         (not c.load_in_4bit, "4-bit weights"),
-        (c.original_architecture not in ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM"),
-         "post-norm OLMo blocks"),
+        (c.original_architecture not in ("Olmo3ForCausalLM", "OlmoeForCausalLM"),
+         "OLMo-3 / OLMoE blocks (only OLMo-2's post-norm blocks are covered)"),
         (not getattr(c, "scale_attn_by_inverse_layer_idx", False), "per-layer attention scaling"),
     ]
     for ok, why in checks:
@@ -78,6 +79,7 @@ class FastDecoder:
         self.split = 0                 # layers below `split` run on the first `n_own` rows only
         self.n_own: int | None = None
         self.partner_of: Tensor | None = None
+        self.post_norm = cfg.original_architecture in POST_NORM
 
     def share_prefix(self, n_own: int, partner_of: Int[Tensor, " partner"], split: int) -> None:
         """Declare that batch rows `n_own + j` repeat row `partner_of[j]` up to block `split`: same
@@ -96,12 +98,38 @@ class FastDecoder:
             return torch.cat([resid, resid[self.partner_of]])
         return resid
 
+    def _qkv(self, block, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A block up to its (unrotated) Q, K, V, with TransformerLens's hooks: returns the hooked
+        residual and q, k, v. Pre-norm blocks normalise the input; OLMo-2 blocks (post-norm) do not,
+        and normalise the whole projected Q and K instead (QK norm)."""
+        attn = block.attn
+        resid = block.hook_resid_pre(resid)
+        x = resid if self.post_norm else block.ln1(resid)
+        q, k, v = attn.calculate_qkv_matrices(x, x, x)           # fires hook_q/k/v
+        if self.post_norm:
+            q = attn.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = attn.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+        return resid, q, k, v
+
+    def _finish(self, block, resid: Tensor, z: Tensor) -> Tensor:
+        """A block from the attention's per-head output z ([batch, pos, head, d_head]) on."""
+        attn = block.attn
+        z = attn.hook_z(z)
+        w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
+        attn_out = F.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
+        if self.post_norm:
+            attn_out = block.ln1(attn_out)
+        resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
+        if self.post_norm:
+            mlp_out = block.ln2(block.mlp(resid_mid))
+        else:
+            mlp_out = block.mlp(block.ln2(resid_mid))
+        return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out))
+
     def _layer(self, i: int, resid: Tensor, mask_now: Tensor, attn_mask: Tensor) -> Tensor:
         block = self.model.blocks[i]
         attn = block.attn
-        resid = block.hook_resid_pre(resid)
-        x = block.ln1(resid)
-        q, k, v = attn.calculate_qkv_matrices(x, x, x)           # fires hook_q/k/v
+        resid, q, k, v = self._qkv(block, resid)
         n = q.shape[1]
         q = attn.hook_rot_q(attn.apply_rotary(q, self.length, mask_now))
         k = attn.apply_rotary(k, self.length, mask_now)
@@ -111,12 +139,7 @@ class FastDecoder:
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=attn_mask,
             scale=self.scale, enable_gqa=self.n_kv != q.shape[2])
-        z = attn.hook_z(z.transpose(1, 2))                        # [batch, pos, head, d_head]
-        w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
-        attn_out = block.hook_attn_out(F.linear(z.reshape(z.shape[0], n, -1), w, attn.b_O))
-        resid_mid = block.hook_resid_mid(resid + attn_out)
-        mlp_out = block.hook_mlp_out(block.mlp(block.ln2(resid_mid)))
-        return block.hook_resid_post(resid_mid + mlp_out)
+        return self._finish(block, resid, z.transpose(1, 2))
 
     def _forward(self, tokens: Tensor, mask_new: Tensor) -> Tensor:
         m = self.model

@@ -77,9 +77,7 @@ class StaticDecoder(FastDecoder):
     def _static_layer(self, i: int, resid: Tensor, bias: Tensor) -> Tensor:
         block = self.model.blocks[i]
         attn = block.attn
-        resid = block.hook_resid_pre(resid)
-        x = block.ln1(resid)
-        q, k, v = attn.calculate_qkv_matrices(x, x, x)
+        resid, q, k, v = self._qkv(block, resid)
         cos, sin = self._rotary(attn)
         cos, sin = cos[:resid.shape[0]], sin[:resid.shape[0]]   # fewer rows below a shared split
         q = attn.hook_rot_q(self._rotate(attn, q, cos, sin))
@@ -87,12 +85,7 @@ class StaticDecoder(FastDecoder):
         self.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
         z = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i], self.v[i], attn_mask=bias,
                                            scale=self.scale, enable_gqa=self.n_kv != q.shape[2])
-        z = attn.hook_z(z.transpose(1, 2))
-        w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
-        attn_out = block.hook_attn_out(F.linear(z.reshape(z.shape[0], 1, -1), w, attn.b_O))
-        resid_mid = block.hook_resid_mid(resid + attn_out)
-        mlp_out = block.hook_mlp_out(block.mlp(block.ln2(resid_mid)))
-        return block.hook_resid_post(resid_mid + mlp_out)
+        return self._finish(block, resid, z.transpose(1, 2))
 
     def _static_step(self) -> Tensor:
         """One step on the buffers, bookkeeping included, all on the device: the new key becomes

@@ -163,13 +163,38 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     try:
         cfg_dict = convert_hf_model_config(str(path))
     except NotImplementedError as e:
-        raise ValueError(f"checkpoint {str(path)!r}: {e} (by TransformerLens 3.9's converter)") from None
+        cfg_dict = _olmo2_config(path)
+        if cfg_dict is None:
+            raise ValueError(f"checkpoint {str(path)!r}: {e} (by TransformerLens 3.9's converter)") from None
     cfg_dict["dtype"] = dtype
     cfg_dict["default_prepend_bos"] = False
     cfg = HookedTransformerConfig(**cfg_dict)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     sd = get_pretrained_state_dict(str(path), cfg, hf_model=hf, dtype=dtype)
     return cfg, sd, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _olmo2_config(path: Path) -> dict | None:
+    """TransformerLens 3.9 converts OLMo-2 weights (`convert_olmo2_weights`) but builds its config
+    only from the two official model names; for a local OLMo-2 checkpoint build the same config
+    from the checkpoint's own config.json. None for other architectures."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    if "Olmo2ForCausalLM" not in (hf.architectures or []):
+        return None
+    d_head = hf.hidden_size // hf.num_attention_heads
+    kv = hf.num_key_value_heads
+    return {"d_model": hf.hidden_size, "d_head": d_head, "n_heads": hf.num_attention_heads,
+            "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
+            "n_ctx": hf.max_position_embeddings, "eps": hf.rms_norm_eps, "d_vocab": hf.vocab_size,
+            "act_fn": hf.hidden_act, "initializer_range": hf.initializer_range,
+            "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": d_head,
+            "rotary_base": float(getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]),
+            "attn_types": ["global"] * hf.num_hidden_layers, "gated_mlp": True,
+            "n_key_value_heads": kv if kv != hf.num_attention_heads else None,
+            "tie_word_embeddings": bool(hf.tie_word_embeddings),
+            "original_architecture": "Olmo2ForCausalLM", "tokenizer_name": str(path)}
 
 
 def _is_tl_name(spec: str) -> bool:

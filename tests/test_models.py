@@ -67,3 +67,56 @@ def test_embedded_matches_hugging_face_gguf_loader(smol):
     tokens = torch.randint(0, smol.cfg.d_vocab, (2, 31))
     with torch.no_grad():
         assert (smol(tokens) - hf(tokens).logits).abs().max() < 5e-4
+
+
+@pytest.fixture(scope="module")
+def olmo2_dir(tmp_path_factory):
+    """A random OLMo-2 checkpoint (post-norm blocks, QK norm) with the tiny BPE tokenizer."""
+    import transformers
+
+    from isokl_tl.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = transformers.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok),
+                                   max_position_embeddings=256, initializer_range=0.2,
+                                   eos_token_id=None, pad_token_id=None, bos_token_id=None)
+    cfg.architectures = ["Olmo2ForCausalLM"]
+    torch.manual_seed(0)
+    where = tmp_path_factory.mktemp("olmo2")
+    transformers.Olmo2ForCausalLM(cfg).eval().save_pretrained(where)
+    tok.save_pretrained(where)
+    return where
+
+
+def test_local_olmo2_checkpoint_loads_and_matches_hugging_face(olmo2_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(str(olmo2_dir))
+    hf = AutoModelForCausalLM.from_pretrained(olmo2_dir, dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 12))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert theirs.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_paths_cover_olmo2_blocks(olmo2_dir):
+    from isokl_tl.decode import TLDecoder
+    from isokl_tl.fast_decode import FastDecoder, make_decoder, unsupported_reason
+    from isokl_tl.graph_decode import StaticDecoder
+    from isokl_tl.rollout import rollout
+
+    model = load_model(str(olmo2_dir))
+    assert unsupported_reason(model) is None
+    assert isinstance(make_decoder(model, None, 8), FastDecoder)
+    prompts = [list(range(5, 15)), list(range(40, 47))]
+    v = torch.randn(model.cfg.d_model)
+    kw = dict(direction=v / v.norm(), hook="blocks.1.hook_resid_post", window=12, eos=[])
+    coeffs = torch.tensor([3.0, 0.0])
+    ref = rollout(model, prompts, coeffs, decoder=TLDecoder, **kw)
+    for dec in (FastDecoder, StaticDecoder):
+        got = rollout(model, prompts, coeffs, decoder=dec, **kw)
+        assert torch.equal(got.tokens, ref.tokens)
+        torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
+    assert ref.kl[0].max() > 1e-3
