@@ -21,8 +21,8 @@ from transformer_lens import HookedTransformer
 from isokl_tl.directions import Direction
 from isokl_tl.files import CALIBRATION
 from isokl_tl.hooks import Site
-from isokl_tl.search import (STATISTICS, CalibrationError, CalibrationSettings, Search,  # noqa: F401
-                             _Eval, kl_statistic, steps)
+from isokl_tl.search import (CalibrationError, CalibrationSettings, Search, _Eval,  # noqa: F401
+                             kl_statistic, steps)
 from isokl_tl.rollout import rollout
 from isokl_tl.runs import write_json
 

@@ -27,7 +27,15 @@ class Decoder(Protocol):
         """Keep only these batch rows (finished rows leave the batch)."""
 
 
-class TLDecoder:
+class OneTokenStep:
+    """`step` for decoders whose `_forward(tokens, mask)` runs new columns through the model."""
+
+    @torch.no_grad()
+    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
+
+
+class TLDecoder(OneTokenStep):
     """TransformerLens's own forward with its key-value cache (the reference decode path)."""
 
     def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None = None,
@@ -51,10 +59,6 @@ class TLDecoder:
         )
         self.length = 0
         return self._forward(tokens, mask)
-
-    @torch.no_grad()
-    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
-        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         assert self.cache is not None

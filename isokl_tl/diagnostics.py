@@ -29,13 +29,13 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from isokl_tl.activations import Record
-from isokl_tl.calibrate import (Calibration, CalibrationError, CalibrationSettings, calibrate_many,
-                                kl_statistic)
+from isokl_tl.calibrate import Calibration, CalibrationError, CalibrationSettings, calibrate_many
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.hooks import Site, hook_layer, hook_name
 from isokl_tl.pmass import Splice, fork_pmass, fork_schedule
 from isokl_tl.prompts import ContrastPair
 from isokl_tl.rollout import rollout
+from isokl_tl.search import Search
 
 COLUMNS = ["layer", "hook", "method", "c_star", "converged", "c_star_rel", "resid_norm",
            "curvature_a", "loglog_slope", "law_holds_to", "projection_gap", "cos_mean_diff_pca",
@@ -98,11 +98,10 @@ def _probe(model: HookedTransformer, found: dict[int, tuple[Direction, Calibrati
     extra, profiles = {}, []
     for j, layer in enumerate(layers):
         base = j * len(fractions) * n
-        extra[layer] = []
-        for k, f in enumerate(fractions[1:], start=1):
-            per_row = [kl[i][mask[i]] for i in range(base + k * n, base + (k + 1) * n)]
-            extra[layer].append({"coeff": found[layer][1].c_star * f, "n_tokens": int(sum(map(len, per_row))),
-                                 "value": kl_statistic(per_row, s.statistic, s.quantile), "probe": "curvature"})
+        probes = Search(found[layer][0], s)           # the same statistic as calibration's
+        rows = slice(base + n, base + len(fractions) * n)
+        probes.record([found[layer][1].c_star * f for f in fractions[1:]], kl[rows], mask[rows], 0.0)
+        extra[layer] = [e.record() for e in probes.evals]
         ok = torch.as_tensor(mask[base:base + n])
         for i, hook in enumerate(a.hooks):
             delta, norm = a.delta[base:base + n, i][ok], a.norm[base:base + n, i][ok]

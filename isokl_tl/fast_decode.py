@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl.decode import TLDecoder, select_coeff
+from isokl_tl.decode import OneTokenStep, TLDecoder, select_coeff
 from isokl_tl.hooks import Steering, SteeringGroup
 
 POST_NORM = ("Olmo2ForCausalLM",)   # blocks normalise sublayer outputs, and Q/K as whole vectors
@@ -64,7 +64,7 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     return None
 
 
-class FastDecoder:
+class FastDecoder(OneTokenStep):
     """Static KV cache + SDPA decode step over the model's own modules (see module docstring)."""
 
     def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int):
@@ -177,10 +177,6 @@ class FastDecoder:
         self.key_mask = torch.zeros((b, self.capacity), dtype=torch.long, device=dev)
         self.length = 0
         return self._forward(tokens, mask)
-
-    @torch.no_grad()
-    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
-        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         if self.split:

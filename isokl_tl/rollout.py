@@ -88,7 +88,8 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     # A row at coefficient 0 *is* the base model (steer() is the identity there), so only rows
     # with c != 0 get a base partner; the partners sit after the steered rows in the batch.
     paired = coeff != 0
-    both = torch.cat([coeff, torch.zeros(int(paired.sum()))]).to(dev)
+    partners = paired.nonzero()[:, 0].to(dev)     # positions of the rows that have a partner
+    both = torch.cat([coeff, torch.zeros(int(paired.sum()))])
     out_tok = torch.full((b, window), -1, dtype=torch.long)
     out_kl = torch.full((b, window), float("nan"))
     out_lp = torch.full((b, window), float("nan"))
@@ -98,16 +99,16 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     # one coefficient vector per site: a row carries its coefficient at its own site and 0 (the
     # identity) at every other; base partners carry 0 everywhere
     site_both = torch.cat([site, site[paired]])
-    per_site = [torch.where(site_both == j, both.cpu(), 0.0).to(dev) for j in range(len(sites))]
+    per_site = [torch.where(site_both == j, both, 0.0).to(dev) for j in range(len(sites))]
     rec = None if record is None else Recorder(model, record, sites, site, window)
     with steer_sites(model, sites, per_site, start=width if generated_only else 0) as steering, \
             model.hooks(fwd_hooks=[] if rec is None else rec.fwd_hooks()):
         dec = decoder(model, steering, width + window)
         if hasattr(dec, "share_prefix"):    # base partners repeat their rows below the first site
-            dec.share_prefix(b, paired.nonzero()[:, 0].to(dev), _first_block(sites))
+            dec.share_prefix(b, partners, _first_block(sites))
         if rec is not None:
             dec.use_graph = False           # recording hooks have Python side effects every step
-            rec.at(0, torch.arange(b), paired.nonzero()[:, 0].to(dev))
+            rec.at(0, torch.arange(b), partners)
         logits = dec.prefill(torch.cat([tokens, tokens[paired.to(dev)]]),
                              torch.cat([mask, mask[paired.to(dev)]]))
         if getattr(dec, "static", False):   # fixed-shape decoder: no compaction, few host syncs
