@@ -1,7 +1,8 @@
 """What a CPU decode step of the fast path costs, and what the base partners add to it: prefill and
 per-step time of `FastDecoder` on the embedded model for B steered rows alone, B rows + B base
 partners, and the same with the partners sharing the blocks below the steering site
-(`share_prefix`).
+(`share_prefix`); each with TransformerLens's modules (`fuse=False`) and with the fused block
+arithmetic of `isokl_tl.fusion` (the default).
 
     python benchmarks/bench_cpu_step.py --rows 8
 """
@@ -36,11 +37,11 @@ def main() -> None:
              "+ partners": (torch.cat([own, own]), torch.cat([torch.full((b,), 50.0), torch.zeros(b)]), False),
              "+ partners, shared prefix": (torch.cat([own, own]),
                                            torch.cat([torch.full((b,), 50.0), torch.zeros(b)]), True)}
-    for name, (tokens, coeff, share) in cases.items():
+    for (name, (tokens, coeff, share)), fuse in ((case, fuse) for case in cases.items() for fuse in (False, True)):
         prefill, step = [], []
         with torch.no_grad(), steer(model, a.hook, v, coeff) as s:
             for _ in range(3):
-                dec = FastDecoder(model, s, a.prompt_len + a.steps + 1)
+                dec = FastDecoder(model, s, a.prompt_len + a.steps + 1, fuse=fuse)
                 if share:
                     dec.share_prefix(b, torch.arange(b), hook_layer(a.hook))
                 t0 = time.perf_counter()
@@ -51,7 +52,8 @@ def main() -> None:
                     nxt = dec.step(nxt).argmax(-1)
                 prefill.append(t1 - t0)
                 step.append((time.perf_counter() - t1) / a.steps)
-        print(f"{name:28s} prefill {1000 * statistics.median(prefill):7.1f} ms   "
+        name = f"{name}{', fused' if fuse else ''}"
+        print(f"{name:35s} prefill {1000 * statistics.median(prefill):7.1f} ms   "
               f"step {1000 * statistics.median(step):6.1f} ms   (median of 3)")
 
 

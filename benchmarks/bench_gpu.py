@@ -10,6 +10,7 @@ Prints one line per measurement and writes them as JSON to OUT/bench.json.
 """
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -56,6 +57,41 @@ def sync_time(fn) -> float:
     return time.perf_counter() - start
 
 
+def kernel_parity(model, batch: int) -> dict:
+    """Scoring kernel vs PyTorch ops on random logits; rotary + cache-write kernel vs Rotary and
+    index_copy_, and silu(gate) * up, on one block's joined projections."""
+    from isokl_tl import fusion, block_triton
+    from isokl_tl.score import greedy_scores, greedy_scores_torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (3 * torch.randn(2 * batch, model.cfg.d_vocab, device="cuda", generator=g)).to(model.cfg.dtype)
+    base_row = torch.arange(batch, 2 * batch, device="cuda")
+    got, ref = greedy_scores(logits, base_row), greedy_scores_torch(logits, base_row)
+    out = {"kernel_score_same_tokens_and_agreement": bool(torch.equal(got[0], ref[0]) and torch.equal(got[3], ref[3])),
+           "kernel_score_max_kl_diff": float((got[1] - ref[1]).abs().max()),
+           "kernel_score_max_logprob_diff": float((got[2] - ref[2]).abs().max())}
+    block, rot = model.blocks[0], fusion.Rotary(model)
+    x = torch.randn(2 * batch, 1, model.cfg.d_model, device="cuda", generator=g).to(model.cfg.dtype)
+    q, k, v = fusion.qkv(block.attn, fusion.join(block), x)
+    cos, sin = rot.rows(torch.randint(0, 500, (2 * batch, 1), device="cuda", generator=g))[0]
+    at = torch.tensor([37], device="cuda")
+    shape = (2 * batch, k.shape[2], 64, k.shape[3])
+    kc, vc, rk, rv = (torch.zeros(shape, dtype=k.dtype, device="cuda") for _ in range(4))
+    got_q = block_triton.rotate_store(q, k, v, cos, sin, kc, vc, at)
+    ref_q, ref_k = rot.rotate_qk(q, k, cos, sin)
+    rk.index_copy_(2, at, ref_k.transpose(1, 2))
+    rv.index_copy_(2, at, v.transpose(1, 2))
+    for name, a, b in (("q", got_q, ref_q), ("k", kc, rk), ("v", vc, rv)):
+        out[f"kernel_rotary_{name}_elements_differing"] = f"{int((a != b).sum())} of {a.numel()}"
+        out[f"kernel_rotary_{name}_max_diff"] = float((a.float() - b.float()).abs().max())
+    mlp = block.mlp
+    gate, up = torch.nn.functional.linear(x, fusion.join(block).gate_up).chunk(2, dim=-1)
+    diff = block_triton.silu_mul(gate, up).float() - (mlp.act_fn(gate) * up).float()
+    out["kernel_silu_mul_elements_differing"] = f"{int((diff != 0).sum())} of {diff.numel()}"
+    out["kernel_silu_mul_max_diff"] = float(diff.abs().max())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES))
@@ -92,7 +128,9 @@ def main() -> None:
     model = load_model(str(ckpt), device="cuda", dtype="bfloat16")
     why = unsupported_reason(model)
     report("fast_path", why or "supported")
-    engines = [("graph", StaticDecoder), ("fast", FastDecoder)] if why is None else [("tl", TLDecoder)]
+    unfused = functools.partial(StaticDecoder, fuse=False)   # TransformerLens's modules inside the graph
+    engines = ([("graph", StaticDecoder), ("graph_unfused", unfused), ("fast", FastDecoder)]
+               if why is None else [("tl", TLDecoder)])
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     hook = hook_name(a.layer)
     g = torch.Generator().manual_seed(1)
@@ -115,6 +153,10 @@ def main() -> None:
     report("weights_MB", nbytes / 2**20)
     report("bandwidth_TB_per_s", bw / 1e12)
     report("floor_ms_per_step", 1000 * nbytes / bw, "ms (weights read once at that bandwidth)")
+
+    # the Triton kernels against the PyTorch arithmetic they replace, on this GPU, in bf16
+    for key, value in kernel_parity(model, a.batch).items():
+        report(key, value)
 
     # parity in bf16: fast paths against TransformerLens's own forward
     c8 = torch.full((8,), coeff)

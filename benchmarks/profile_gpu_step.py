@@ -1,5 +1,5 @@
 """Where the time of one GPU decode step goes: the captured forward step alone, the per-step scoring
-(log-softmax, KL, argmax) alone, and the kernels of one eager step (count and top by GPU time).
+(log-softmax, KL, argmax) alone, as PyTorch ops and as one Triton kernel, and the kernels of one eager step (count and top by GPU time).
 
     python benchmarks/profile_gpu_step.py --shape qwen2.5-0.5b
 """
@@ -33,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     from isokl_tl.graph_decode import StaticDecoder
     from isokl_tl.hooks import hook_name, steer
-    from isokl_tl.kl import kl_from_logprobs
+    from isokl_tl.score import greedy_scores, greedy_scores_torch
     from isokl_tl.models import load_model
 
     ckpt = build_checkpoint(a.shape, Path("/tmp/isokl_profile/ckpt"))
@@ -61,14 +61,9 @@ def main() -> None:
             dec._static_step()
         print(f"eager static step: {timed(eager):.3f} ms")
 
-        def score():
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            ls, lb = logp[: a.batch], logp[a.batch:]
-            n = ls.argmax(-1)
-            kl_from_logprobs(ls, lb)
-            ls.gather(-1, n[:, None])
-            lb.argmax(-1) == n
-        print(f"scoring: {timed(score):.3f} ms")
+        base_row = torch.arange(a.batch, 2 * a.batch, device="cuda")
+        print(f"scoring, PyTorch ops: {timed(lambda: greedy_scores_torch(logits, base_row)):.3f} ms")
+        print(f"scoring, Triton kernel: {timed(lambda: greedy_scores(logits, base_row)):.3f} ms")
 
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -1,15 +1,16 @@
 """A faster decode path for pre-norm rotary (Llama-like) HookedTransformers.
 
-Same weights and the same TransformerLens modules for everything but the attention core: the
-embedding, RMSNorms, Q/K/V projections, rotary, MLP and unembedding are the model's own modules,
-and the residual-stream hook points (`hook_embed`, `blocks.L.hook_resid_pre/mid/post`,
+Same weights, and the residual-stream hook points (`hook_embed`, `blocks.L.hook_resid_pre/mid/post`,
 `hook_attn_out`, `hook_mlp_out`, `attn.hook_q/k/v/rot_q/z`, the norms' and MLP's hooks) fire on the
 same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. What changes:
 
 - keys and values live in a static, pre-allocated cache (rotated once, written in place), where
   TransformerLens concatenates its cache every step and re-rotates every cached key;
 - attention is `scaled_dot_product_attention` with grouped-query heads, without materialising
-  repeated K/V or the score matrix.
+  repeated K/V or the score matrix;
+- the rest of a block runs in fewer, larger operations (`isokl_tl.fusion`: joined Q/K/V and
+  gate/input projections, one-call RMSNorm, Q and K rotated together with rotary rows looked up
+  once per step), wherever no hook could tell; `fuse=False` keeps TransformerLens's own modules.
 
 So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
 `hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,
@@ -23,8 +24,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from isokl_tl import fusion
 from isokl_tl.decode import OneTokenStep, TLDecoder, select_coeff
 from isokl_tl.hooks import Steering, SteeringGroup
+from isokl_tl.score import triton_available
 
 POST_NORM = ("Olmo2ForCausalLM",)   # blocks normalise sublayer outputs, and Q/K as whole vectors
 UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
@@ -58,7 +61,7 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
         if not ok:
             return why
     hooked = [name for name, hp in model.hook_dict.items()
-              if name.endswith(UNFIRED_HOOKS) and (hp.fwd_hooks or hp._forward_hooks)]
+              if name.endswith(UNFIRED_HOOKS) and fusion.has_hook(hp)]
     if hooked:
         return f"a hook is registered on {hooked[0]}, which the fast path does not fire"
     return None
@@ -67,9 +70,21 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
 class FastDecoder(OneTokenStep):
     """Static KV cache + SDPA decode step over the model's own modules (see module docstring)."""
 
-    def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int):
+    def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int,
+                 fuse: bool = True):
         self.model, self.steering, self.capacity = model, steering, capacity
         cfg = model.cfg
+        for block in model.blocks:                     # rotary tables long enough, as TL extends them
+            attn = block.attn
+            if attn.rotary_cos.shape[0] < capacity:
+                attn._extend_rotary_embeddings(min(cfg.n_ctx, max(capacity, 2 * attn.rotary_cos.shape[0])))
+        self.rotary, self.fuse = fusion.Rotary(model), fuse
+        self.joined = [fusion.join(b) if fuse else fusion.Joined() for b in model.blocks]
+        self.norm = fusion.norm if fuse else (lambda ln, x: ln(x))
+        self.kernels = None           # Triton kernels for element-wise work (`isokl_tl.block_triton`)
+        if fuse and torch.device(cfg.device).type == "cuda" and triton_available():
+            from isokl_tl import block_triton
+            self.kernels = block_triton
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
         self.k: list[Tensor] = []
@@ -98,48 +113,56 @@ class FastDecoder(OneTokenStep):
             return torch.cat([resid, resid[self.partner_of]])
         return resid
 
-    def _qkv(self, block, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """A block up to its (unrotated) Q, K, V, with TransformerLens's hooks: returns the hooked
-        residual and q, k, v. Pre-norm blocks normalise the input; OLMo-2 blocks (post-norm) do not,
-        and normalise the whole projected Q and K instead (QK norm)."""
+    def _qkv(self, i: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Block i up to its (unrotated) Q, K and V, with TransformerLens's hooks: returns the
+        hooked residual and q, k, v. Pre-norm blocks normalise the input; OLMo-2 blocks
+        (post-norm) do not, and normalise the whole projected Q and K instead (QK norm)."""
+        block = self.model.blocks[i]
         attn = block.attn
         resid = block.hook_resid_pre(resid)
-        x = resid if self.post_norm else block.ln1(resid)
-        q, k, v = attn.calculate_qkv_matrices(x, x, x)           # fires hook_q/k/v
+        x = resid if self.post_norm else self.norm(block.ln1, resid)
+        q, k, v = fusion.qkv(attn, self.joined[i], x)           # fires hook_q/k/v
         if self.post_norm:
-            q = attn.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
-            k = attn.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+            q = self.norm(attn.q_norm, q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = self.norm(attn.k_norm, k.reshape(*k.shape[:2], -1)).reshape(k.shape)
         return resid, q, k, v
 
-    def _finish(self, block, resid: Tensor, z: Tensor) -> Tensor:
-        """A block from the attention's per-head output z ([batch, pos, head, d_head]) on."""
+    def _finish(self, i: int, resid: Tensor, z: Tensor) -> Tensor:
+        """Block i from the attention's per-head output z ([batch, pos, head, d_head]) on."""
+        block = self.model.blocks[i]
         attn = block.attn
         z = attn.hook_z(z)
         w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
         attn_out = F.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
         if self.post_norm:
-            attn_out = block.ln1(attn_out)
+            attn_out = self.norm(block.ln1, attn_out)
         resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
         if self.post_norm:
-            mlp_out = block.ln2(block.mlp(resid_mid))
+            mlp_out = self.norm(block.ln2, fusion.mlp(block.mlp, self.joined[i], resid_mid, self.kernels))
         else:
-            mlp_out = block.mlp(block.ln2(resid_mid))
+            mlp_out = fusion.mlp(block.mlp, self.joined[i], self.norm(block.ln2, resid_mid), self.kernels)
         return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out))
 
-    def _layer(self, i: int, resid: Tensor, mask_now: Tensor, attn_mask: Tensor) -> Tensor:
-        block = self.model.blocks[i]
-        attn = block.attn
-        resid, q, k, v = self._qkv(block, resid)
+    def _logits(self, resid: Tensor) -> Tensor:
+        m = self.model
+        return m.unembed(self.norm(m.ln_final, resid[:, -1:]))[:, -1]
+
+    def _layer(self, i: int, resid: Tensor, attn_mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        resid, q, k, v = self._qkv(i, resid)
+        q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
+        q = self.model.blocks[i].attn.hook_rot_q(q)
         n = q.shape[1]
-        q = attn.hook_rot_q(attn.apply_rotary(q, self.length, mask_now))
-        k = attn.apply_rotary(k, self.length, mask_now)
         self.k[i][:, :, self.length:self.length + n] = k.transpose(1, 2)
         self.v[i][:, :, self.length:self.length + n] = v.transpose(1, 2)
         end = self.length + n
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=attn_mask,
-            scale=self.scale, enable_gqa=self.n_kv != q.shape[2])
-        return self._finish(block, resid, z.transpose(1, 2))
+        return self._finish(i, resid, self._attend(q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Attention of q ([batch, pos, head, d_head]) over cached k and v ([batch, kv_head, key,
+        d_head]) under `mask` ([batch, 1, pos, key]); returns z shaped like q."""
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.n_kv != q.shape[2])
+        return z.transpose(1, 2)
 
     def _forward(self, tokens: Tensor, mask_new: Tensor) -> Tensor:
         m = self.model
@@ -158,13 +181,15 @@ class FastDecoder(OneTokenStep):
             keys = keys | own
         if self.steering is not None:
             self.steering.offset = self.length
+        # rotary positions as TransformerLens counts them: unmasked tokens before, from 0
+        pos = (mask_now.cumsum(1) - 1).clamp(min=0)[:, self.length:]
+        tables = self.rotary.rows(pos)
         resid = m.hook_embed(m.embed(tokens[:self._rows(0)]))
         for i in range(m.cfg.n_layers):
             resid = self._widen(i, resid)
-            rows = self._rows(i)
-            resid = self._layer(i, resid, mask_now[:rows], keys[:rows])
+            resid = self._layer(i, resid, keys[:self._rows(i)], *tables[i])
         self.length = end
-        return m.unembed(m.ln_final(resid[:, -1:]))[:, -1]
+        return self._logits(resid)
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]

@@ -5,8 +5,10 @@ Shapes never change between steps: the batch keeps finished rows (the rollout lo
 checks for EOS only every few steps, so the host does not wait on the GPU each step), attention
 reads the whole static cache under a key mask, and the write position and per-row rotary positions
 are device tensors updated in place, inside the graph. With `scored_step` the rollout's per-step
-scoring (log-softmax, KL, argmax, writing the results) is captured into the same graph, so a greedy
-decode step is one graph replay and nothing else. Everything the step reads that a caller may change — the
+scoring (KL, argmax, log-probability: one Triton kernel, `isokl_tl.score`; writing the results) is
+captured into the same graph, so a greedy decode step is one graph replay and nothing else. On CUDA
+with Triton, rotary + KV-cache writes and the MLP's silu(gate) * up are Triton kernels too
+(`isokl_tl.block_triton`), and the logits go straight into their buffer. Everything the step reads that a caller may change — the
 tokens, the steering coefficients (`Steering.coeff`, updated in place), the mask — lives in tensors
 the graph was captured with. Python-side effects of hooks run once, at capture (so
 `Steering.calls` counts 2 for the whole decode here); hooks that compute on tensors run every step.
@@ -15,11 +17,11 @@ the graph was captured with. Python-side effects of hooks run once, at capture (
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from isokl_tl import fusion
 from isokl_tl.fast_decode import FastDecoder
 from isokl_tl.hooks import Steering, SteeringGroup
 
@@ -28,19 +30,14 @@ class StaticDecoder(FastDecoder):
     static = True
 
     def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int,
-                 use_graph: bool | None = None):
-        super().__init__(model, steering, capacity)
+                 use_graph: bool | None = None, fuse: bool = True):
+        super().__init__(model, steering, capacity, fuse=fuse)
         dev = torch.device(model.cfg.device)
         self.use_graph = (dev.type == "cuda") if use_graph is None else use_graph
-        for block in model.blocks:                     # rotary tables long enough, as TL extends them
-            attn = block.attn
-            if attn.rotary_cos.shape[0] < capacity:
-                attn._extend_rotary_embeddings(min(model.cfg.n_ctx, max(capacity, 2 * attn.rotary_cos.shape[0])))
-        first = model.blocks[0].attn
-        # every layer reads the same rotary table: look the step's rows up once, not once per layer
-        self.shared_rotary = all(torch.equal(b.attn.rotary_cos, first.rotary_cos)
-                                 and torch.equal(b.attn.rotary_sin, first.rotary_sin) for b in model.blocks)
-        self._cos_sin: tuple[Tensor, Tensor] | None = None
+        d = model.cfg.d_head
+        # rotary and KV-cache writes as one Triton kernel (`isokl_tl.block_triton`), where it fits
+        self.rotate_in_kernel = (self.kernels is not None and self.rotary.dim == d
+                                 and not self.rotary.adjacent and d & (d - 1) == 0)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
 
@@ -56,36 +53,17 @@ class StaticDecoder(FastDecoder):
         self.graph, self.steps = None, 0
         return self.logits
 
-    def _rotary(self, attn) -> tuple[Tensor, Tensor]:
-        if self.shared_rotary and self._cos_sin is not None:
-            return self._cos_sin
-        cs = (attn.rotary_cos[self.pos_ids][:, None, None, :], attn.rotary_sin[self.pos_ids][:, None, None, :])
-        self._cos_sin = cs if self.shared_rotary else None
-        return cs
-
-    def _rotate(self, attn, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        r = self.model.cfg.rotary_dim
-        t_rot = t[..., :r]
-        if self.model.cfg.rotary_adjacent_pairs:
-            turned = attn.rotate_every_two(t_rot)
-        else:                                              # the same values as rotate_every_two
-            n = r // 2
-            turned = torch.cat([-t_rot[..., n:], t_rot[..., :n]], dim=-1)
-        out = t_rot * cos + turned * sin
-        return out if r == t.shape[-1] else torch.cat([out, t[..., r:]], dim=-1)
-
-    def _static_layer(self, i: int, resid: Tensor, bias: Tensor) -> Tensor:
-        block = self.model.blocks[i]
-        attn = block.attn
-        resid, q, k, v = self._qkv(block, resid)
-        cos, sin = self._rotary(attn)
-        cos, sin = cos[:resid.shape[0]], sin[:resid.shape[0]]   # fewer rows below a shared split
-        q = attn.hook_rot_q(self._rotate(attn, q, cos, sin))
-        self.k[i].index_copy_(2, self.write_at, self._rotate(attn, k, cos, sin).transpose(1, 2))
-        self.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i], self.v[i], attn_mask=bias,
-                                           scale=self.scale, enable_gqa=self.n_kv != q.shape[2])
-        return self._finish(block, resid, z.transpose(1, 2))
+    def _static_layer(self, i: int, resid: Tensor, bias: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        resid, q, k, v = self._qkv(i, resid)
+        cos, sin = cos[:len(q)], sin[:len(q)]                # fewer rows below a shared split
+        if self.rotate_in_kernel and self.kernels.joined_views(q, k, v):
+            q = self.kernels.rotate_store(q, k, v, cos, sin, self.k[i], self.v[i], self.write_at)
+        else:
+            q, k = self.rotary.rotate_qk(q, k, cos, sin)
+            self.k[i].index_copy_(2, self.write_at, k.transpose(1, 2))
+            self.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
+        q = self.model.blocks[i].attn.hook_rot_q(q)
+        return self._finish(i, resid, self._attend(q, self.k[i], self.v[i], bias))
 
     def _static_step(self) -> Tensor:
         """One step on the buffers, bookkeeping included, all on the device: the new key becomes
@@ -97,12 +75,17 @@ class StaticDecoder(FastDecoder):
         bias = torch.zeros(self.key_mask.shape, dtype=self.k[0].dtype, device=self.key_mask.device)
         bias.masked_fill_(self.key_mask == 0, float("-inf"))
         bias = bias[:, None, None, :]
-        self._cos_sin = None
+        tables = self.rotary.rows(self.pos_ids[:, None])
         resid = m.hook_embed(m.embed(self.tok_buf[:self._rows(0), None]))
         for i in range(m.cfg.n_layers):
             resid = self._widen(i, resid)
-            resid = self._static_layer(i, resid, bias[:self._rows(i)])
-        self.logits.copy_(m.unembed(m.ln_final(resid))[:, -1])
+            resid = self._static_layer(i, resid, bias[:self._rows(i)], *tables[i])
+        u = m.unembed
+        if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
+            # straight into the logits buffer: F.linear's own call, without a [batch, d_vocab] copy
+            torch.addmm(u.b_U, self.norm(m.ln_final, resid[:, -1]), u.W_U, out=self.logits)
+        else:
+            self.logits.copy_(self._logits(resid))
         self.pos_ids += 1
         self.write_at += 1
         return self.logits

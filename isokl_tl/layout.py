@@ -6,6 +6,11 @@ call `F.linear(x, W.T.contiguous())`, attention calls `rearrange(W_Q, "h m d -> 
 tensor laid out the way those calls want, `.contiguous()` and the rearranges become free views, and
 `F.linear` sees exactly the same contiguous operand as before, so the result is bit-identical. At
 decode time (one token per step) the copies dominate on CPU; removing them is about 3x faster.
+
+Weights that the fast decoders multiply together are also stored together: Q, K and V of a block as
+consecutive rows of one block of memory, and the gated MLP's gate and input projections likewise
+(`isokl_tl.fusion` multiplies each group at once). Each parameter is a view of its rows, which are
+the same contiguous matrix as before, so TransformerLens's forward is still bit-identical.
 """
 
 import torch
@@ -18,11 +23,15 @@ def _set(param: nn.Parameter, value: torch.Tensor) -> None:
     param.data = value
 
 
-def _qkv_view(w: torch.Tensor) -> torch.Tensor:
-    """[head, d_model, d_head] backed by a contiguous [(head d_head), d_model] block."""
-    h, m, d = w.shape
-    block = w.detach().permute(0, 2, 1).reshape(h * d, m).contiguous()
-    return block.view(h, d, m).permute(0, 2, 1)
+def _qkv_views(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each [head, d_model, d_head] weight backed by consecutive rows of one contiguous
+    [(head d_head) + ..., d_model] block."""
+    block = torch.cat([w.detach().permute(0, 2, 1).reshape(-1, w.shape[1]) for w in ws])
+    out, at = [], 0
+    for h, m, d in (w.shape for w in ws):
+        out.append(block[at:at + h * d].view(h, d, m).permute(0, 2, 1))
+        at += h * d
+    return out
 
 
 def _out_view(w: torch.Tensor) -> torch.Tensor:
@@ -32,9 +41,20 @@ def _out_view(w: torch.Tensor) -> torch.Tensor:
     return block.view(m, h, d).permute(1, 2, 0)
 
 
-def _transposed_view(w: torch.Tensor) -> torch.Tensor:
-    """[in, out] backed by a contiguous [out, in] block, so `.T.contiguous()` is free."""
-    return w.detach().T.contiguous().T
+def _transposed_views(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each [in, out] weight backed by consecutive rows of one contiguous [out + ..., in] block, so
+    `.T.contiguous()` is free."""
+    block = torch.cat([w.detach().T for w in ws])
+    out, at = [], 0
+    for w in ws:
+        out.append(block[at:at + w.shape[1]].T)
+        at += w.shape[1]
+    return out
+
+
+def _restore(params: list[nn.Parameter], views) -> None:
+    for param, value in zip(params, views(params), strict=True):
+        _set(param, value)
 
 
 @torch.no_grad()
@@ -44,15 +64,18 @@ def relayout_for_decode(model: HookedTransformer) -> HookedTransformer:
         return model
     for block in model.blocks:
         attn = block.attn
-        for name in ("W_Q", "_W_K", "_W_V", "W_K", "W_V"):
-            param = attn._parameters.get(name)
-            if param is not None:
-                _set(param, _qkv_view(param))
+        names = ("W_Q", "_W_K", "_W_V") if "_W_K" in attn._parameters else ("W_Q", "W_K", "W_V")
+        qkv = [attn._parameters.get(name) for name in names]
+        if all(p is not None for p in qkv) and len({p.dtype for p in qkv}) == 1:
+            _restore(qkv, _qkv_views)
         if "W_O" in attn._parameters:
             _set(attn.W_O, _out_view(attn.W_O))
-        for name in ("W_in", "W_gate", "W_out"):
-            param = block.mlp._parameters.get(name)
-            if param is not None:
-                _set(param, _transposed_view(param))
-    _set(model.unembed.W_U, _transposed_view(model.unembed.W_U))
+        mlp = block.mlp._parameters
+        if mlp.get("W_gate") is not None and mlp.get("W_in") is not None:
+            _restore([mlp["W_gate"], mlp["W_in"]], _transposed_views)
+        elif mlp.get("W_in") is not None:
+            _restore([mlp["W_in"]], _transposed_views)
+        if mlp.get("W_out") is not None:
+            _restore([mlp["W_out"]], _transposed_views)
+    _restore([model.unembed.W_U], _transposed_views)
     return model

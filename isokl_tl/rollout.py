@@ -25,6 +25,7 @@ from isokl_tl.fast_decode import make_decoder
 from isokl_tl.hooks import Site, Steering, SteeringGroup, hook_layer, steer_sites
 from isokl_tl.kl import kl_from_logprobs
 from isokl_tl.rollouts import Rollouts
+from isokl_tl.score import greedy_scores
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,25 @@ def _choose(logp: Float[Tensor, "batch d_vocab"], sampling: Sampling,
         keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def _score(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"], sampling: Sampling,
+           gen: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(next token, KL, log-probability of the next token, base argmax agrees) for the steered rows
+    0..batch-1 of `logits`, each against row `base_row[i]` (its partner, or itself)."""
+    if sampling.temperature == 0:
+        return greedy_scores(logits, base_row)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ls, lb = logp[:len(base_row)], logp[base_row]
+    nxt = _choose(ls, sampling, gen)
+    return nxt, kl_from_logprobs(ls, lb), ls.gather(-1, nxt[:, None])[:, 0], lb.argmax(-1) == nxt
+
+
+def _base_rows(paired: Tensor, dev) -> Tensor:
+    """Where each row's base distribution is: its partner (after all rows, in order) or itself."""
+    rows = torch.arange(len(paired))
+    rows[paired] = len(paired) + torch.arange(int(paired.sum()))
+    return rows.to(dev)
 
 
 def _check_finite(logits: Tensor, t: int, active: Tensor, coeff: Tensor) -> None:
@@ -121,15 +141,11 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
             n = len(active)
             has = paired[active].nonzero()[:, 0].to(dev)   # positions (among active) with a partner
             _check_finite(logits, t, active, coeff)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            ls = logp[:n]
-            lb = ls.clone()
-            lb[has] = logp[n:]
-            nxt = _choose(ls, sampling, gen)
+            nxt, kl, lp, agree = _score(logits, _base_rows(paired[active], dev), sampling, gen)
             out_tok[active, t] = nxt.cpu()
-            out_kl[active, t] = kl_from_logprobs(ls, lb).cpu()
-            out_lp[active, t] = ls.gather(-1, nxt[:, None])[:, 0].cpu()
-            out_agree[active, t] = (lb.argmax(-1) == nxt).cpu()
+            out_kl[active, t] = kl.cpu()
+            out_lp[active, t] = lp.cpu()
+            out_agree[active, t] = agree.cpu()
             gen_len[active] += 1
             finished = torch.isin(nxt, eos).cpu()
             done[active[finished]] = True
@@ -163,6 +179,7 @@ def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window:
     dev = logits.device
     b = len(paired)
     has = paired.nonzero()[:, 0].to(dev)
+    base_row = _base_rows(paired, dev)
     out = {"tokens": torch.full((b, window), -1, dtype=torch.long, device=dev),
            "kl": torch.full((b, window), float("nan"), device=dev),
            "logprob": torch.full((b, window), float("nan"), device=dev),
@@ -171,18 +188,14 @@ def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window:
            "eos": torch.zeros(b, dtype=torch.bool, device=dev)}
     col = torch.zeros(1, dtype=torch.long, device=dev)      # the column t being written
     nan = torch.tensor(float("nan"), device=dev)
-    all_paired = bool(paired.all())
 
     def score(logits: Tensor) -> Tensor:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        ls = logp[:b]
-        lb = logp[b:] if all_paired else ls.index_copy(0, has, logp[b:])
-        nxt = _choose(ls, sampling, gen)
+        nxt, kl, lp, agree = _score(logits, base_row, sampling, gen)
         alive = ~out["eos"]
         out["tokens"].index_copy_(1, col, torch.where(alive, nxt, -1)[:, None])
-        out["kl"].index_copy_(1, col, torch.where(alive, kl_from_logprobs(ls, lb), nan)[:, None])
-        out["logprob"].index_copy_(1, col, torch.where(alive, ls.gather(-1, nxt[:, None])[:, 0], nan)[:, None])
-        out["base_agree"].index_copy_(1, col, (alive & (lb.argmax(-1) == nxt))[:, None])
+        out["kl"].index_copy_(1, col, torch.where(alive, kl, nan)[:, None])
+        out["logprob"].index_copy_(1, col, torch.where(alive, lp, nan)[:, None])
+        out["base_agree"].index_copy_(1, col, (alive & agree)[:, None])
         out["gen_len"].add_(alive.long())
         out["eos"].logical_or_(torch.isin(nxt, eos))
         col.add_(1)

@@ -1,0 +1,49 @@
+"""Greedy per-step scoring of steered rows against their base partners.
+
+At every decode step the rollout engine needs, for each steered row, the next token (the steered
+argmax), KL(P_steered || P_base), the steered log-probability of that token, and whether the base
+model's argmax agrees. `greedy_scores` returns all four. On CUDA (with Triton) it is one kernel
+that reads each row's logits once, in their own dtype, and never writes a float32 copy of the
+[batch, d_vocab] logits (`isokl_tl.score_triton`); elsewhere it is the plain PyTorch arithmetic,
+which is also the reference the kernel is tested against.
+
+KL is computed in float32 as  sum_i p_i (x_i - y_i) - logsumexp(x) + logsumexp(y)  for steered
+logits x and base logits y; a row scored against itself gets exactly 0.
+"""
+
+import importlib.util
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from isokl_tl.kl import kl_from_logprobs
+
+
+def greedy_scores_torch(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
+                        ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
+                                   Bool[Tensor, " batch"]]:
+    """(next token, KL, log-probability of the next token, base argmax agrees) per steered row.
+
+    Rows 0..batch-1 of `logits` are the steered rows; row i is scored against row `base_row[i]`
+    (its base partner, or i itself for a row that is its own base)."""
+    b = len(base_row)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ls, lb = logp[:b], logp[base_row]
+    nxt = ls.argmax(-1)
+    return nxt, kl_from_logprobs(ls, lb), ls.gather(-1, nxt[:, None])[:, 0], lb.argmax(-1) == nxt
+
+
+def greedy_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
+                  ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
+                             Bool[Tensor, " batch"]]:
+    """`greedy_scores_torch`, as one Triton kernel on CUDA when Triton is installed."""
+    if logits.is_cuda and triton_available():
+        from isokl_tl.score_triton import greedy_scores_triton
+
+        return greedy_scores_triton(logits, base_row)
+    return greedy_scores_torch(logits, base_row)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None

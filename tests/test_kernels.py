@@ -1,0 +1,77 @@
+"""The Triton kernels of the GPU decode path, run by Triton's CPU interpreter against the PyTorch
+arithmetic they replace. The interpreter must be switched on before Triton is first imported,
+hence a fresh process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import isokl_tl.block_triton as block_triton
+import isokl_tl.score_triton as score_kernel
+from isokl_tl.fusion import Rotary
+from isokl_tl.score import greedy_scores_torch
+from test_score import BASE, _logits
+
+# scoring: next token, KL, log-probability, agreement
+score_kernel.BLOCK = 128                      # 16 slices of 313, 3 blocks each: ragged ends
+for dtype in (torch.float32, torch.bfloat16):
+    x = _logits(dtype=dtype)
+    tok, kl, lp, agree = score_kernel.greedy_scores_triton(x, BASE)
+    ref = greedy_scores_torch(x, BASE)
+    assert torch.equal(tok, ref[0]) and torch.equal(agree, ref[3]), (tok, ref[0], agree, ref[3])
+    torch.testing.assert_close(kl, ref[1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lp, ref[2], atol=2e-5, rtol=1e-5)
+    assert float(kl[1]) == 0 and float(kl[2]) == 0, kl
+
+# rotary + KV-cache writes, against Rotary.rotate_qk and index_copy_
+b, hq, hk, d, cap = 5, 4, 2, 16, 12
+rot = object.__new__(Rotary)
+rot.dim, rot.adjacent = d, False
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    out = torch.randn(b, 1, (hq + 2 * hk) * d, generator=g).to(dtype)
+    q, k, v = out.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k, v = q.view(b, 1, hq, d), k.view(b, 1, hk, d), v.view(b, 1, hk, d)
+    assert block_triton.joined_views(q, k, v) and not block_triton.joined_views(q, k.clone(), v)
+    cos = torch.randn(b, 1, 1, d, generator=g).to(dtype)
+    sin = torch.randn(b, 1, 1, d, generator=g).to(dtype)
+    at = torch.tensor([7])
+    kc, vc = torch.zeros(b, hk, cap, d, dtype=dtype), torch.zeros(b, hk, cap, d, dtype=dtype)
+    got_q = block_triton.rotate_store(q, k, v, cos, sin, kc, vc, at)
+    ref_q, ref_k = rot.rotate_qk(q, k, cos, sin)
+    rk, rv = torch.zeros_like(kc), torch.zeros_like(vc)
+    rk.index_copy_(2, at, ref_k.transpose(1, 2))
+    rv.index_copy_(2, at, v.transpose(1, 2))
+    # within rounding: float32 may fuse a multiply-add, and the interpreter rounds to bfloat16 by
+    # truncation where GPUs round to nearest even (bench_gpu.py checks bit-equality on the GPU)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -6)
+    torch.testing.assert_close(got_q, ref_q, **tol)
+    torch.testing.assert_close(kc, rk, **tol)
+    assert torch.equal(vc, rv) and bool((kc[:, :, 7] != 0).all()) and not kc[:, :, :7].any()
+
+# silu(gate) * up on the halves of a joined projection
+for dtype in (torch.float32, torch.bfloat16):
+    h = (3 * torch.randn(3, 2, 2 * 1500, generator=g)).to(dtype)
+    gate, up = h.chunk(2, dim=-1)
+    got = block_triton.silu_mul(gate, up)
+    ref = torch.nn.functional.silu(gate) * up
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -6)
+    torch.testing.assert_close(got, ref, **tol)
+    assert block_triton.silu_mul(gate, up.clone()) is None      # unequal strides: PyTorch instead
+
+print("kernels ok")
+"""
+
+
+def test_triton_kernels_match_torch_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", CHECK, str(Path(__file__).parent)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
