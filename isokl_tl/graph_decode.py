@@ -8,10 +8,12 @@ are device tensors updated in place, inside the graph. With `scored_step` the ro
 scoring (KL, argmax, log-probability: one Triton kernel, `isokl_tl.score`; writing the results) is
 captured into the same graph, so a greedy decode step is one graph replay and nothing else. On CUDA
 with Triton, rotary + KV-cache writes and the MLP's silu(gate) * up are Triton kernels too
-(`isokl_tl.block_triton`), and the logits go straight into their buffer. Everything the step reads that a caller may change — the
-tokens, the steering coefficients (`Steering.coeff`, updated in place), the mask — lives in tensors
-the graph was captured with. Python-side effects of hooks run once, at capture (so
-`Steering.calls` counts 2 for the whole decode here); hooks that compute on tensors run every step.
+(`isokl_tl.block_triton`), and the logits go straight into their buffer.
+
+Everything the step reads that a caller may change (the tokens, the steering coefficients
+`Steering.coeff`, updated in place, the mask) lives in tensors the graph was captured with.
+Python-side effects of hooks run once, at capture (so `Steering.calls` counts 2 for the whole
+decode here); hooks that compute on tensors run every step.
 """
 
 from collections.abc import Callable
