@@ -7,9 +7,10 @@ PyTorch launches on the views `isokl_tl.fusion` leaves:
 - `silu_mul`: the gated MLP's act(gate) * up on the two halves of the joined projection (one launch
   instead of two strided element-wise passes).
 
-Both round each intermediate to the model's dtype, as PyTorch's element-wise operations do. On an
-H100 in bfloat16, `silu_mul` is bit-identical to PyTorch and `rotate_store` differs from it by one
-bfloat16 rounding step in about 15% of the rotated elements (`benchmarks/bench_gpu.py` reports both).
+Both round each intermediate to the model's dtype, as PyTorch's element-wise operations do; on an
+H100 in bfloat16 both are bit-identical to PyTorch (`benchmarks/bench_gpu.py` checks). The
+rotation spells its bfloat16 rounding out on the bits (`_round`): written as casts, the compiler
+dropped the intermediate roundings and 15% of the elements came out one rounding step off.
 Set TRITON_INTERPRET=1 before importing to run them on CPU tensors.
 """
 
@@ -21,8 +22,21 @@ from torch import Tensor
 
 
 @triton.jit
+def _round(x, BF16: tl.constexpr):
+    """float32 x rounded as PyTorch stores an element-wise result in the model's dtype, kept in
+    float32. For bfloat16 the rounding (to nearest, ties to even) is spelled out on the bits, so no
+    compiler pass can drop it and Triton's CPU interpreter (which truncates) rounds the same way."""
+    if BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _rotate_store(qkv, row_stride, cos, sin, q_out, k_cache, v_cache, at,
-                  cache_row, cache_head, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr):
+                  cache_row, cache_head, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                  BF16: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)                       # Q heads, then K heads, then V heads
     j = tl.arange(0, D)
@@ -33,9 +47,9 @@ def _rotate_store(qkv, row_stride, cos, sin, q_out, k_cache, v_cache, at,
         turned = tl.load(src + (j + D // 2) % D)           # the half-swap; its sign is in `sin`
         c = tl.load(cos + row * D + j).to(tl.float32)
         s = tl.load(sin + row * D + j).to(tl.float32)
-        a = (x.to(tl.float32) * c).to(x.dtype)
-        b = (turned.to(tl.float32) * s).to(x.dtype)
-        y = (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
+        a = _round(x.to(tl.float32) * c, BF16)
+        b = _round(turned.to(tl.float32) * s, BF16)
+        y = _round(a + b, BF16).to(x.dtype)                 # exact: already representable
         if h < HQ:
             tl.store(q_out + (row * HQ + h) * D + j, y)
         else:
@@ -69,7 +83,8 @@ def rotate_store(q: Float[Tensor, "batch 1 head d_head"], k: Float[Tensor, "batc
     q_out = torch.empty((b, 1, hq, d), dtype=q.dtype, device=q.device)
     cos, sin = cos.reshape(-1, d)[:b].contiguous(), sin.reshape(-1, d)[:b].contiguous()
     _rotate_store[(b, hq + 2 * hk)](q, q.stride(0), cos, sin, q_out, k_cache, v_cache, at,
-                                    k_cache.stride(0), k_cache.stride(1), HQ=hq, HK=hk, D=d, num_warps=1)
+                                    k_cache.stride(0), k_cache.stride(1), HQ=hq, HK=hk, D=d,
+                                    BF16=q.dtype == torch.bfloat16, num_warps=1)
     return q_out
 
 

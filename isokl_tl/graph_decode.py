@@ -38,8 +38,8 @@ class StaticDecoder(FastDecoder):
         self.use_graph = (dev.type == "cuda") if use_graph is None else use_graph
         d = model.cfg.d_head
         # rotary and KV-cache writes as one Triton kernel (`isokl_tl.block_triton`), where it fits
-        self.rotate_in_kernel = (self.kernels is not None and self.rotary.dim == d
-                                 and not self.rotary.adjacent and d & (d - 1) == 0)
+        self.rotate_in_kernel = (self.kernels is not None and self.rotary.dim == d and not self.rotary.adjacent
+                                 and d & (d - 1) == 0 and model.cfg.dtype in (torch.bfloat16, torch.float32))
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
 
