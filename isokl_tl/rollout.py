@@ -23,9 +23,8 @@ from isokl_tl.chat import eos_ids
 from isokl_tl.decode import Decoder
 from isokl_tl.fast_decode import make_decoder
 from isokl_tl.hooks import Site, Steering, SteeringGroup, hook_layer, steer_sites
-from isokl_tl.kl import kl_from_logprobs
 from isokl_tl.rollouts import Rollouts
-from isokl_tl.score import greedy_scores
+from isokl_tl.score import greedy_scores, row_scores
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,7 @@ def _score(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"
     0..batch-1 of `logits`, each against row `base_row[i]` (its partner, or itself)."""
     if sampling.temperature == 0:
         return greedy_scores(logits, base_row)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ls, lb = logp[:len(base_row)], logp[base_row]
-    nxt = _choose(ls, sampling, gen)
-    return nxt, kl_from_logprobs(ls, lb), ls.gather(-1, nxt[:, None])[:, 0], lb.argmax(-1) == nxt
+    return row_scores(logits, base_row, lambda logp: _choose(logp, sampling, gen))
 
 
 def _base_rows(paired: Tensor, dev) -> Tensor:

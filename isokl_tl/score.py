@@ -12,6 +12,7 @@ logits x and base logits y; a row scored against itself gets exactly 0.
 """
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -20,18 +21,27 @@ from torch import Tensor
 from isokl_tl.kl import kl_from_logprobs
 
 
-def greedy_scores_torch(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
-                        ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
-                                   Bool[Tensor, " batch"]]:
+def row_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"],
+               choose: Callable[[Tensor], Tensor] | None = None
+               ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
+                          Bool[Tensor, " batch"]]:
     """(next token, KL, log-probability of the next token, base argmax agrees) per steered row.
 
     Rows 0..batch-1 of `logits` are the steered rows; row i is scored against row `base_row[i]`
-    (its base partner, or i itself for a row that is its own base)."""
+    (its base partner, or i itself for a row that is its own base). `choose` maps the steered
+    log-probabilities to the next tokens (default: argmax)."""
     b = len(base_row)
     logp = torch.log_softmax(logits.float(), dim=-1)
     ls, lb = logp[:b], logp[base_row]
-    nxt = ls.argmax(-1)
+    nxt = ls.argmax(-1) if choose is None else choose(ls)
     return nxt, kl_from_logprobs(ls, lb), ls.gather(-1, nxt[:, None])[:, 0], lb.argmax(-1) == nxt
+
+
+def greedy_scores_torch(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
+                        ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
+                                   Bool[Tensor, " batch"]]:
+    """`row_scores` with the argmax as next token: the reference for the Triton kernel."""
+    return row_scores(logits, base_row)
 
 
 def greedy_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
