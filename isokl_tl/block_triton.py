@@ -7,7 +7,10 @@ PyTorch launches on the views `isokl_tl.fusion` leaves:
 - `silu_mul`: the gated MLP's act(gate) * up on the two halves of the joined projection (one launch
   instead of two strided element-wise passes).
 
-Both round each intermediate to the model's dtype, as PyTorch's element-wise operations do; on an
+- `add_rms_norm`: a residual add and the RMSNorm that reads its result (one launch instead of
+  two), returning both.
+
+All round each intermediate to the model's dtype, as PyTorch's element-wise operations do; on an
 H100 in bfloat16 both are bit-identical to PyTorch (`benchmarks/bench_gpu.py` checks). The
 rotation spells its bfloat16 rounding out on the bits (`_round`): written as casts, the compiler
 dropped the intermediate roundings and 15% of the elements came out one rounding step off.
@@ -116,3 +119,31 @@ def silu_mul(gate: Float[Tensor, "batch pos d_mlp"], up: Float[Tensor, "batch po
     block = 1024
     _silu_mul[(rows, triton.cdiv(n, block))](gate, up, out, gate.stride(-2), N=n, BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _add_rms_norm(a, b, w, total, normed, eps, N: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(a + row * N + offs, mask=ok, other=0.0)
+    s = _round(x.to(tl.float32) + tl.load(b + row * N + offs, mask=ok, other=0.0).to(tl.float32), BF16)
+    tl.store(total + row * N + offs, s.to(x.dtype), mask=ok)
+    scale = 1.0 / tl.sqrt(tl.sum(s * s, 0) / N + eps)
+    y = s * scale * tl.load(w + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(normed + row * N + offs, y.to(x.dtype), mask=ok)
+
+
+def add_rms_norm(a: Float[Tensor, "*batch d"], b: Float[Tensor, "*batch d"], w: Float[Tensor, " d"],
+                 eps: float) -> tuple[Tensor, Tensor] | None:
+    """(a + b, rms_norm(a + b) * w), the sum rounded to the dtype before it is normalised; or None
+    when the tensors are not contiguous bf16/fp32 of one shape (the caller then uses PyTorch)."""
+    n = a.shape[-1]
+    ok = (a.shape == b.shape and a.dtype == b.dtype == w.dtype and a.dtype in (torch.bfloat16, torch.float32)
+          and a.is_contiguous() and b.is_contiguous() and w.is_contiguous() and tuple(w.shape) == (n,))
+    if not ok:
+        return None
+    total, normed = torch.empty_like(a), torch.empty_like(a)
+    _add_rms_norm[(a.numel() // n,)](a, b, w, total, normed, eps, N=n, BLOCK=triton.next_power_of_2(n),
+                                     BF16=a.dtype == torch.bfloat16, num_warps=4)
+    return total, normed

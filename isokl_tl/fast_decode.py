@@ -113,42 +113,67 @@ class FastDecoder(OneTokenStep):
             return torch.cat([resid, resid[self.partner_of]])
         return resid
 
-    def _qkv(self, i: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _qkv(self, i: int, resid: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Block i up to its (unrotated) Q, K and V, with TransformerLens's hooks: returns the
-        hooked residual and q, k, v. Pre-norm blocks normalise the input; OLMo-2 blocks
-        (post-norm) do not, and normalise the whole projected Q and K instead (QK norm)."""
+        hooked residual and q, k, v. Pre-norm blocks normalise the input (`x`: already
+        normalised, by `_add_norm`); OLMo-2 blocks (post-norm) do not, and normalise the whole
+        projected Q and K instead (QK norm)."""
         block = self.model.blocks[i]
         attn = block.attn
-        resid = block.hook_resid_pre(resid)
-        x = resid if self.post_norm else self.norm(block.ln1, resid)
+        if x is None:
+            resid = block.hook_resid_pre(resid)
+            x = resid if self.post_norm else self.norm(block.ln1, resid)
         q, k, v = fusion.qkv(attn, self.joined[i], x)           # fires hook_q/k/v
         if self.post_norm:
             q = self.norm(attn.q_norm, q.reshape(*q.shape[:2], -1)).reshape(q.shape)
             k = self.norm(attn.k_norm, k.reshape(*k.shape[:2], -1)).reshape(k.shape)
         return resid, q, k, v
 
-    def _finish(self, i: int, resid: Tensor, z: Tensor) -> Tensor:
-        """Block i from the attention's per-head output z ([batch, pos, head, d_head]) on."""
-        block = self.model.blocks[i]
+    def _add_norm(self, resid: Tensor, delta: Tensor, hooks: list, ln) -> tuple[Tensor, Tensor | None]:
+        """(resid + delta through `hooks`, then `ln` of it, or None for `ln` None): one Triton
+        kernel on CUDA when neither the hooks nor the norm's own hooks carry anything."""
+        if (self.kernels is not None and ln is not None and fusion.plain_rms(ln)
+                and not any(fusion.has_hook(h) for h in hooks)):
+            done = self.kernels.add_rms_norm(resid, delta, ln.w, ln.eps)
+            if done is not None:
+                return done
+        resid = resid + delta
+        for hook in hooks:
+            resid = hook(resid)
+        return resid, None if ln is None else self.norm(ln, resid)
+
+    def _finish(self, i: int, resid: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Block i from the attention's per-head output z ([batch, pos, head, d_head]) on: the
+        residual after it, and (when `_add_norm` could fuse it) the next block's normalised input,
+        or the final norm's after the last block."""
+        m = self.model
+        block = m.blocks[i]
         attn = block.attn
         z = attn.hook_z(z)
         w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
         attn_out = F.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
         if self.post_norm:
             attn_out = self.norm(block.ln1, attn_out)
-        resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
-        if self.post_norm:
+            resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
             mlp_out = self.norm(block.ln2, fusion.mlp(block.mlp, self.joined[i], resid_mid, self.kernels))
-        else:
-            mlp_out = fusion.mlp(block.mlp, self.joined[i], self.norm(block.ln2, resid_mid), self.kernels)
-        return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out))
+            return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out)), None
+        resid_mid, x = self._add_norm(resid, block.hook_attn_out(attn_out), [block.hook_resid_mid], block.ln2)
+        mlp_out = block.hook_mlp_out(fusion.mlp(block.mlp, self.joined[i], x, self.kernels))
+        if i + 1 == m.cfg.n_layers:
+            return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], m.ln_final)
+        if i + 1 == self.split:             # the residual is widened before the next block
+            return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], None)
+        nxt = m.blocks[i + 1]
+        return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post, nxt.hook_resid_pre], nxt.ln1)
 
-    def _logits(self, resid: Tensor) -> Tensor:
+    def _logits(self, resid: Tensor, x: Tensor | None) -> Tensor:
         m = self.model
-        return m.unembed(self.norm(m.ln_final, resid[:, -1:]))[:, -1]
+        x = self.norm(m.ln_final, resid[:, -1:]) if x is None else x[:, -1:]
+        return m.unembed(x)[:, -1]
 
-    def _layer(self, i: int, resid: Tensor, attn_mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        resid, q, k, v = self._qkv(i, resid)
+    def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor, sin: Tensor
+               ) -> tuple[Tensor, Tensor | None]:
+        resid, q, k, v = self._qkv(i, resid, x)
         q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
         q = self.model.blocks[i].attn.hook_rot_q(q)
         n = q.shape[1]
@@ -184,12 +209,12 @@ class FastDecoder(OneTokenStep):
         # rotary positions as TransformerLens counts them: unmasked tokens before, from 0
         pos = (mask_now.cumsum(1) - 1).clamp(min=0)[:, self.length:]
         tables = self.rotary.rows(pos)
-        resid = m.hook_embed(m.embed(tokens[:self._rows(0)]))
+        resid, x = m.hook_embed(m.embed(tokens[:self._rows(0)])), None
         for i in range(m.cfg.n_layers):
             resid = self._widen(i, resid)
-            resid = self._layer(i, resid, keys[:self._rows(i)], *tables[i])
+            resid, x = self._layer(i, resid, x, keys[:self._rows(i)], *tables[i])
         self.length = end
-        return self._logits(resid)
+        return self._logits(resid, x)
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]

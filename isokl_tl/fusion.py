@@ -88,6 +88,11 @@ def join(block) -> Joined:
     return out
 
 
+def plain_rms(ln) -> bool:
+    """Whether `ln` is a weighted RMSNorm whose intermediate hooks carry nothing."""
+    return type(ln) is RMSNorm and not (has_hook(ln.hook_scale) or has_hook(ln.hook_normalized))
+
+
 def norm(ln, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
     """`ln(x)` for a TransformerLens RMSNorm, in one operation unless its `hook_scale` is hooked."""
     if type(ln) not in (RMSNorm, RMSNormPre) or has_hook(ln.hook_scale):

@@ -40,7 +40,13 @@ class StaticDecoder(FastDecoder):
         # rotary and KV-cache writes as one Triton kernel (`isokl_tl.block_triton`), where it fits
         self.rotate_in_kernel = (self.kernels is not None and self.rotary.dim == d and not self.rotary.adjacent
                                  and d & (d - 1) == 0 and model.cfg.dtype in (torch.bfloat16, torch.float32))
+        # attention over the keys in use only (`isokl_tl.attn_triton`), else SDPA over the whole cache
+        self.attention = None
+        if self.kernels is not None:
+            from isokl_tl import attn_triton
+            self.attention = attn_triton
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.bias: Tensor | None = None
         self.steps = 0
 
     @torch.no_grad()
@@ -55,8 +61,9 @@ class StaticDecoder(FastDecoder):
         self.graph, self.steps = None, 0
         return self.logits
 
-    def _static_layer(self, i: int, resid: Tensor, bias: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        resid, q, k, v = self._qkv(i, resid)
+    def _static_layer(self, i: int, resid: Tensor, x: Tensor | None, cos: Tensor, sin: Tensor
+                      ) -> tuple[Tensor, Tensor | None]:
+        resid, q, k, v = self._qkv(i, resid, x)
         cos, sin = cos[:len(q)], sin[:len(q)]                # fewer rows below a shared split
         if self.rotate_in_kernel and self.kernels.joined_views(q, k, v):
             q = self.kernels.rotate_store(q, k, v, cos, sin, self.k[i], self.v[i], self.write_at)
@@ -65,29 +72,41 @@ class StaticDecoder(FastDecoder):
             self.k[i].index_copy_(2, self.write_at, k.transpose(1, 2))
             self.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
         q = self.model.blocks[i].attn.hook_rot_q(q)
-        return self._finish(i, resid, self._attend(q, self.k[i], self.v[i], bias))
+        rows = self._rows(i)
+        if self.attention is not None and self.attention.supports(q, self.k[i]):
+            z = self.attention.decode_attention(q, self.k[i], self.v[i], self.key_mask[:rows], self.write_at,
+                                                self.scale)
+        else:
+            z = self._attend(q, self.k[i], self.v[i], self._key_bias()[:rows])
+        return self._finish(i, resid, z)
+
+    def _key_bias(self) -> Tensor:
+        """The additive form of the key mask ([batch, 1, 1, capacity]), built once per step for
+        every layer that attends through SDPA (which would convert a boolean mask to exactly
+        this in each layer)."""
+        if self.bias is None:
+            bias = torch.zeros(self.key_mask.shape, dtype=self.k[0].dtype, device=self.key_mask.device)
+            self.bias = bias.masked_fill_(self.key_mask == 0, float("-inf"))[:, None, None, :]
+        return self.bias
 
     def _static_step(self) -> Tensor:
         """One step on the buffers, bookkeeping included, all on the device: the new key becomes
         visible, the layers run, and the write position and rotary positions move on."""
         m = self.model
         self.key_mask.index_fill_(1, self.write_at, 1)
-        # the additive form of the key mask, built once for every layer (SDPA would convert a
-        # boolean mask to exactly this in each layer)
-        bias = torch.zeros(self.key_mask.shape, dtype=self.k[0].dtype, device=self.key_mask.device)
-        bias.masked_fill_(self.key_mask == 0, float("-inf"))
-        bias = bias[:, None, None, :]
+        self.bias = None
         tables = self.rotary.rows(self.pos_ids[:, None])
-        resid = m.hook_embed(m.embed(self.tok_buf[:self._rows(0), None]))
+        resid, x = m.hook_embed(m.embed(self.tok_buf[:self._rows(0), None])), None
         for i in range(m.cfg.n_layers):
             resid = self._widen(i, resid)
-            resid = self._static_layer(i, resid, bias[:self._rows(i)], *tables[i])
+            resid, x = self._static_layer(i, resid, x, *tables[i])
         u = m.unembed
         if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
             # straight into the logits buffer: F.linear's own call, without a [batch, d_vocab] copy
-            torch.addmm(u.b_U, self.norm(m.ln_final, resid[:, -1]), u.W_U, out=self.logits)
+            x = self.norm(m.ln_final, resid[:, -1]) if x is None else x[:, -1]
+            torch.addmm(u.b_U, x, u.W_U, out=self.logits)
         else:
-            self.logits.copy_(self._logits(resid))
+            self.logits.copy_(self._logits(resid, x))
         self.pos_ids += 1
         self.write_at += 1
         return self.logits

@@ -65,6 +65,39 @@ for dtype in (torch.float32, torch.bfloat16):
     torch.testing.assert_close(got, ref, **tol)
     assert block_triton.silu_mul(gate, up.clone()) is None      # unequal strides: PyTorch instead
 
+# residual add + RMSNorm, against the add and torch.rms_norm
+for dtype in (torch.float32, torch.bfloat16):
+    a, b = (torch.randn(4, 1, 600, generator=g).to(dtype) for _ in range(2))
+    w = (1 + torch.randn(600, generator=g) / 4).to(dtype)
+    total, normed = block_triton.add_rms_norm(a, b, w, 1e-6)
+    assert torch.equal(total, a + b)
+    ref = torch.rms_norm(a + b, (600,), w, 1e-6)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2 ** -7)
+    torch.testing.assert_close(normed, ref, **tol)
+    assert block_triton.add_rms_norm(a, b[..., ::2].repeat(1, 1, 2), w[:300], 1e-6) is None
+
+# decode attention over the used part of a static cache, against SDPA over all of it
+import isokl_tl.attn_triton as attn_triton
+attn_triton.SLICE, attn_triton.BLOCK = 32, 16            # 3 slices, 2 blocks each; the last unused
+for dtype in (torch.float32, torch.bfloat16):
+    for hq, hkv in ((6, 2), (4, 4)):
+        b, d, cap = 3, 16, 70
+        q = torch.randn(b, 1, hq, d, generator=g).to(dtype)
+        kc, vc = (torch.randn(b, hkv, cap, d, generator=g).to(dtype) for _ in range(2))
+        mask = torch.ones(b, cap, dtype=torch.long)
+        mask[:, 41:] = 0                                  # keys 0..40 in use
+        mask[1, :5] = 0                                   # left padding
+        mask[2, 33:38] = 0                                # a hole within one block
+        kc[:, :, 41:], vc[:, :, 41:] = float("nan"), float("nan")     # never read
+        assert attn_triton.supports(q, kc)
+        z = attn_triton.decode_attention(q, kc, vc, mask, torch.tensor([40]), 0.25)
+        bias = torch.zeros(b, 1, 1, cap).masked_fill(mask[:, None, None] == 0, float("-inf"))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float().transpose(1, 2), kc.float().nan_to_num(), vc.float().nan_to_num(), attn_mask=bias, scale=0.25,
+            enable_gqa=True).transpose(1, 2)
+        tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -7)
+        torch.testing.assert_close(z.float(), ref, **tol)
+
 print("kernels ok")
 """
 
