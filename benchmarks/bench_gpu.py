@@ -59,7 +59,8 @@ def sync_time(fn) -> float:
 
 def kernel_parity(model, batch: int) -> dict:
     """Scoring kernel vs PyTorch ops on random logits; rotary + cache-write kernel vs Rotary and
-    index_copy_, and silu(gate) * up, on one block's joined projections."""
+    index_copy_, silu(gate) * up and add + RMSNorm, on one block's joined projections; decode
+    attention vs SDPA on a random cache."""
     from isokl_tl import fusion, block_triton
     from isokl_tl.score import greedy_scores, greedy_scores_torch
 
@@ -89,6 +90,26 @@ def kernel_parity(model, batch: int) -> dict:
     diff = block_triton.silu_mul(gate, up).float() - (mlp.act_fn(gate) * up).float()
     out["kernel_silu_mul_elements_differing"] = f"{int((diff != 0).sum())} of {diff.numel()}"
     out["kernel_silu_mul_max_diff"] = float(diff.abs().max())
+    ln = model.blocks[0].ln2
+    total, normed = block_triton.add_rms_norm(x, 2 * x.flip(0), ln.w, ln.eps)
+    ref = torch.rms_norm(x + 2 * x.flip(0), (x.shape[-1],), ln.w, ln.eps)
+    out["kernel_add_rms_norm_sum_identical"] = bool(torch.equal(total, x + 2 * x.flip(0)))
+    out["kernel_add_rms_norm_elements_differing"] = f"{int((normed != ref).sum())} of {ref.numel()}"
+    out["kernel_add_rms_norm_max_rel_diff"] = float(((normed.float() - ref.float()).abs() / ref.float().abs().clamp(min=1e-3)).max())
+    # decode attention over 301 of 560 cache slots, some rows left-padded, against SDPA over all
+    from isokl_tl import attn_triton
+    cap, hkv = 560, k.shape[2]
+    kc, vc = (torch.randn((2 * batch, hkv, cap, k.shape[3]), device="cuda", generator=g).to(k.dtype) for _ in range(2))
+    mask = torch.zeros(2 * batch, cap, dtype=torch.long, device="cuda")
+    mask[:, :301] = 1
+    mask[::3, :17] = 0
+    bias = torch.zeros(mask.shape, dtype=k.dtype, device="cuda").masked_fill(mask == 0, float("-inf"))[:, None, None]
+    scale = q.shape[-1] ** -0.5
+    z = attn_triton.decode_attention(got_q, kc, vc, mask, torch.tensor([300], device="cuda"), scale)
+    ref = torch.nn.functional.scaled_dot_product_attention(got_q.transpose(1, 2), kc, vc, attn_mask=bias, scale=scale,
+                                                           enable_gqa=hkv != q.shape[2]).transpose(1, 2)
+    out["kernel_attention_max_diff_vs_sdpa"] = float((z.float() - ref.float()).abs().max())
+    out["kernel_attention_elements_differing"] = f"{int((z != ref).sum())} of {z.numel()}"
     return out
 
 
@@ -98,13 +119,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--baseline-new", type=int, default=128, help="tokens for the TL/HF baselines")
+    ap.add_argument("--baseline-new", type=int, default=None,
+                    help="tokens for the TL/HF baselines (default: --new, the engine's workload)")
     ap.add_argument("--layer", type=int, default=14)
     ap.add_argument("--cell", action="store_true", help="also time a full run cell")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement (median reported)")
     ap.add_argument("--out", default="/tmp/bench", help="where bench.json (and the cell summary) go")
     ap.add_argument("--work", default="/tmp/isokl_bench", help="scratch: checkpoint and cell run dir")
     a = ap.parse_args()
+    a.baseline_new = a.baseline_new or a.new
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"shape": a.shape, "batch": a.batch, "device": torch.cuda.get_device_name()}

@@ -46,7 +46,7 @@ def main() -> None:
     print(f"SDPA, whole cache of {cap}: {sdpa:.1f} us", flush=True)
     fills = (50, 300, 559)
     rows = []
-    for sl, bl, w in itertools.product((64, 128, 256, 576), (16, 32, 64), (1, 2, 4)):
+    for sl, bl, w in itertools.product((64, 128, 256, 576), (32, 64), (1, 2, 4)):
         if bl > sl:
             continue
         attn_triton.SLICE, attn_triton.BLOCK, attn_triton.WARPS = sl, bl, w
