@@ -13,8 +13,9 @@
     python benchmarks/bench_rollout.py --batches 1 8 64 --window 32
 
 All decode greedily with a KV cache for exactly `window` new tokens (EOS ignored) from equal-length
-chat prompts. Each engine is warmed up once, then timed `--repeats` times; the median is reported
-as steered tokens per second and milliseconds per decode step.
+chat prompts. Each engine is warmed up once, then all are timed in turns, `--repeats` rounds; the
+median is reported as steered tokens per second and milliseconds per decode step, and the engine's
+speed over HF generate's per round.
 """
 
 import argparse
@@ -41,14 +42,18 @@ def hf_model():
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
-def timed(fn, repeats: int) -> float:
-    fn()                                            # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function: all warmed up once, then timed in turns (one call of
+    each per repeat), so a drift of the machine's speed hits every engine alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -83,17 +88,14 @@ def main() -> None:
         tokens = torch.tensor(prompts)
         c = torch.full((b,), coeff)
         kw = dict(direction=d.vector, hook=d.hook, window=a.window, eos=[], rows_per_batch=b)
-        r = a.repeats
-        secs = {
-            "fast": timed(lambda: rollout(model, prompts, c, decoder=FastDecoder, **kw), r),
-            "tl": timed(lambda: rollout(model, prompts, c, decoder=TLDecoder, **kw), r),
-        }
+        fns = {"fast": lambda: rollout(model, prompts, c, decoder=FastDecoder, **kw),
+               "tl": lambda: rollout(model, prompts, c, decoder=TLDecoder, **kw)}
 
         def tl_generate():
             with torch.no_grad(), steer(model, d.hook, d.vector, coeff):
                 model.generate(tokens, max_new_tokens=a.window, do_sample=False, stop_at_eos=False,
                                use_past_kv_cache=True, verbose=False)
-        secs["tlgen"] = timed(tl_generate, r)
+        fns["tlgen"] = tl_generate
         if hf is not None:
             def hf_generate(kl: bool = False):
                 handle = hf.model.layers[hook_layer(d.hook)].register_forward_hook(hf_hook)
@@ -109,13 +111,19 @@ def main() -> None:
                         base = hf(out.sequences[:, :-1]).logits[:, width - 1:]
                         steered = torch.stack(out.logits, dim=1)
                         token_kl(steered, base)
-            secs["hf"] = timed(hf_generate, r)
-            secs["hfkl"] = timed(lambda: hf_generate(kl=True), r)
+            fns["hf"] = hf_generate
+            fns["hfkl"] = lambda: hf_generate(kl=True)
+        times = timed(fns, a.repeats)
+        secs = {k: statistics.median(t) for k, t in times.items()}
         cells = []
         for k in ("fast", "tl", "tlgen", "hf", "hfkl"):
             s = secs.get(k)
             cells.append(f"{b * a.window / s:>8.1f} {1000 * s / a.window:>9.1f}" if s else f"{'n/a':>20}")
         print(f"{b:>5} | " + " | ".join(f"{x:>20}" for x in cells), flush=True)
+        if "hf" in times:
+            ratios = [h / f for f, h in zip(times["fast"], times["hf"])]
+            print(f"{'':>5}   isokl-tl fast vs HF generate, per repeat: "
+                  + ", ".join(f"{x:.2f}x" for x in ratios), flush=True)
 
 
 if __name__ == "__main__":

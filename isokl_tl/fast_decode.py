@@ -10,7 +10,11 @@ same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. Wha
   repeated K/V or the score matrix;
 - the rest of a block runs in fewer, larger operations (`isokl_tl.fusion`: joined Q/K/V and
   gate/input projections, one-call RMSNorm, Q and K rotated together with rotary rows looked up
-  once per step), wherever no hook could tell; `fuse=False` keeps TransformerLens's own modules.
+  once per step), wherever no hook could tell; `fuse=False` keeps TransformerLens's own modules;
+- for float32 models on CPU, those multiplies go through oneDNN with each weight packed once
+  (`isokl_tl.cpu_linear`), 2.5-4x faster than MKL's sgemm for a decode step's few rows; on CUDA
+  the element-wise middle of a block and the residual add + RMSNorm pairs are Triton kernels
+  (`isokl_tl.block_triton`).
 
 So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
 `hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,
@@ -24,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl import fusion
+from isokl_tl import cpu_linear, fusion
 from isokl_tl.decode import OneTokenStep, TLDecoder, select_coeff
 from isokl_tl.hooks import Steering, SteeringGroup
 from isokl_tl.score import triton_available
@@ -81,6 +85,8 @@ class FastDecoder(OneTokenStep):
         self.rotary, self.fuse = fusion.Rotary(model), fuse
         self.joined = [fusion.join(b) if fuse else fusion.Joined() for b in model.blocks]
         self.norm = fusion.norm if fuse else (lambda ln, x: ln(x))
+        packer = cpu_linear.packer(model) if fuse else None     # float32 CPU: oneDNN, weights packed once
+        self.linear = F.linear if packer is None else packer.linear
         self.kernels = None           # Triton kernels for element-wise work (`isokl_tl.block_triton`)
         if fuse and torch.device(cfg.device).type == "cuda" and triton_available():
             from isokl_tl import block_triton
@@ -123,7 +129,7 @@ class FastDecoder(OneTokenStep):
         if x is None:
             resid = block.hook_resid_pre(resid)
             x = resid if self.post_norm else self.norm(block.ln1, resid)
-        q, k, v = fusion.qkv(attn, self.joined[i], x)           # fires hook_q/k/v
+        q, k, v = fusion.qkv(attn, self.joined[i], x, self.linear)    # fires hook_q/k/v
         if self.post_norm:
             q = self.norm(attn.q_norm, q.reshape(*q.shape[:2], -1)).reshape(q.shape)
             k = self.norm(attn.k_norm, k.reshape(*k.shape[:2], -1)).reshape(k.shape)
@@ -151,14 +157,15 @@ class FastDecoder(OneTokenStep):
         attn = block.attn
         z = attn.hook_z(z)
         w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
-        attn_out = F.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
+        attn_out = self.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
         if self.post_norm:
             attn_out = self.norm(block.ln1, attn_out)
             resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
-            mlp_out = self.norm(block.ln2, fusion.mlp(block.mlp, self.joined[i], resid_mid, self.kernels))
+            mlp_out = fusion.mlp(block.mlp, self.joined[i], resid_mid, self.kernels, self.linear)
+            mlp_out = self.norm(block.ln2, mlp_out)
             return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out)), None
         resid_mid, x = self._add_norm(resid, block.hook_attn_out(attn_out), [block.hook_resid_mid], block.ln2)
-        mlp_out = block.hook_mlp_out(fusion.mlp(block.mlp, self.joined[i], x, self.kernels))
+        mlp_out = block.hook_mlp_out(fusion.mlp(block.mlp, self.joined[i], x, self.kernels, self.linear))
         if i + 1 == m.cfg.n_layers:
             return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], m.ln_final)
         if i + 1 == self.split:             # the residual is widened before the next block
@@ -169,7 +176,10 @@ class FastDecoder(OneTokenStep):
     def _logits(self, resid: Tensor, x: Tensor | None) -> Tensor:
         m = self.model
         x = self.norm(m.ln_final, resid[:, -1:]) if x is None else x[:, -1:]
-        return m.unembed(x)[:, -1]
+        u = m.unembed
+        if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
+            return self.linear(x[:, -1], u.W_U.T, u.b_U)
+        return u(x)[:, -1]
 
     def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor, sin: Tensor
                ) -> tuple[Tensor, Tensor | None]:

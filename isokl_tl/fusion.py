@@ -105,12 +105,14 @@ def norm(ln, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
     return torch.rms_norm(x, (x.shape[-1],), w, ln.eps)
 
 
-def qkv(attn, joined: Joined, x: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, Tensor, Tensor]:
-    """Q, K, V ([batch, pos, head, d_head]) with hook_q, hook_k and hook_v fired."""
+def qkv(attn, joined: Joined, x: Float[Tensor, "batch pos d_model"], linear=F.linear
+        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V ([batch, pos, head, d_head]) with hook_q, hook_k and hook_v fired. `linear`: F.linear
+    or a drop-in for it (`isokl_tl.cpu_linear`)."""
     if joined.qkv is None:
         return attn.calculate_qkv_matrices(x, x, x)
     d = attn.cfg.d_head
-    out = F.linear(x, joined.qkv, joined.qkv_bias)
+    out = linear(x, joined.qkv, joined.qkv_bias)
     q, k, v = out.split([h * d for h in joined.heads], dim=-1)
     b, n = x.shape[:2]
     hq, hk, hv = joined.heads
@@ -118,12 +120,13 @@ def qkv(attn, joined: Joined, x: Float[Tensor, "batch pos d_model"]) -> tuple[Te
             attn.hook_v(v.view(b, n, hv, d)))
 
 
-def mlp(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None) -> Float[Tensor, "batch pos d_model"]:
+def mlp(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, linear=F.linear
+        ) -> Float[Tensor, "batch pos d_model"]:
     """`m(x)` for a gated MLP, with its hooks fired; gate and input projections in one multiply.
     `kernels` (`isokl_tl.block_triton`, on CUDA) computes silu(gate) * up in one launch."""
     if joined.gate_up is None:
         return m(x)
-    gate, up = F.linear(x, joined.gate_up).chunk(2, dim=-1)
+    gate, up = linear(x, joined.gate_up).chunk(2, dim=-1)
     gate, up = m.hook_pre(gate), m.hook_pre_linear(up)
     post = None
     if kernels is not None and m.act_fn is F.silu:
@@ -132,7 +135,7 @@ def mlp(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None) 
         post = m.act_fn(gate) * up
     if joined.b_in is not None:
         post = post + joined.b_in
-    return F.linear(m.hook_post(post), m.W_out.T.contiguous(), m.b_out)
+    return linear(m.hook_post(post), m.W_out.T.contiguous(), m.b_out)
 
 
 class Rotary:
