@@ -102,6 +102,62 @@ print("kernels ok")
 """
 
 
+DECODE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from isokl_tl import attn_triton, block_triton
+from isokl_tl.decode import TLDecoder
+from isokl_tl.fast_decode import FastDecoder
+from isokl_tl.graph_decode import StaticDecoder
+from isokl_tl.models import TINY, load_model
+from isokl_tl.rollout import rollout
+
+torch.manual_seed(0)
+model = load_model(TINY)
+v = torch.randn(model.cfg.d_model)
+v = v / v.norm()
+
+
+def with_kernels(cls):
+    def make(model, steering, capacity):
+        dec = cls(model, steering, capacity)
+        dec.kernels = block_triton                   # what a CUDA device gets
+        if cls is StaticDecoder:
+            dec.attention, dec.rotate_in_kernel = attn_triton, True
+        return dec
+    return make
+
+
+prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]        # unequal: left padding in the key mask
+kw = dict(direction=v, hook="blocks.1.hook_resid_post", window=10, eos=[])
+c = torch.tensor([3.0, 6.0])
+ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
+for cls in (FastDecoder, StaticDecoder):
+    got = rollout(model, prompts, c, decoder=with_kernels(cls), **kw)
+    assert torch.equal(got.tokens, ref.tokens), (cls, got.tokens, ref.tokens)
+    torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
+# a hook between a residual add and the norm after it switches that fusion off and fires
+seen = []
+with model.hooks(fwd_hooks=[("blocks.2.hook_resid_mid", lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
+    ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
+    n = len(seen)
+    got = rollout(model, prompts, c, decoder=with_kernels(StaticDecoder), **kw)
+assert len(seen) > n and torch.equal(got.tokens, ref.tokens)
+torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
+print("decoders ok")
+"""
+
+
+def test_decoders_with_the_kernels_match_transformer_lens_in_the_interpreter():
+    """The GPU path's kernels (add + RMSNorm, attention over the written slots, rotary + cache,
+    silu-mul) inside both fast decoders, on CPU through the interpreter, against TransformerLens."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", DECODE, str(Path(__file__).parent)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "decoders ok" in done.stdout, done.stderr[-3000:]
+
+
 def test_triton_kernels_match_torch_in_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
