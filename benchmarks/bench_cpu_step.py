@@ -2,7 +2,8 @@
 per-step time of `FastDecoder` on the embedded model for B steered rows alone, B rows + B base
 partners, and the same with the partners sharing the blocks below the steering site
 (`share_prefix`); each with TransformerLens's modules (`fuse=False`) and with the fused block
-arithmetic of `isokl_tl.fusion` (the default).
+arithmetic of `isokl_tl.fusion` (the default; on CPU its multiplies go through oneDNN over packed
+weights, `isokl_tl.cpu_linear`); then those multiplies alone, MKL against oneDNN.
 
     python benchmarks/bench_cpu_step.py --rows 8
 """
@@ -55,6 +56,39 @@ def main() -> None:
         name = f"{name}{', fused' if fuse else ''}"
         print(f"{name:35s} prefill {1000 * statistics.median(prefill):7.1f} ms   "
               f"step {1000 * statistics.median(step):6.1f} ms   (median of 3)")
+
+    gemms(model, b)
+
+
+def gemms(model, rows: int) -> None:
+    """The step's multiplies on the model's own weights, MKL (`F.linear`) against oneDNN over packed
+    weights (`isokl_tl.cpu_linear`), each over all blocks: GB/s of weights streamed."""
+    import torch.nn.functional as F
+
+    from isokl_tl import cpu_linear, fusion
+    packer = cpu_linear.packer(model)
+    if packer is None:
+        return
+    joined = [fusion.join(block) for block in model.blocks]
+    groups = {"gate/up": [j.gate_up for j in joined],
+              "down": [block.mlp.W_out.T for block in model.blocks],
+              "unembedding": [model.unembed.W_U.T]}
+    for name, ws in groups.items():
+        xs = [torch.randn(rows, w.shape[1]) for w in ws]
+        for w, x in zip(ws, xs):
+            packer.linear(x, w)                                   # packs (once)
+        nbytes = sum(w.numel() * 4 for w in ws)
+        out = []
+        for label, fn in (("MKL", F.linear), ("oneDNN packed", packer.linear)):
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for w, x in zip(ws, xs):
+                    fn(x, w)
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times)
+            out.append(f"{label} {1000 * t:6.1f} ms ({nbytes / t / 1e9:4.1f} GB/s)")
+        print(f"{rows} rows x {name:12s} " + "   ".join(out))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 On CPU, `F.linear` runs MKL's sgemm, which packs the weight matrix on every call; for the few rows
 of a decode step that dominates, and on this project's machines (AMD EPYC, AVX-512) it streams the
-weights at 5-8 GB/s of a measured 32 GB/s. oneDNN's linear over a weight reordered once into its
+weights at 4.5-7 GB/s of a measured 32 GB/s. oneDNN's linear over a weight reordered once into its
 blocked layout (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, the pair
-PyTorch's own compiler emits for frozen CPU models) does the same float32 products 2.5-4x faster
+PyTorch's own compiler emits for frozen CPU models) does the same float32 products 2-5x faster
 (`benchmarks/bench_cpu_step.py`). Results agree with `F.linear` to float32 rounding, not bit for bit.
 
 Packed copies live on the model (`packer(model)`), one per weight, so a weight is packed once and

@@ -12,7 +12,7 @@ same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. Wha
   gate/input projections, one-call RMSNorm, Q and K rotated together with rotary rows looked up
   once per step), wherever no hook could tell; `fuse=False` keeps TransformerLens's own modules;
 - for float32 models on CPU, those multiplies go through oneDNN with each weight packed once
-  (`isokl_tl.cpu_linear`), 2.5-4x faster than MKL's sgemm for a decode step's few rows; on CUDA
+  (`isokl_tl.cpu_linear`), 2-5x faster than MKL's sgemm for a decode step's few rows; on CUDA
   the element-wise middle of a block and the residual add + RMSNorm pairs are Triton kernels
   (`isokl_tl.block_triton`).
 
