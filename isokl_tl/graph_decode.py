@@ -8,9 +8,9 @@ write position on the device and skips the slots not yet written; else SDPA read
 the write position and per-row rotary positions are device tensors updated in place, inside the
 graph. With `scored_step` the rollout's per-step scoring (KL, argmax, log-probability: one Triton
 kernel, `isokl_tl.score`; writing the results) is captured into the same graph, so a greedy decode
-step is one graph replay and nothing else. On CUDA with Triton, rotary + KV-cache writes, the MLP's silu(gate) * up and each residual add with the
-RMSNorm after it are Triton kernels too (`isokl_tl.block_triton`), and the logits go straight into
-their buffer.
+step is one graph replay and nothing else. On CUDA with Triton, rotary + KV-cache writes, the MLP's
+silu(gate) * up and each residual add with the RMSNorm after it are Triton kernels too
+(`isokl_tl.block_triton`), and the logits go straight into their buffer.
 
 Everything the step reads that a caller may change (the tokens, the steering coefficients
 `Steering.coeff`, updated in place, the mask) lives in tensors the graph was captured with.
