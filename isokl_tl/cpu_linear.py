@@ -8,10 +8,11 @@ PyTorch's own compiler emits for frozen CPU models) does the same float32 produc
 (`benchmarks/bench_cpu_step.py`). Results agree with `F.linear` to float32 rounding, not bit for bit.
 
 Packed copies live on the model (`packer(model)`), one per weight (a second copy of the weights in
-memory), so a weight is packed once and not per rollout. A copy is keyed by the weight's storage, offset, shape and strides and checked
-against its version counter: an in-place edit of a parameter (or of the block it is a view of)
-packs it again. Only weights stored in the model's own parameters are packed; anything else (a
-weight computed on the fly) goes through `F.linear`.
+memory), so a weight is packed once and not per rollout. A copy is keyed by the weight's storage,
+offset, shape and strides and checked against its version counter: an in-place edit of a parameter
+(or of the block it is a view of) packs it again. An edit through `.data` bypasses that counter:
+after one, call `packer(model).packed.clear()`. Only weights stored in the model's own parameters
+are packed; anything else (a weight computed on the fly) goes through `F.linear`.
 """
 
 import torch
