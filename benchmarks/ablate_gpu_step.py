@@ -32,7 +32,8 @@ def variant(**off):
 
 
 def attention_parity(dtype: torch.dtype) -> dict:
-    """decode_attention against SDPA over a half-used, partly masked cache."""
+    """decode_attention against SDPA and a float64 reference over a half-used, partly masked cache
+    (timings in CUDA graphs: `tune_attention.py`)."""
     from isokl_tl import attn_triton
     g = torch.Generator(device="cuda").manual_seed(0)
     b, hq, hkv, d, cap = 128, 14, 2, 64, 560
@@ -51,15 +52,9 @@ def attention_parity(dtype: torch.dtype) -> dict:
         q.double().transpose(1, 2), k.double(), v.double(), attn_mask=bias.double(), scale=d ** -0.5,
         enable_gqa=True).transpose(1, 2)
     name = str(dtype).split(".")[-1]
-    ms_k = statistics.median(sync_time(lambda: attn_triton.decode_attention(q, k, v, mask, at, d ** -0.5))
-                             for _ in range(20))
-    ms_s = statistics.median(sync_time(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k, v, attn_mask=bias, scale=d ** -0.5, enable_gqa=True)) for _ in range(20))
     return {f"attn_{name}_kernel_vs_sdpa_max_diff": float((z.float() - ref.float()).abs().max()),
             f"attn_{name}_kernel_vs_float64_max_diff": float((z.double() - exact).abs().max()),
-            f"attn_{name}_sdpa_vs_float64_max_diff": float((ref.double() - exact).abs().max()),
-            f"attn_{name}_kernel_us_301_of_560_keys": 1e6 * ms_k,
-            f"attn_{name}_sdpa_us_whole_cache": 1e6 * ms_s}
+            f"attn_{name}_sdpa_vs_float64_max_diff": float((ref.double() - exact).abs().max())}
 
 
 def main() -> None:

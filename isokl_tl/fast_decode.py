@@ -173,10 +173,14 @@ class FastDecoder(OneTokenStep):
         nxt = m.blocks[i + 1]
         return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post, nxt.hook_resid_pre], nxt.ln1)
 
+    def _last_normed(self, resid: Tensor, x: Tensor | None) -> Tensor:
+        """The final norm at the last position ([batch, 1, d_model]): `x` when the last block's
+        `_add_norm` already computed it."""
+        return self.norm(self.model.ln_final, resid[:, -1:]) if x is None else x[:, -1:]
+
     def _logits(self, resid: Tensor, x: Tensor | None) -> Tensor:
-        m = self.model
-        x = self.norm(m.ln_final, resid[:, -1:]) if x is None else x[:, -1:]
-        u = m.unembed
+        x = self._last_normed(resid, x)
+        u = self.model.unembed
         if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
             return self.linear(x[:, -1], u.W_U.T, u.b_U)
         return u(x)[:, -1]

@@ -105,8 +105,7 @@ class StaticDecoder(FastDecoder):
         u = m.unembed
         if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
             # straight into the logits buffer: F.linear's own call, without a [batch, d_vocab] copy
-            x = self.norm(m.ln_final, resid[:, -1]) if x is None else x[:, -1]
-            torch.addmm(u.b_U, x, u.W_U, out=self.logits)
+            torch.addmm(u.b_U, self._last_normed(resid, x)[:, -1], u.W_U, out=self.logits)
         else:
             self.logits.copy_(self._logits(resid, x))
         self.pos_ids += 1
