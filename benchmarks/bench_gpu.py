@@ -194,6 +194,21 @@ def main() -> None:
         report(f"parity_{name}_max_kl_diff_on_same_prefix", float(diff.max()) if diff.numel() else float("nan"))
         report(f"parity_{name}_mean_kl_diff_on_same_prefix", float(diff.mean()) if diff.numel() else float("nan"))
 
+    # a decoder kept from a rollout (KV caches, CUDA graph) serving the next rollout of its shape,
+    # with other prompts, coefficients and direction: exactly what a fresh decoder gives
+    if why is None:
+        from isokl_tl import graph_decode
+        other = dict(kw, direction=torch.roll(v, 5))
+        graph_decode.release(model)
+        rollout(model, prompts[:8], c8, decoder=StaticDecoder, **kw)
+        again = rollout(model, prompts[8:16], 2 * c8, decoder=StaticDecoder, **other)
+        reused = len(graph_decode._kept(model)) == 1
+        graph_decode.release(model)
+        fresh = rollout(model, prompts[8:16], 2 * c8, decoder=StaticDecoder, **other)
+        report("reuse_kept_decoder_served_it", reused)
+        report("reuse_identical_tokens", bool(torch.equal(again.tokens, fresh.tokens)))
+        report("reuse_max_kl_diff", float((again.kl - fresh.kl).abs().nan_to_num().max()))
+
     # parity in float32 on the GPU: the same comparison without bf16 rounding
     if why is None:
         m32 = load_model(str(ckpt), device="cuda", dtype="float32")

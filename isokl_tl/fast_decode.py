@@ -96,6 +96,7 @@ class FastDecoder(OneTokenStep):
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
         self.key_mask: Tensor | None = None
+        self.reused = False            # the last prefill cleared the previous rollout's buffers
         self.length = 0
         self.split = 0                 # layers below `split` run on the first `n_own` rows only
         self.n_own: int | None = None
@@ -236,9 +237,16 @@ class FastDecoder(OneTokenStep):
         cfg = self.model.cfg
         b, dev = tokens.shape[0], tokens.device
         shape = [(self._rows(i) or b, self.n_kv, self.capacity, cfg.d_head) for i in range(cfg.n_layers)]
-        self.k = [torch.zeros(sh, dtype=cfg.dtype, device=dev) for sh in shape]
-        self.v = [torch.zeros(sh, dtype=cfg.dtype, device=dev) for sh in shape]
-        self.key_mask = torch.zeros((b, self.capacity), dtype=torch.long, device=dev)
+        # a decoder serving another rollout of its shape (`graph_decode.keep`) clears its buffers in place
+        self.reused = ([tuple(k.shape) for k in self.k] == shape and self.k[0].device == dev
+                       and self.key_mask.shape == (b, self.capacity))
+        if self.reused:
+            for t in (*self.k, *self.v, self.key_mask):
+                t.zero_()
+        else:
+            self.k = [torch.zeros(sh, dtype=cfg.dtype, device=dev) for sh in shape]
+            self.v = [torch.zeros(sh, dtype=cfg.dtype, device=dev) for sh in shape]
+            self.key_mask = torch.zeros((b, self.capacity), dtype=torch.long, device=dev)
         self.length = 0
         return self._forward(tokens, mask)
 

@@ -16,7 +16,14 @@ Everything the step reads that a caller may change (the tokens, the steering coe
 `Steering.coeff`, updated in place, the mask) lives in tensors the graph was captured with.
 Python-side effects of hooks run once, at capture (so `Steering.calls` counts 2 for the whole
 decode here); hooks that compute on tensors run every step.
+
+A decoder, its buffers and its graph can outlive one rollout: `isokl_tl.rollout` keeps the last
+few per model (`keep` / `take`, keyed on everything the graph depends on) and a later rollout of
+the same shape calls `adopt` with its own steering and `prefill`s into the same buffers, so it
+skips the warm-up step and the capture. `release(model)` drops them (and their GPU memory).
 """
+
+from collections import OrderedDict
 
 from collections.abc import Callable
 
@@ -30,8 +37,12 @@ from isokl_tl.fast_decode import FastDecoder
 from isokl_tl.hooks import Steering, SteeringGroup
 
 
+KEEP = 2          # decoders kept per model for later rollouts (each holds its KV caches)
+
+
 class StaticDecoder(FastDecoder):
     static = True
+    reusable = True   # may be kept for the next rollout of the same shape (`keep`, `adopt`)
 
     def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int,
                  use_graph: bool | None = None, fuse: bool = True):
@@ -48,19 +59,55 @@ class StaticDecoder(FastDecoder):
             from isokl_tl import attn_triton
             self.attention = attn_triton
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed = False           # an eager step has run (compiled kernels) before any capture
+        self.captured: Steering | SteeringGroup | None = None   # the steering the graph reads
         self.bias: Tensor | None = None
         self.steps = 0
+        self.scoring: dict | None = None    # the rollout's scoring buffers, kept with the graph
+
+    def hold(self, steering: Steering | SteeringGroup | None) -> None:
+        """Mark `steering` as the one the graph (about to be captured) reads; its directions become
+        copies of their own, so that a later `adopt` never writes into a caller's tensor."""
+        for h in _handles(steering):
+            h.direction = h.direction.clone()
+        self.captured = steering
+
+    def adopt(self, steering: Steering | SteeringGroup | None) -> None:
+        """Serve a new rollout: its `steering` runs the eager parts (the prefill), and its
+        coefficients and directions are copied into the tensors of the steering the graph was
+        captured with, which the replayed graph reads. Raises ValueError where the two do not
+        match site for site (the caller then builds a fresh decoder)."""
+        if self.captured is None:          # nothing captured: only the eager parts read steering
+            self.steering = steering
+            return
+        old, new = _handles(self.captured), _handles(steering)
+        if len(old) != len(new):
+            raise ValueError("a different number of steering sites than the captured graph's")
+        for a, b in zip(old, new):
+            if (a.hook, a.method, a.start) != (b.hook, b.method, b.start) or not (
+                    torch.is_tensor(a.coeff) and torch.is_tensor(b.coeff) and a.coeff.shape == b.coeff.shape):
+                raise ValueError(f"steering at {b.hook} does not match the captured graph's")
+        for a, b in zip(old, new):
+            a.coeff.copy_(b.coeff)
+            a.direction.copy_(b.direction)
+        self.steering = steering
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
                 ) -> Float[Tensor, "batch d_vocab"]:
         logits = super().prefill(tokens, mask)
-        dev = tokens.device
-        self.tok_buf = torch.zeros(tokens.shape[0], dtype=torch.long, device=dev)
-        self.pos_ids = mask.sum(1).to(dev)                 # rotary position of the next token
-        self.write_at = torch.full((1,), self.length, dtype=torch.long, device=dev)
-        self.logits = logits.clone()                       # the latest logits, in a fixed buffer
-        self.graph, self.steps = None, 0
+        if not (self.reused and self.graph is not None and self.tok_buf.shape[0] == tokens.shape[0]):
+            dev = tokens.device
+            self.tok_buf = torch.zeros(tokens.shape[0], dtype=torch.long, device=dev)
+            self.pos_ids = torch.empty(tokens.shape[0], dtype=torch.long, device=dev)
+            self.write_at = torch.empty(1, dtype=torch.long, device=dev)
+            self.logits = torch.empty_like(logits)         # the latest logits, in a fixed buffer
+            self.graph, self.captured = None, None
+        # in place: a kept graph reads these very tensors
+        self.pos_ids.copy_(mask.sum(1))                    # rotary position of the next token
+        self.write_at.fill_(self.length)
+        self.logits.copy_(logits)
+        self.steps = 0
         return self.logits
 
     def _static_layer(self, i: int, resid: Tensor, x: Tensor | None, cos: Tensor, sin: Tensor
@@ -119,11 +166,13 @@ class StaticDecoder(FastDecoder):
             raise ValueError(f"decode past the cache capacity of {self.capacity} tokens")
         if self.steering is not None:
             self.steering.offset = self.length
-        if not self.use_graph or self.steps == 0:
+        if not self.use_graph or (self.graph is None and not self.warmed):
             body()
             self._static_step()
+            self.warmed = True
         else:
             if self.graph is None:
+                self.hold(self.steering)
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
                     body()
@@ -147,3 +196,34 @@ class StaticDecoder(FastDecoder):
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         raise RuntimeError("StaticDecoder keeps its batch fixed; finished rows are masked instead")
+
+
+def _handles(steering: Steering | SteeringGroup | None) -> list[Steering]:
+    if steering is None:
+        return []
+    return list(steering.handles) if isinstance(steering, SteeringGroup) else [steering]
+
+
+def _kept(model: HookedTransformer) -> OrderedDict:
+    if getattr(model, "_isokl_decoders", None) is None:
+        object.__setattr__(model, "_isokl_decoders", OrderedDict())
+    return model._isokl_decoders
+
+
+def take(model: HookedTransformer, key) -> StaticDecoder | None:
+    """The decoder kept under `key`, removed from the store (a rollout that fails with it in hand
+    thus drops it), or None."""
+    return _kept(model).pop(key, None)
+
+
+def keep(model: HookedTransformer, key, decoder: StaticDecoder) -> None:
+    """Keep `decoder` for a later rollout with the same `key`; the oldest beyond `KEEP` go."""
+    kept = _kept(model)
+    kept[key] = decoder
+    while len(kept) > KEEP:
+        kept.popitem(last=False)
+
+
+def release(model: HookedTransformer) -> None:
+    """Drop the decoders (KV caches, CUDA graphs) kept for `model`'s later rollouts."""
+    _kept(model).clear()

@@ -6,10 +6,15 @@ forward pass. At every step the engine thus holds both next-token distributions,
 KL(P_steered || P_base) in float32, the steered log-probability of the chosen token, and whether
 the base model's argmax agrees with it — the rollout is generated once and never re-scored, and no
 [batch, pos, d_vocab] tensor is ever materialised.
+
+On the GPU path a rollout keeps its decoder (KV caches, CUDA graph, result buffers) for the next
+rollout of the same shape, which then skips the warm-up step and the capture
+(`isokl_tl.graph_decode.release(model)` frees them); nothing is kept while other hooks are
+registered on the model.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from jaxtyping import Float, Int
@@ -17,76 +22,36 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from isokl_tl import graph_decode
 from isokl_tl.activations import Record, Recorder
 from isokl_tl.batching import chunks, left_pad, pad_id
 from isokl_tl.chat import eos_ids
 from isokl_tl.decode import Decoder
+from isokl_tl.decode_loop import GREEDY, Sampling, base_rows, check_finite, decode_fixed, score_rows
 from isokl_tl.fast_decode import make_decoder
+from isokl_tl.fusion import has_hook
 from isokl_tl.hooks import Site, Steering, SteeringGroup, hook_layer, steer_sites
 from isokl_tl.rollouts import Rollouts
-from isokl_tl.score import greedy_scores, row_scores
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampled decoding; greedy when `temperature == 0`."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-GREEDY = Sampling()
-
-
-def _choose(logp: Float[Tensor, "batch d_vocab"], sampling: Sampling,
-            gen: torch.Generator | None) -> Int[Tensor, " batch"]:
-    if sampling.temperature == 0:
-        return logp.argmax(-1)
-    probs = torch.softmax(logp / sampling.temperature, dim=-1)
-    if sampling.top_p < 1:
-        sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-
-def _score(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"], sampling: Sampling,
-           gen: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(next token, KL, log-probability of the next token, base argmax agrees) for the steered rows
-    0..batch-1 of `logits`, each against row `base_row[i]` (its partner, or itself)."""
-    if sampling.temperature == 0:
-        return greedy_scores(logits, base_row)
-    return row_scores(logits, base_row, lambda logp: _choose(logp, sampling, gen))
-
-
-def _base_rows(paired: Tensor, dev) -> Tensor:
-    """Where each row's base distribution is: its partner (after all rows, in order) or itself."""
-    rows = torch.arange(len(paired))
-    rows[paired] = len(paired) + torch.arange(int(paired.sum()))
-    return rows.to(dev)
-
-
-def _check_finite(logits: Tensor, t: int, active: Tensor, coeff: Tensor) -> None:
-    bad = ~torch.isfinite(logits).all(-1)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        row = int(active[i % len(active)])
-        who = "steered" if i < len(active) else "base"
-        raise ValueError(f"NaN or inf logits at generated token {t} of row {row} ({who} model, "
-                         f"coefficient {float(coeff[row]):.4g}); the coefficient is probably too large")
 
 
 def _first_block(sites: list[Site]) -> int:
     """The first block any site steers in (0 when a site sits before the blocks)."""
     layers = [hook_layer(s.hook) for s in sites]
     return 0 if any(layer is None for layer in layers) else min(layers)
+
+
+def _reuse_key(model: HookedTransformer, decoder, sites: list[Site], paired: Tensor, width: int, window: int,
+               generated_only: bool, sampling: Sampling, eos: Tensor) -> tuple | None:
+    """Everything a kept decoder's captured graph depends on besides the values `adopt` and
+    `prefill` refresh (coefficients, directions, prompts): the shapes, which rows have partners,
+    the sites, the EOS ids, where every weight and buffer lives. None (keep nothing) while any
+    other hook is registered on the model: its Python would run once, at capture, and its state
+    could change between rollouts unseen."""
+    if any(has_hook(hp) for hp in model.hook_dict.values()):
+        return None
+    weights = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in chain(model.parameters(), model.buffers()))
+    return (decoder, tuple(paired.tolist()), width, window, generated_only, sampling.temperature == 0,
+            tuple(eos.tolist()), tuple((s.hook, s.method) for s in sites), weights)
 
 
 DecoderFactory = Callable[[HookedTransformer, Steering | SteeringGroup, int], Decoder]   # (model, steering, capacity)
@@ -117,27 +82,35 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     site_both = torch.cat([site, site[paired]])
     per_site = [torch.where(site_both == j, both, 0.0).to(dev) for j in range(len(sites))]
     rec = None if record is None else Recorder(model, record, sites, site, window)
+    key = None if rec is not None else _reuse_key(model, decoder, sites, paired, width, window, generated_only,
+                                                  sampling, eos)
     with steer_sites(model, sites, per_site, start=width if generated_only else 0) as steering, \
             model.hooks(fwd_hooks=[] if rec is None else rec.fwd_hooks()):
-        dec = decoder(model, steering, width + window)
-        if hasattr(dec, "share_prefix"):    # base partners repeat their rows below the first site
-            dec.share_prefix(b, partners, _first_block(sites))
+        dec = None if key is None else graph_decode.take(model, key)
+        if dec is not None:                 # kept from a rollout of this shape: graph and buffers reused
+            dec.adopt(steering)
+        else:
+            dec = decoder(model, steering, width + window)
+            if hasattr(dec, "share_prefix"):    # base partners repeat their rows below the first site
+                dec.share_prefix(b, partners, _first_block(sites))
         if rec is not None:
             dec.use_graph = False           # recording hooks have Python side effects every step
             rec.at(0, torch.arange(b), partners)
         logits = dec.prefill(torch.cat([tokens, tokens[paired.to(dev)]]),
                              torch.cat([mask, mask[paired.to(dev)]]))
         if getattr(dec, "static", False):   # fixed-shape decoder: no compaction, few host syncs
-            res = _decode_fixed(dec, logits, paired, coeff, window=window, sampling=sampling,
+            res = decode_fixed(dec, logits, paired, coeff, window=window, sampling=sampling,
                                 eos=eos, gen=gen, bar=bar, rec=rec)
+            if key is not None and getattr(dec, "reusable", False):
+                graph_decode.keep(model, key, dec)
             return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), **res,
                     "acts": None if rec is None else rec.result(res["gen_len"])}
         active = torch.arange(b)            # chunk rows still decoding, in batch order
         for t in range(window):
             n = len(active)
             has = paired[active].nonzero()[:, 0].to(dev)   # positions (among active) with a partner
-            _check_finite(logits, t, active, coeff)
-            nxt, kl, lp, agree = _score(logits, _base_rows(paired[active], dev), sampling, gen)
+            check_finite(logits, t, active, coeff)
+            nxt, kl, lp, agree = score_rows(logits, base_rows(paired[active], dev), sampling, gen)
             out_tok[active, t] = nxt.cpu()
             out_kl[active, t] = kl.cpu()
             out_lp[active, t] = lp.cpu()
@@ -163,60 +136,6 @@ def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Te
     return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), "tokens": out_tok, "kl": out_kl,
             "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done,
             "acts": None if rec is None else rec.result(gen_len)}
-
-
-def _decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window: int,
-                  sampling: Sampling, eos: Tensor, gen, bar, rec: Recorder | None = None,
-                  check_every: int = 16) -> dict[str, Tensor]:
-    """The decode loop for a fixed-batch decoder: every row stays in the batch (finished rows are
-    masked), results stay on the device, and EOS is checked every `check_every` steps only. The
-    scoring of a step writes into device buffers at a device-side column index, so for greedy
-    decoding it is captured into the decoder's CUDA graph together with the next forward step."""
-    dev = logits.device
-    b = len(paired)
-    has = paired.nonzero()[:, 0].to(dev)
-    base_row = _base_rows(paired, dev)
-    out = {"tokens": torch.full((b, window), -1, dtype=torch.long, device=dev),
-           "kl": torch.full((b, window), float("nan"), device=dev),
-           "logprob": torch.full((b, window), float("nan"), device=dev),
-           "base_agree": torch.zeros((b, window), dtype=torch.bool, device=dev),
-           "gen_len": torch.zeros(b, dtype=torch.long, device=dev),
-           "eos": torch.zeros(b, dtype=torch.bool, device=dev)}
-    col = torch.zeros(1, dtype=torch.long, device=dev)      # the column t being written
-    nan = torch.tensor(float("nan"), device=dev)
-
-    def score(logits: Tensor) -> Tensor:
-        nxt, kl, lp, agree = _score(logits, base_row, sampling, gen)
-        alive = ~out["eos"]
-        out["tokens"].index_copy_(1, col, torch.where(alive, nxt, -1)[:, None])
-        out["kl"].index_copy_(1, col, torch.where(alive, kl, nan)[:, None])
-        out["logprob"].index_copy_(1, col, torch.where(alive, lp, nan)[:, None])
-        out["base_agree"].index_copy_(1, col, (alive & agree)[:, None])
-        out["gen_len"].add_(alive.long())
-        out["eos"].logical_or_(torch.isin(nxt, eos))
-        col.add_(1)
-        return torch.cat([nxt, nxt[has]])
-
-    in_graph = sampling.temperature == 0 and hasattr(dec, "scored_step")
-    for t in range(window):
-        if t % check_every == 0:
-            _check_finite(logits, t, torch.arange(b), coeff)
-        last = t == window - 1
-        if rec is not None:
-            rec.at(t + 1, torch.arange(b), has)
-        if in_graph and not last:          # score t and step to t + 1 in one (captured) call
-            logits = dec.scored_step(score)
-        else:
-            nxt = score(logits)
-            if not last:
-                logits = dec.step(nxt)
-        if bar is not None:
-            bar.update(1)
-        if last or (t % check_every == check_every - 1 and bool(out["eos"].all())):
-            if bar is not None:
-                bar.update(window - 1 - t)
-            break
-    return {k: v.cpu() for k, v in out.items()}
 
 
 def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,
