@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from isokl_tl.activations import Recorder
-from isokl_tl.score import greedy_scores, row_scores
+from isokl_tl.score import greedy_record, greedy_scores, record_torch, row_scores
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def check_finite(logits: Tensor, t: int, active: Tensor, coeff: Tensor) -> None:
 
 def _scoring_buffers(dec, b: int, window: int, paired: Tensor, eos: Tensor) -> dict:
     """The device tensors a fixed-batch rollout's scoring reads and writes (its results, the
-    column being written, partner rows, EOS ids), cleared. A kept decoder's captured graph writes
+    column being written, partner rows, EOS ids, the next tokens; `isokl_tl.score.record_torch`),
+    cleared. A kept decoder's captured graph writes
     into the ones it was captured with, so those are reused, in place, when the shapes match."""
     dev = eos.device
     st = getattr(dec, "scoring", None)
@@ -90,7 +91,8 @@ def _scoring_buffers(dec, b: int, window: int, paired: Tensor, eos: Tensor) -> d
                       "eos": torch.empty(b, dtype=torch.bool, device=dev)},
               "col": torch.empty(1, dtype=torch.long, device=dev),      # the column t being written
               "has": has, "base_row": base_row, "eos_ids": eos.clone(),
-              "nan": torch.tensor(float("nan"), device=dev)}
+              "partner_at": torch.empty(b, dtype=torch.long, device=dev),
+              "next": torch.empty(b + len(has), dtype=torch.long, device=dev)}
         if hasattr(dec, "scoring"):
             dec.scoring = st
     out = st["out"]
@@ -103,6 +105,7 @@ def _scoring_buffers(dec, b: int, window: int, paired: Tensor, eos: Tensor) -> d
     st["has"].copy_(has)
     st["base_row"].copy_(base_row)
     st["eos_ids"].copy_(eos)
+    st["partner_at"].fill_(-1).index_copy_(0, has, b + torch.arange(len(has), device=dev))
     return st
 
 
@@ -115,19 +118,15 @@ def decode_fixed(dec, logits: Tensor, paired: Tensor, coeff: Tensor, *, window: 
     decoding it is captured into the decoder's CUDA graph together with the next forward step."""
     b = len(paired)
     st = _scoring_buffers(dec, b, window, paired, eos)
-    out, col, has, base_row, eos, nan = st["out"], st["col"], st["has"], st["base_row"], st["eos_ids"], st["nan"]
+    out, has = st["out"], st["has"]
 
     def score(logits: Tensor) -> Tensor:
-        nxt, kl, lp, agree = score_rows(logits, base_row, sampling, gen)
-        alive = ~out["eos"]
-        out["tokens"].index_copy_(1, col, torch.where(alive, nxt, -1)[:, None])
-        out["kl"].index_copy_(1, col, torch.where(alive, kl, nan)[:, None])
-        out["logprob"].index_copy_(1, col, torch.where(alive, lp, nan)[:, None])
-        out["base_agree"].index_copy_(1, col, (alive & agree)[:, None])
-        out["gen_len"].add_(alive.long())
-        out["eos"].logical_or_(torch.isin(nxt, eos))
-        col.add_(1)
-        return torch.cat([nxt, nxt[has]])
+        if sampling.temperature == 0:
+            nxt = greedy_record(logits, st["base_row"], st)
+        else:
+            nxt = record_torch(*score_rows(logits, st["base_row"], sampling, gen), st)
+        st["col"].add_(1)
+        return nxt
 
     in_graph = sampling.temperature == 0 and hasattr(dec, "scored_step")
     for t in range(window):

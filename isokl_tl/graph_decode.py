@@ -6,9 +6,9 @@ checks for EOS only every few steps, so the host does not wait on the GPU each s
 covers the whole static cache under a key mask (with Triton, `isokl_tl.attn_triton` reads the
 write position on the device and skips the slots not yet written; else SDPA reads them all), and
 the write position and per-row rotary positions are device tensors updated in place, inside the
-graph. With `scored_step` the rollout's per-step scoring (KL, argmax, log-probability: one Triton
-kernel, `isokl_tl.score`; writing the results) is captured into the same graph, so a greedy decode
-step is one graph replay and nothing else. On CUDA with Triton, rotary + KV-cache writes, the MLP's
+graph. With `scored_step` the rollout's per-step scoring (KL, argmax, log-probability, written
+into the rollout's result buffers by the scoring kernel itself: `isokl_tl.score.greedy_record`) is
+captured into the same graph, so a greedy decode step is one graph replay and nothing else. On CUDA with Triton, rotary + KV-cache writes, the MLP's
 silu(gate) * up and each residual add with the RMSNorm after it are Triton kernels too
 (`isokl_tl.block_triton`), and the logits go straight into their buffer.
 

@@ -55,5 +55,36 @@ def greedy_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, "
     return greedy_scores_torch(logits, base_row)
 
 
+def record_torch(nxt: Int[Tensor, " batch"], kl: Float[Tensor, " batch"], lp: Float[Tensor, " batch"],
+                 agree: Bool[Tensor, " batch"], st: dict) -> Int[Tensor, " rows"]:
+    """Record one step's scores at column `st["col"]` of a rollout's result buffers (`st["out"]`:
+    tokens, kl, logprob, base_agree [batch, window]; gen_len, eos [batch]): rows already finished
+    get -1 / NaN / False and stop counting; rows whose token is an EOS id (`st["eos_ids"]`) are
+    finished from now on. Returns the next token of every row of the forward batch, the base
+    partners' included (`st["next"]`: the steered rows, then the partners of rows `st["has"]`)."""
+    out, col = st["out"], st["col"]
+    alive = ~out["eos"]
+    out["tokens"].index_copy_(1, col, torch.where(alive, nxt, -1)[:, None])
+    out["kl"].index_copy_(1, col, torch.where(alive, kl, float("nan"))[:, None])
+    out["logprob"].index_copy_(1, col, torch.where(alive, lp, float("nan"))[:, None])
+    out["base_agree"].index_copy_(1, col, (alive & agree)[:, None])
+    out["gen_len"].add_(alive.long())
+    out["eos"].logical_or_(torch.isin(nxt, st["eos_ids"]))
+    st["next"][:len(nxt)] = nxt
+    st["next"][len(nxt):] = nxt[st["has"]]
+    return st["next"]
+
+
+def greedy_record(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"], st: dict
+                  ) -> Int[Tensor, " rows"]:
+    """`record_torch` of `greedy_scores`; on CUDA with Triton the scoring kernel writes the
+    records itself (no launch per buffer)."""
+    if logits.is_cuda and triton_available():
+        from isokl_tl.score_triton import greedy_record_triton
+
+        return greedy_record_triton(logits, base_row, st)
+    return record_torch(*greedy_scores_torch(logits, base_row), st)
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None

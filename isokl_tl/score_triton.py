@@ -1,7 +1,8 @@
-"""The Triton kernels behind `isokl_tl.score.greedy_scores`. `SPLIT` programs per steered row each
+"""The Triton kernels behind `isokl_tl.score.greedy_scores` and `greedy_record`. `SPLIT` programs per steered row each
 stream a slice of the row's logits and of its base partner's once, keeping running maxima,
 rescaled sums (an online log-sum-exp) and first-occurrence argmaxes in float32; a second, tiny
-kernel merges the slices. The [batch, d_vocab] logits are read once and never copied. Set
+kernel merges the slices (and, for `greedy_record_triton`, writes the results where a rollout
+records them). The [batch, d_vocab] logits are read once and never copied. Set
 TRITON_INTERPRET=1 before importing to run them on CPU tensors."""
 
 import torch
@@ -60,9 +61,12 @@ def _partials(logits, stride, base_row, part, n_vocab: tl.constexpr, CHUNK: tl.c
 
 
 @triton.jit
-def _combine(part, kl_out, lp_out, tok_out, agree_out, SPLIT: tl.constexpr):
+def _combine(part, kl_out, lp_out, tok_out, agree_out, SPLIT: tl.constexpr,
+             col, width, done, gen_len, eos_ids, partner_at, nxt, N_EOS: tl.constexpr, EP: tl.constexpr,
+             RECORD: tl.constexpr):
     """Program i: row i's slices merged (maxima, rescaled sums; the first slice holding the maximum
-    gives the argmax) into KL, the log-probability of the argmax, the argmax and agreement."""
+    gives the argmax) into KL, the log-probability of the argmax, the argmax and agreement. With
+    RECORD, written as a rollout records them (`isokl_tl.score.record_torch`, the reference)."""
     i = tl.program_id(0)
     at = part + (i * SPLIT + tl.arange(0, SPLIT)) * 7
     m_s, z_s, t_s = tl.load(at + 0), tl.load(at + 1), tl.load(at + 2)
@@ -75,15 +79,31 @@ def _combine(part, kl_out, lp_out, tok_out, agree_out, SPLIT: tl.constexpr):
     lse_b = top_b + tl.log(tl.sum(z_b * tl.exp(m_b - top_b), 0))
     arg_s = tl.load(part + (i * SPLIT + c_s) * 7 + 5).to(tl.int64)   # exact: indices < 2^24
     arg_b = tl.load(part + (i * SPLIT + c_b) * 7 + 6).to(tl.int64)
-    tl.store(kl_out + i, tl.sum(t_s * w_s, 0) / zs - lse_s + lse_b)
-    tl.store(lp_out + i, top_s - lse_s)
-    tl.store(tok_out + i, arg_s)
-    tl.store(agree_out + i, arg_s == arg_b)
+    kl = tl.sum(t_s * w_s, 0) / zs - lse_s + lse_b
+    lp = top_s - lse_s
+    if RECORD:       # at column `col` of [batch, width] results; finished rows get -1 / NaN / False
+        alive = tl.load(done + i).to(tl.int32) == 0
+        at = i.to(tl.int64) * width + tl.load(col)
+        tl.store(tok_out + at, tl.where(alive, arg_s, -1))
+        tl.store(kl_out + at, tl.where(alive, kl, float("nan")))
+        tl.store(lp_out + at, tl.where(alive, lp, float("nan")))
+        tl.store(agree_out + at, alive & (arg_s == arg_b))
+        tl.store(gen_len + i, tl.load(gen_len + i) + alive.to(tl.int64))
+        e = tl.arange(0, EP)
+        hit = tl.sum((tl.load(eos_ids + e, mask=e < N_EOS, other=-1) == arg_s).to(tl.int32), 0) > 0
+        tl.store(done + i, hit | (alive == 0))
+        tl.store(nxt + i, arg_s)                   # the next token, for the row and its partner
+        p = tl.load(partner_at + i)
+        if p >= 0:
+            tl.store(nxt + p, arg_s)
+    else:
+        tl.store(kl_out + i, kl)
+        tl.store(lp_out + i, lp)
+        tl.store(tok_out + i, arg_s)
+        tl.store(agree_out + i, arg_s == arg_b)
 
 
-def greedy_scores_triton(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
-                         ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
-                                    Bool[Tensor, " batch"]]:
+def _partials_of(logits: Tensor, base_row: Tensor) -> tuple[Tensor, int]:
     b, v = len(base_row), logits.shape[1]
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -93,12 +113,35 @@ def greedy_scores_triton(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Te
     split = min(SPLIT, triton.next_power_of_2(triton.cdiv(v, BLOCK)))
     chunk = triton.cdiv(v, split)                 # every slice holds at least one entry
     part = torch.empty((b, split, 7), dtype=torch.float32, device=dev)
+    block = min(BLOCK, triton.next_power_of_2(chunk))
+    _partials[(b, split)](logits, logits.stride(0), base_row, part, n_vocab=v, CHUNK=chunk, SPLIT=split,
+                          BLOCK=block, num_warps=8)
+    return part, split
+
+
+def greedy_scores_triton(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
+                         ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
+                                    Bool[Tensor, " batch"]]:
+    b, dev = len(base_row), logits.device
+    part, split = _partials_of(logits, base_row)
     kl = torch.empty(b, dtype=torch.float32, device=dev)
     lp = torch.empty(b, dtype=torch.float32, device=dev)
     tok = torch.empty(b, dtype=torch.long, device=dev)
     agree = torch.empty(b, dtype=torch.bool, device=dev)
-    block = min(BLOCK, triton.next_power_of_2(chunk))
-    _partials[(b, split)](logits, logits.stride(0), base_row, part, n_vocab=v, CHUNK=chunk, SPLIT=split,
-                          BLOCK=block, num_warps=8)
-    _combine[(b,)](part, kl, lp, tok, agree, SPLIT=split, num_warps=1)
+    _combine[(b,)](part, kl, lp, tok, agree, SPLIT=split, col=part, width=0, done=part, gen_len=part, eos_ids=part,
+                   partner_at=part, nxt=part, N_EOS=0, EP=1, RECORD=False, num_warps=1)
     return tok, kl, lp, agree
+
+
+def greedy_record_triton(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"], st: dict
+                         ) -> Int[Tensor, " rows"]:
+    """`isokl_tl.score.record_torch` of the greedy scores, in the scoring's own two launches: the
+    results go straight into the rollout's buffers (`st`)."""
+    out, eos = st["out"], st["eos_ids"]
+    part, split = _partials_of(logits, base_row)
+    n = max(1, len(eos))
+    _combine[(len(base_row),)](part, out["kl"], out["logprob"], out["tokens"], out["base_agree"], SPLIT=split,
+                               col=st["col"], width=out["kl"].shape[1], done=out["eos"], gen_len=out["gen_len"],
+                               eos_ids=eos if len(eos) else part, partner_at=st["partner_at"], nxt=st["next"],
+                               N_EOS=len(eos), EP=triton.next_power_of_2(n), RECORD=True, num_warps=1)
+    return st["next"]

@@ -29,6 +29,34 @@ for dtype in (torch.float32, torch.bfloat16):
     torch.testing.assert_close(lp, ref[2], atol=2e-5, rtol=1e-5)
     assert float(kl[1]) == 0 and float(kl[2]) == 0, kl
 
+# the same kernel writing a rollout's records at a column, against record_torch
+from isokl_tl.score import record_torch
+
+
+def state(eos_ids, width=6):
+    out = {"tokens": torch.full((4, width), -1), "kl": torch.full((4, width), float("nan")),
+           "logprob": torch.full((4, width), float("nan")), "base_agree": torch.zeros(4, width, dtype=torch.bool),
+           "gen_len": torch.tensor([3, 1, 3, 3]), "eos": torch.tensor([False, True, False, False])}
+    return {"out": out, "col": torch.tensor([3]), "has": torch.tensor([0, 1, 3]), "eos_ids": eos_ids,
+            "partner_at": torch.tensor([4, 5, -1, 6]), "next": torch.full((7,), -9)}
+
+
+for dtype in (torch.float32, torch.bfloat16):
+    x = _logits(dtype=dtype)
+    first = int(greedy_scores_torch(x, BASE)[0][0])
+    for eos_ids in (torch.tensor([10 ** 6, first]), torch.tensor([], dtype=torch.long)):
+        got_st, ref_st = state(eos_ids), state(eos_ids.clone())
+        got = score_kernel.greedy_record_triton(x, BASE, got_st)
+        ref = record_torch(*greedy_scores_torch(x, BASE), ref_st)
+        assert torch.equal(got, ref) and int(got.min()) >= 0, (got, ref)
+        for name in ("tokens", "base_agree", "gen_len", "eos"):
+            assert torch.equal(got_st["out"][name], ref_st["out"][name]), (name, got_st["out"][name], ref_st["out"][name])
+        for name in ("kl", "logprob"):
+            torch.testing.assert_close(got_st["out"][name], ref_st["out"][name], atol=2e-5, rtol=1e-5, equal_nan=True)
+        eo = got_st["out"]
+        assert bool(eo["eos"][0]) == (len(eos_ids) > 0) and bool(eo["eos"][1]) and int(eo["tokens"][1, 3]) == -1
+        assert int(eo["tokens"][0, 3]) == first and eo["gen_len"].tolist() == [4, 1, 4, 4]
+
 # rotary + KV-cache writes, against Rotary.rotate_qk and index_copy_
 b, hq, hk, d, cap = 5, 4, 2, 16, 12
 rot = object.__new__(Rotary)
