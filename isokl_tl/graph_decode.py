@@ -23,6 +23,7 @@ the same shape calls `adopt` with its own steering and `prefill`s into the same 
 skips the warm-up step and the capture. `release(model)` drops them (and their GPU memory).
 """
 
+import weakref
 from collections import OrderedDict
 
 from collections.abc import Callable
@@ -204,21 +205,28 @@ def _handles(steering: Steering | SteeringGroup | None) -> list[Steering]:
     return list(steering.handles) if isinstance(steering, SteeringGroup) else [steering]
 
 
+_KEPT: "weakref.WeakKeyDictionary[HookedTransformer, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
 def _kept(model: HookedTransformer) -> OrderedDict:
-    if getattr(model, "_isokl_decoders", None) is None:
-        object.__setattr__(model, "_isokl_decoders", OrderedDict())
-    return model._isokl_decoders
+    """The decoders kept for `model`. They hold no reference to the model while kept, so deleting
+    the model frees it, and them, at once (no reference cycle left to the garbage collector)."""
+    return _KEPT.setdefault(model, OrderedDict())
 
 
 def take(model: HookedTransformer, key) -> StaticDecoder | None:
     """The decoder kept under `key`, removed from the store (a rollout that fails with it in hand
     thus drops it), or None."""
-    return _kept(model).pop(key, None)
+    decoder = _kept(model).pop(key, None)
+    if decoder is not None:
+        decoder.model = model
+    return decoder
 
 
 def keep(model: HookedTransformer, key, decoder: StaticDecoder) -> None:
     """Keep `decoder` for a later rollout with the same `key`; the oldest beyond `KEEP` go."""
     kept = _kept(model)
+    decoder.model = None
     kept[key] = decoder
     while len(kept) > KEEP:
         kept.popitem(last=False)

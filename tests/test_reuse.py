@@ -63,6 +63,24 @@ def test_another_shape_gets_its_own_decoder(tiny, tiny_direction):
     assert len(graph_decode._kept(tiny)) == 0
 
 
+def test_a_model_with_kept_decoders_is_freed_when_deleted(tiny_direction):
+    import gc
+    import weakref
+
+    from isokl_tl.models import TINY, load_model
+
+    model = load_model(TINY)
+    _run(model, tiny_direction.vector, torch.tensor([3.0, 9.0, 0.0]))
+    assert len(graph_decode._kept(model)) == 1
+    gone = weakref.ref(model)
+    gc.disable()                      # freed by reference counting alone, not by the collector
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_nothing_is_kept_while_another_hook_is_registered(tiny, tiny_direction):
     graph_decode.release(tiny)
     with tiny.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: x)]):
