@@ -63,7 +63,6 @@ class StaticDecoder(FastDecoder):
         self.warmed = False           # an eager step has run (compiled kernels) before any capture
         self.captured: Steering | SteeringGroup | None = None   # the steering the graph reads
         self.bias: Tensor | None = None
-        self.steps = 0
         self.scoring: dict | None = None    # the rollout's scoring buffers, kept with the graph
 
     def hold(self, steering: Steering | SteeringGroup | None) -> None:
@@ -108,7 +107,6 @@ class StaticDecoder(FastDecoder):
         self.pos_ids.copy_(mask.sum(1))                    # rotary position of the next token
         self.write_at.fill_(self.length)
         self.logits.copy_(logits)
-        self.steps = 0
         return self.logits
 
     def _static_layer(self, i: int, resid: Tensor, x: Tensor | None, cos: Tensor, sin: Tensor
@@ -180,7 +178,6 @@ class StaticDecoder(FastDecoder):
                     self._static_step()
             self.graph.replay()
         self.length += 1
-        self.steps += 1
         return self.logits
 
     @torch.no_grad()
