@@ -8,9 +8,10 @@ write position on the device and skips the slots not yet written; else SDPA read
 the write position and per-row rotary positions are device tensors updated in place, inside the
 graph. With `scored_step` the rollout's per-step scoring (KL, argmax, log-probability, written
 into the rollout's result buffers by the scoring kernel itself: `isokl_tl.score.greedy_record`) is
-captured into the same graph, so a greedy decode step is one graph replay and nothing else. On CUDA with Triton, rotary + KV-cache writes, the MLP's
-silu(gate) * up and each residual add with the RMSNorm after it are Triton kernels too
-(`isokl_tl.block_triton`), and the logits go straight into their buffer.
+captured into the same graph, so a greedy decode step is one graph replay and nothing else. On
+CUDA with Triton, rotary + KV-cache writes, the MLP's silu(gate) * up and each residual add with
+the RMSNorm after it are Triton kernels too (`isokl_tl.block_triton`), and the logits go straight
+into their buffer.
 
 Everything the step reads that a caller may change (the tokens, the steering coefficients
 `Steering.coeff`, updated in place, the mask) lives in tensors the graph was captured with.
@@ -76,7 +77,7 @@ class StaticDecoder(FastDecoder):
         """Serve a new rollout: its `steering` runs the eager parts (the prefill), and its
         coefficients and directions are copied into the tensors of the steering the graph was
         captured with, which the replayed graph reads. Raises ValueError where the two do not
-        match site for site (the caller then builds a fresh decoder)."""
+        match site for site (a rollout's reuse key rules that out)."""
         if self.captured is None:          # nothing captured: only the eager parts read steering
             self.steering = steering
             return
