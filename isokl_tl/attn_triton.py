@@ -1,4 +1,5 @@
-"""One decode step's attention as two Triton kernels, reading only the keys written so far.
+"""One decode step's attention as two Triton kernels, reading only the keys written so far
+(optionally rotating q and the new key first, and storing the new key and value).
 
 `StaticDecoder` keeps every step the same shape for its CUDA graph, so attention through
 `scaled_dot_product_attention` reads the whole static cache (capacity keys) under a mask, even
@@ -10,6 +11,11 @@ early in a rollout when most of it is empty. Here the number of keys in use is r
   softmax over its slice's keys that are in use and not masked out, and writes an unnormalised
   partial output with its running maximum and sum; slices past the last key return at once;
 - `_combine`: one program per (row, query head) merges the slices (flash-decoding).
+
+`rotate_attend` takes the step's unrotated q, k, v straight from the joined projection: each
+`_partial` program rotates its group's queries, and the program whose slice holds the new position
+rotates and stores the new key and value before reading its slice (one launch per layer fewer than
+`block_triton.rotate_store` followed by `decode_attention`, with the same numbers).
 
 Softmax and accumulation in float32. For bfloat16/float16 models both products run on tensor
 cores in the model's dtype (the probabilities rounded to it for the second, as flash attention and
@@ -28,16 +34,33 @@ import triton.language as tl
 from jaxtyping import Float, Int
 from torch import Tensor
 
-BLOCK = 32          # keys per inner iteration
-SLICE = 128         # keys per program
-WARPS = 1           # (`benchmarks/tune_attention.py` on an H100: best mean over fill levels)
+from isokl_tl.block_triton import _round
+
+BLOCK = 64          # keys per inner iteration
+SLICE = 64          # keys per program
+WARPS = 2           # (`benchmarks/tune_attention.py` on an H100, caches read from memory: best mean over fills)
+STAGES = 3          # software-pipelining depth of the key loop
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_out, ml_out, scale,
+def _rotated(src, cos, sin, row, j, D: tl.constexpr, BF16: tl.constexpr):
+    """Head vectors at `src` (offsets j, the last axis) rotated exactly as `block_triton.rotate_store`
+    rotates them (its roundings spelled out on the bits), in their own dtype."""
+    x = tl.load(src + j)
+    turned = tl.load(src + (j + D // 2) % D)             # the half-swap; its sign is in `sin`
+    c = tl.load(cos + row * D + j).to(tl.float32)
+    s = tl.load(sin + row * D + j).to(tl.float32)
+    a = _round(x.to(tl.float32) * c, BF16)
+    b = _round(turned.to(tl.float32) * s, BF16)
+    return _round(a + b, BF16).to(x.dtype)
+
+
+@triton.jit
+def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_out, ml_out, scale, cos, sin,
              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-             SLICE: tl.constexpr, BLOCK: tl.constexpr, S: tl.constexpr, LOW: tl.constexpr):
+             SLICE: tl.constexpr, BLOCK: tl.constexpr, S: tl.constexpr, LOW: tl.constexpr,
+             ROTATE: tl.constexpr, BF16: tl.constexpr):
     pid = tl.program_id(0)
     row, g = pid // HKV, pid % HKV
     s = tl.program_id(1)
@@ -50,12 +73,23 @@ def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_ou
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
+    base = row.to(tl.int64) * kv_row + g * kv_head
     if start < n:
-        qs = tl.load(q + row.to(tl.int64) * q_row + (g * G + heads)[:, None] * q_head + j[None, :],
-                     mask=in_group[:, None], other=0.0)
+        if ROTATE:      # q, k, v: one row of the joined projection, unrotated; k and v not yet stored
+            heads_q = tl.minimum(heads, G - 1)                 # padding heads repeat a real one
+            qs = _rotated(q + row.to(tl.int64) * q_row + (g * G + heads_q)[:, None] * D, cos, sin, row,
+                          j[None, :], D, BF16)
+            if n - 1 < start + SLICE:                          # this slice holds the newest key: store it
+                kv_src = q + row.to(tl.int64) * q_row + (HKV * G + g) * D
+                kt = _rotated(kv_src, cos, sin, row, j, D, BF16)
+                tl.store(k + base + (n - 1) * D + j, kt)
+                tl.store(v + base + (n - 1) * D + j, tl.load(kv_src + HKV * D + j))
+                tl.debug_barrier()                             # the loop below reads them back
+        else:
+            qs = tl.load(q + row.to(tl.int64) * q_row + (g * G + heads)[:, None] * q_head + j[None, :],
+                         mask=in_group[:, None], other=0.0)
         if not LOW:
             qs = qs.to(tl.float32)
-        base = row.to(tl.int64) * kv_row + g * kv_head
         for off in range(0, SLICE, BLOCK):
             keys = start + off + tl.arange(0, BLOCK)
             used = keys < n
@@ -111,17 +145,39 @@ def decode_attention(q: Float[Tensor, "batch 1 head d_head"], k_cache: Float[Ten
                      at: Int[Tensor, " 1"], scale: float) -> Float[Tensor, "batch 1 head d_head"]:
     """softmax(q k^T * scale) v over the keys at positions 0..at (inclusive) whose `key_mask` is
     non-zero; `at` is read on the device. The caller checks `supports(q, k_cache)`."""
+    return _attend(q, k_cache, v_cache, key_mask, at, scale, None)
+
+
+def rotate_attend(q: Float[Tensor, "batch 1 head d_head"], k: Float[Tensor, "batch 1 kv_head d_head"],
+                  v: Float[Tensor, "batch 1 kv_head d_head"], cos: Float[Tensor, "batch 1 1 d_head"],
+                  sin: Float[Tensor, "batch 1 1 d_head"], k_cache: Float[Tensor, "batch kv_head cap d_head"],
+                  v_cache: Float[Tensor, "batch kv_head cap d_head"], key_mask: Int[Tensor, "batch cap"],
+                  at: Int[Tensor, " 1"], scale: float) -> Float[Tensor, "batch 1 head d_head"]:
+    """`block_triton.rotate_store` and `decode_attention` in one launch fewer: the unrotated q, k, v
+    (consecutive heads of one projection's output: the caller checks `block_triton.joined_views`
+    and `supports`) are rotated inside the attention kernel, which also stores the new key and
+    value at `at`. The same numbers as the two calls (the rotated q is not materialised, so a
+    hook on `hook_rot_q` needs the two calls)."""
+    d = q.shape[-1]
+    cos, sin = cos.reshape(-1, d)[:len(q)].contiguous(), sin.reshape(-1, d)[:len(q)].contiguous()
+    return _attend(q, k_cache, v_cache, key_mask, at, scale, (cos, sin))
+
+
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor, at: Tensor, scale: float,
+            rotary: tuple[Tensor, Tensor] | None) -> Tensor:
     b, _, hq, d = q.shape
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     slices = triton.cdiv(cap, SLICE)
     acc = torch.empty((b, hq, slices, d), dtype=torch.float32, device=q.device)
     ml = torch.empty((b, hq, slices, 2), dtype=torch.float32, device=q.device)
+    cos, sin = rotary if rotary is not None else (q, q)
     _partial[(b * hkv, slices)](q, q.stride(0), q.stride(2), k_cache, v_cache, k_cache.stride(0),
-                                k_cache.stride(1), key_mask, key_mask.stride(0), at, acc, ml, scale,
+                                k_cache.stride(1), key_mask, key_mask.stride(0), at, acc, ml, scale, cos, sin,
                                 HKV=hkv, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, SLICE=SLICE,
-                                BLOCK=BLOCK, S=slices, num_warps=WARPS,
-                                LOW=q.dtype in (torch.bfloat16, torch.float16) and not INTERPRETED)
+                                BLOCK=BLOCK, S=slices, num_warps=WARPS, num_stages=STAGES,
+                                LOW=q.dtype in (torch.bfloat16, torch.float16) and not INTERPRETED,
+                                ROTATE=rotary is not None, BF16=q.dtype == torch.bfloat16)
     z = torch.empty((b, 1, hq, d), dtype=q.dtype, device=q.device)
     _combine[(b * hq,)](acc, ml, z, S=slices, SP=max(2, triton.next_power_of_2(slices)), D=d, num_warps=1)
     return z

@@ -9,8 +9,9 @@ the write position and per-row rotary positions are device tensors updated in pl
 graph. With `scored_step` the rollout's per-step scoring (KL, argmax, log-probability, written
 into the rollout's result buffers by the scoring kernel itself: `isokl_tl.score.greedy_record`) is
 captured into the same graph, so a greedy decode step is one graph replay and nothing else. On
-CUDA with Triton, rotary + KV-cache writes, the MLP's silu(gate) * up and each residual add with
-the RMSNorm after it are Triton kernels too (`isokl_tl.block_triton`), and the logits go straight
+CUDA with Triton, rotary + KV-cache writes (inside the attention kernel unless `hook_rot_q` is
+hooked: `attn_triton.rotate_attend`), the MLP's silu(gate) * up and each residual add with the
+RMSNorm after it are Triton kernels too (`isokl_tl.block_triton`), and the logits go straight
 into their buffer.
 
 Everything the step reads that a caller may change (the tokens, the steering coefficients
@@ -52,7 +53,7 @@ class StaticDecoder(FastDecoder):
         dev = torch.device(model.cfg.device)
         self.use_graph = (dev.type == "cuda") if use_graph is None else use_graph
         d = model.cfg.d_head
-        # rotary and KV-cache writes as one Triton kernel (`isokl_tl.block_triton`), where it fits
+        # rotary and KV-cache writes in a Triton kernel (`block_triton`, or the attention's), where it fits
         self.rotate_in_kernel = (self.kernels is not None and self.rotary.dim == d and not self.rotary.adjacent
                                  and d & (d - 1) == 0 and model.cfg.dtype in (torch.bfloat16, torch.float32))
         # attention over the keys in use only (`isokl_tl.attn_triton`), else SDPA over the whole cache
@@ -60,6 +61,7 @@ class StaticDecoder(FastDecoder):
         if self.kernels is not None:
             from isokl_tl import attn_triton
             self.attention = attn_triton
+        self.rotate_in_attention = self.attention is not None   # `attn_triton.rotate_attend`, where it fits
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed = False           # an eager step has run (compiled kernels) before any capture
         self.captured: Steering | SteeringGroup | None = None   # the steering the graph reads
@@ -114,15 +116,22 @@ class StaticDecoder(FastDecoder):
                       ) -> tuple[Tensor, Tensor | None]:
         resid, q, k, v = self._qkv(i, resid, x)
         cos, sin = cos[:len(q)], sin[:len(q)]                # fewer rows below a shared split
-        if self.rotate_in_kernel and self.kernels.joined_views(q, k, v):
+        rows = self._rows(i)
+        joined = self.rotate_in_kernel and self.kernels.joined_views(q, k, v)
+        fits = self.attention is not None and self.attention.supports(q, self.k[i])
+        if (joined and fits and self.rotate_in_attention
+                and not fusion.has_hook(self.model.blocks[i].attn.hook_rot_q)):
+            z = self.attention.rotate_attend(q, k, v, cos, sin, self.k[i], self.v[i], self.key_mask[:rows],
+                                             self.write_at, self.scale)      # rotation inside attention
+            return self._finish(i, resid, z)
+        if joined:
             q = self.kernels.rotate_store(q, k, v, cos, sin, self.k[i], self.v[i], self.write_at)
         else:
             q, k = self.rotary.rotate_qk(q, k, cos, sin)
             self.k[i].index_copy_(2, self.write_at, k.transpose(1, 2))
             self.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
         q = self.model.blocks[i].attn.hook_rot_q(q)
-        rows = self._rows(i)
-        if self.attention is not None and self.attention.supports(q, self.k[i]):
+        if self.attention is not None and self.attention.supports(q, self.k[i]):    # q as the hook left it
             z = self.attention.decode_attention(q, self.k[i], self.v[i], self.key_mask[:rows], self.write_at,
                                                 self.scale)
         else:

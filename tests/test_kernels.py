@@ -126,6 +126,27 @@ for dtype in (torch.float32, torch.bfloat16):
         tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -7)
         torch.testing.assert_close(z.float(), ref, **tol)
 
+# rotation inside the attention kernel: the same numbers as rotate_store, then decode_attention
+attn_triton.SLICE = 16                                    # the new key (40) in the third of 5 slices
+for dtype in (torch.float32, torch.bfloat16):
+    b, hq, hk, d, cap = 3, 6, 2, 16, 70
+    out = torch.randn(b, 1, (hq + 2 * hk) * d, generator=g).to(dtype)
+    q, k, v = out.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k, v = q.view(b, 1, hq, d), k.view(b, 1, hk, d), v.view(b, 1, hk, d)
+    cos, sin = (torch.randn(b, 1, 1, d, generator=g).to(dtype) for _ in range(2))
+    kc, vc = (torch.randn(b, hk, cap, d, generator=g).to(dtype) for _ in range(2))
+    kc[:, :, 40:], vc[:, :, 40:] = float("nan"), float("nan")       # the new slot, then unused ones
+    mask = torch.ones(b, cap, dtype=torch.long)
+    mask[:, 41:] = 0
+    mask[1, :5] = 0
+    at = torch.tensor([40])
+    rk, rv = kc.clone(), vc.clone()
+    ref = attn_triton.decode_attention(block_triton.rotate_store(q, k, v, cos, sin, rk, rv, at), rk, rv, mask, at, 0.25)
+    z = attn_triton.rotate_attend(q, k, v, cos, sin, kc, vc, mask, at, 0.25)
+    for got, want in ((z, ref), (kc, rk), (vc, rv)):       # bit for bit (NaN: the unused slots)
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    assert not z.isnan().any() and not kc[:, :, 40].isnan().any()
+
 print("kernels ok")
 """
 
@@ -151,7 +172,7 @@ def with_kernels(cls):
         dec = cls(model, steering, capacity)
         dec.kernels = block_triton                   # what a CUDA device gets
         if cls is StaticDecoder:
-            dec.attention, dec.rotate_in_kernel = attn_triton, True
+            dec.attention, dec.rotate_in_kernel, dec.rotate_in_attention = attn_triton, True, True
         return dec
     return make
 
@@ -172,13 +193,20 @@ with model.hooks(fwd_hooks=[("blocks.2.hook_resid_mid", lambda t, hook: seen.app
     got = rollout(model, prompts, c, decoder=with_kernels(StaticDecoder), **kw)
 assert len(seen) > n and torch.equal(got.tokens, ref.tokens)
 torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
+# a hook on the rotated queries: q is rotated apart from the attention kernel, and the hook fires
+with model.hooks(fwd_hooks=[("blocks.0.attn.hook_rot_q", lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
+    ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
+    n = len(seen)
+    got = rollout(model, prompts, c, decoder=with_kernels(StaticDecoder), **kw)
+assert len(seen) > n and torch.equal(got.tokens, ref.tokens)
+torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
 print("decoders ok")
 """
 
 
 def test_decoders_with_the_kernels_match_transformer_lens_in_the_interpreter():
     """The GPU path's kernels (add + RMSNorm, attention over the written slots, rotary + cache,
-    silu-mul) inside both fast decoders, on CPU through the interpreter, against TransformerLens."""
+    rotation inside the attention, silu-mul) inside both fast decoders, on CPU through the interpreter, against TransformerLens."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", DECODE, str(Path(__file__).parent)],
