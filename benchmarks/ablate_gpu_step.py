@@ -88,6 +88,7 @@ def main() -> None:
                                                                                  "silu_mul")},
                                         add_rms_norm=lambda *args: None)
     variants = {"all on": variant(),
+                "rotary + cache writes as their own kernel (session 5)": variant(rotate_in_attention=False),
                 "attention: SDPA over the whole cache": variant(attention=None),
                 "residual add and RMSNorm as two kernels": variant(kernels=no_add_norm),
                 "both off (session 3)": variant(attention=None, kernels=no_add_norm)}
