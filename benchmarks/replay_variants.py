@@ -20,9 +20,7 @@ VARIANTS = {"all on": {},
             "rotary + cache writes as their own kernel": {"rotate_in_attention": False},
             "attention tiles of session 4 (slice 128, block 32, 1 warp)": {
                 "attn_triton.SLICE": 128, "attn_triton.BLOCK": 32, "attn_triton.WARPS": 1},
-            "attention by SDPA over the whole cache": {"attention": None},
-            "gate/up + silu-mul as one kernel at 64 rows only": {"block_triton.GATE_UP_ROWS": 64},
-            "gate/up by cuBLAS, then the silu-mul kernel": {"block_triton.GATE_UP_ROWS": 0}}
+            "attention by SDPA over the whole cache": {"attention": None}}
 
 
 def _set(attrs: dict, dec) -> dict:
@@ -46,7 +44,6 @@ def main() -> None:
     ap.add_argument("--fill", type=int, default=300, help="keys in the cache when timing starts")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--only", nargs="*", default=None, help="variants whose names contain one of these")
     a = ap.parse_args()
     from isokl_tl.graph_decode import StaticDecoder
     from isokl_tl.hooks import hook_name, steer
@@ -60,9 +57,7 @@ def main() -> None:
     v = v / v.norm()
     decs = {}
     with torch.no_grad(), steer(model, hook_name(14), v, torch.full((b,), 3.0, device="cuda")) as s:
-        chosen = {k: v for k, v in VARIANTS.items()
-                  if k == "all on" or a.only is None or any(w in k for w in a.only)}
-        for name, attrs in chosen.items():
+        for name, attrs in VARIANTS.items():
             dec = StaticDecoder(model, s, a.fill + a.steps + 8)
             old = _set(attrs, dec)
             nxt = dec.prefill(tokens, torch.ones_like(tokens)).argmax(-1)

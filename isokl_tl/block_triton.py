@@ -7,9 +7,6 @@ PyTorch launches on the views `isokl_tl.fusion` leaves:
 - `silu_mul`: the gated MLP's act(gate) * up on the two halves of the joined projection (one launch
   instead of two strided element-wise passes).
 
-- `gate_up_silu`: the same, with the joined gate/up multiply in the same kernel (no intermediate,
-  one launch instead of two; up to `GATE_UP_ROWS` rows).
-
 - `add_rms_norm`: a residual add and the RMSNorm that reads its result (one launch instead of
   two), returning both.
 
@@ -121,57 +118,6 @@ def silu_mul(gate: Float[Tensor, "batch pos d_mlp"], up: Float[Tensor, "batch po
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
     _silu_mul[(rows, triton.cdiv(n, block))](gate, up, out, gate.stride(-2), N=n, BLOCK=block, num_warps=4)
-    return out
-
-
-@triton.jit
-def _gate_up_silu(x, w, out, M, K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr, IEEE: tl.constexpr):
-    """Program (n tile, m tile): out = silu(x @ w[:N].T) * (x @ w[N:].T) on its tile, the two
-    products accumulated in float32 and each rounded to the dtype before the element-wise part, as
-    the multiply then `_silu_mul` round them."""
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    rows = rm[:, None] < M
-    acc_g = tl.zeros((BM, BN), tl.float32)
-    acc_u = tl.zeros((BM, BN), tl.float32)
-    for k in range(0, K, BK):
-        a = tl.load(x + rm[:, None].to(tl.int64) * K + (k + rk)[None, :], mask=rows, other=0.0)
-        wg = tl.load(w + rn[None, :].to(tl.int64) * K + (k + rk)[:, None])
-        wu = tl.load(w + (N + rn)[None, :].to(tl.int64) * K + (k + rk)[:, None])
-        if IEEE:
-            acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(a, wg, acc_g)
-            acc_u = tl.dot(a, wu, acc_u)
-    dt = out.dtype.element_ty
-    g = acc_g.to(dt).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt)
-    tl.store(out + rm[:, None].to(tl.int64) * N + rn[None, :],
-             (act.to(tl.float32) * acc_u.to(dt).to(tl.float32)).to(dt), mask=rows)
-
-
-GATE_UP_ROWS = 128    # the joined multiply + silu-mul as one kernel up to this many rows (else cuBLAS)
-
-
-def gate_up_silu(x: Float[Tensor, "*batch d_model"], w: Float[Tensor, "two_d_mlp d_model"]
-                 ) -> Float[Tensor, "*batch d_mlp"] | None:
-    """silu(x @ gate.T) * (x @ up.T) for the joined [gate; up] weight rows `w`, in one launch: no
-    [rows, 2 d_mlp] intermediate and no separate silu-mul. None where it does not apply (too many
-    rows, sizes that are not multiples of its tiles, strides): the caller multiplies with cuBLAS."""
-    k = x.shape[-1]
-    n = w.shape[0] // 2
-    rows = x.numel() // k
-    bm = 64 if rows <= 64 else 128
-    if not (rows <= GATE_UP_ROWS and n % 64 == 0 and k % 64 == 0 and x.is_contiguous() and w.is_contiguous()
-            and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
-        return None
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _gate_up_silu[(n // 64, triton.cdiv(rows, bm))](x, w, out, rows, K=k, N=n, BM=bm, BN=64, BK=64,
-                                                  IEEE=x.dtype == torch.float32, num_warps=4 if bm == 64 else 8,
-                                                  num_stages=4)
     return out
 
 

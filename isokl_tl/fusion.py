@@ -123,19 +123,14 @@ def qkv(attn, joined: Joined, x: Float[Tensor, "batch pos d_model"], linear=F.li
 def mlp(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, linear=F.linear
         ) -> Float[Tensor, "batch pos d_model"]:
     """`m(x)` for a gated MLP, with its hooks fired; gate and input projections in one multiply.
-    `kernels` (`isokl_tl.block_triton`, on CUDA) computes silu(gate) * up in one launch, with the
-    multiply too where no hook reads the gate or up projection (`hook_pre`, `hook_pre_linear`)."""
+    `kernels` (`isokl_tl.block_triton`, on CUDA) computes silu(gate) * up in one launch."""
     if joined.gate_up is None:
         return m(x)
+    gate, up = linear(x, joined.gate_up).chunk(2, dim=-1)
+    gate, up = m.hook_pre(gate), m.hook_pre_linear(up)
     post = None
-    silu = kernels is not None and m.act_fn is F.silu
-    if silu and getattr(kernels, "gate_up_silu", None) and not (has_hook(m.hook_pre) or has_hook(m.hook_pre_linear)):
-        post = kernels.gate_up_silu(x, joined.gate_up)        # multiply and silu-mul in one kernel
-    if post is None:
-        gate, up = linear(x, joined.gate_up).chunk(2, dim=-1)
-        gate, up = m.hook_pre(gate), m.hook_pre_linear(up)
-        if silu:
-            post = kernels.silu_mul(gate, up)
+    if kernels is not None and m.act_fn is F.silu:
+        post = kernels.silu_mul(gate, up)
     if post is None:
         post = m.act_fn(gate) * up
     if joined.b_in is not None:

@@ -93,16 +93,6 @@ for dtype in (torch.float32, torch.bfloat16):
     torch.testing.assert_close(got, ref, **tol)
     assert block_triton.silu_mul(gate, up.clone()) is None      # unequal strides: PyTorch instead
 
-# the joined gate/up multiply with silu-mul in the same kernel, against F.linear and silu
-for rows in (5, 70):                                      # one 64-row tile, masked; two 128-row tiles
-    x = torch.randn(rows, 1, 128, generator=g)
-    w = torch.randn(2 * 192, 128, generator=g) / 8
-    got = block_triton.gate_up_silu(x, w)
-    gate, up = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
-    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
-assert block_triton.gate_up_silu(torch.randn(200, 128), w) is None            # more rows than GATE_UP_ROWS
-assert block_triton.gate_up_silu(torch.randn(4, 128), torch.randn(2 * 100, 128)) is None   # not 64-multiples
-
 # residual add + RMSNorm, against the add and torch.rms_norm
 for dtype in (torch.float32, torch.bfloat16):
     a, b = (torch.randn(4, 1, 600, generator=g).to(dtype) for _ in range(2))
@@ -216,7 +206,7 @@ print("decoders ok")
 
 def test_decoders_with_the_kernels_match_transformer_lens_in_the_interpreter():
     """The GPU path's kernels (add + RMSNorm, attention over the written slots, rotary + cache,
-    rotation inside the attention, silu-mul, gate/up + silu-mul) inside both fast decoders, on CPU through the interpreter, against TransformerLens."""
+    rotation inside the attention, silu-mul) inside both fast decoders, on CPU through the interpreter, against TransformerLens."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", DECODE, str(Path(__file__).parent)],
