@@ -12,6 +12,9 @@ early in a rollout when most of it is empty. Here the number of keys in use is r
   partial output with its running maximum and sum; slices past the last key return at once;
 - `_combine`: one program per (row, query head) merges the slices (flash-decoding).
 
+The number of slices is a run-time argument: a rollout with a new cache capacity compiles nothing
+new (only `_combine`'s power-of-two bound on it is a compile-time constant).
+
 `rotate_attend` takes the step's unrotated q, k, v straight from the joined projection: each
 `_partial` program rotates its group's queries, and the program whose slice holds the new position
 rotates and stores the new key and value before reading its slice (one launch per layer fewer than
@@ -59,7 +62,7 @@ def _rotated(src, cos, sin, row, j, D: tl.constexpr, BF16: tl.constexpr):
 @triton.jit
 def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_out, ml_out, scale, cos, sin,
              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-             SLICE: tl.constexpr, BLOCK: tl.constexpr, S: tl.constexpr, LOW: tl.constexpr,
+             SLICE: tl.constexpr, BLOCK: tl.constexpr, S, LOW: tl.constexpr,
              ROTATE: tl.constexpr, BF16: tl.constexpr):
     pid = tl.program_id(0)
     row, g = pid // HKV, pid % HKV
@@ -117,7 +120,7 @@ def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_ou
 
 
 @triton.jit
-def _combine(acc_in, ml_in, z, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr):
+def _combine(acc_in, ml_in, z, S, SP: tl.constexpr, D: tl.constexpr):
     rh = tl.program_id(0).to(tl.int64)        # row * heads + head
     s = tl.arange(0, SP)
     ok = s < S
