@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import graph_us  # noqa: E402
 
 
 @triton.jit
@@ -29,24 +30,6 @@ def _axpy(x, y, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     tl.store(y + offs, a * 1.0001 + 1.0, mask=offs < n)
-
-
-def graph_ms(fn, reps=20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-        best.append(1000 * (time.perf_counter() - t) / reps)
-    return sorted(best)[2]
 
 
 def pdl_probe() -> None:
@@ -67,8 +50,8 @@ def pdl_probe() -> None:
                 torch.mm(a, w, out=out)
                 _axpy[grid](x, y, n, BLOCK=1024, PDL=pdl, launch_pdl=pdl)
         try:
-            print(f"PDL={pdl}: 200 Triton kernels {1000 * graph_ms(chain) / 200:.2f} us each; "
-                  f"100 x (cuBLAS mm + Triton) {1000 * graph_ms(mixed) / 100:.2f} us per pair", flush=True)
+            print(f"PDL={pdl}: 200 Triton kernels {graph_us(chain, calls=200):.2f} us each; "
+                  f"100 x (cuBLAS mm + Triton) {graph_us(mixed, calls=100):.2f} us per pair", flush=True)
         except Exception as e:          # noqa: BLE001
             print(f"PDL={pdl}: failed: {type(e).__name__}: {e}", flush=True)
 

@@ -12,30 +12,15 @@ step), so the caches are read from memory, not from the L2 cache: timing one cac
 import argparse
 import itertools
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from isokl_tl import attn_triton
 
-
-def graph_us(fn, calls: int, reps: int = 20) -> float:
-    """Microseconds per call of `fn` (which makes `calls` calls), captured once and replayed."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-        times.append(1e6 * (time.perf_counter() - start) / reps / calls)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import graph_us  # noqa: E402
 
 
 def main() -> None:

@@ -8,30 +8,20 @@
 """
 
 import itertools
-import time
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import graph_us as _graph_us  # noqa: E402
 
-def graph_us(fn, reps=50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-        runs.append(1e6 * (time.perf_counter() - t) / reps / 10)
-    return sorted(runs)[2]
+
+def graph_us(fn) -> float:
+    """Microseconds per call, ten calls to a captured graph (`timing.graph_us`)."""
+    return _graph_us(lambda: [fn() for _ in range(10)], calls=10, reps=50)
 
 
 @triton.jit

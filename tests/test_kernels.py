@@ -185,21 +185,16 @@ for cls in (FastDecoder, StaticDecoder):
     got = rollout(model, prompts, c, decoder=with_kernels(cls), **kw)
     assert torch.equal(got.tokens, ref.tokens), (cls, got.tokens, ref.tokens)
     torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
-# a hook between a residual add and the norm after it switches that fusion off and fires
-seen = []
-with model.hooks(fwd_hooks=[("blocks.2.hook_resid_mid", lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
-    ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
-    n = len(seen)
-    got = rollout(model, prompts, c, decoder=with_kernels(StaticDecoder), **kw)
-assert len(seen) > n and torch.equal(got.tokens, ref.tokens)
-torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
-# a hook on the rotated queries: q is rotated apart from the attention kernel, and the hook fires
-with model.hooks(fwd_hooks=[("blocks.0.attn.hook_rot_q", lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
-    ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
-    n = len(seen)
-    got = rollout(model, prompts, c, decoder=with_kernels(StaticDecoder), **kw)
-assert len(seen) > n and torch.equal(got.tokens, ref.tokens)
-torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
+# a hook between a residual add and the norm after it switches that fusion off and fires; a hook on
+# the rotated queries makes q rotate apart from the attention kernel, and fires
+for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q"):
+    seen = []
+    with model.hooks(fwd_hooks=[(point, lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
+        ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
+        n = len(seen)
+        got = rollout(model, prompts, c, decoder=with_kernels(StaticDecoder), **kw)
+    assert len(seen) > n and torch.equal(got.tokens, ref.tokens), point
+    torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
 print("decoders ok")
 """
 
