@@ -12,8 +12,9 @@ early in a rollout when most of it is empty. Here the number of keys in use is r
   partial output with its running maximum and sum; slices past the last key return at once;
 - `_combine`: one program per (row, query head) merges the slices (flash-decoding).
 
-The number of slices is a run-time argument: a rollout with a new cache capacity compiles nothing
-new (only `_combine`'s power-of-two bound on it is a compile-time constant).
+The number of slices is a run-time argument, so a new cache capacity compiles `_partial` again only
+where Triton's specialisation of its integer arguments changes (values of 1, multiples of 16), and
+`_combine` at each new power of two of the slice count (its compile-time bound).
 
 `rotate_attend` takes the step's unrotated q, k, v straight from the joined projection: each
 `_partial` program rotates its group's queries, and the program whose slice holds the new position
