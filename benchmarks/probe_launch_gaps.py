@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import graph_us  # noqa: E402
+from timing import graph_us, steered_model  # noqa: E402
 
 
 @triton.jit
@@ -57,19 +57,11 @@ def pdl_probe() -> None:
 
 
 def replay_trace(shape: str) -> None:
-    from bench_gpu import build_checkpoint
     from isokl_tl.graph_decode import StaticDecoder
-    from isokl_tl.hooks import hook_name, steer
-    from isokl_tl.models import load_model
     from torch.profiler import ProfilerActivity, profile
 
-    ckpt = build_checkpoint(shape, Path("/tmp/isokl_probe/ckpt"))
-    model = load_model(str(ckpt), device="cuda", dtype="bfloat16")
-    b = 128
-    tokens = torch.randint(5, 600, (b, 48), device="cuda")
-    v = torch.randn(model.cfg.d_model)
-    v = v / v.norm()
-    with torch.no_grad(), steer(model, hook_name(14), v, torch.full((b,), 3.0, device="cuda")) as s:
+    model, tokens, steering = steered_model(shape)
+    with torch.no_grad(), steering as s:
         dec = StaticDecoder(model, s, 560)
         logits = dec.prefill(tokens, torch.ones_like(tokens))
         nxt = logits.argmax(-1)

@@ -40,17 +40,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     a = ap.parse_args()
-    from bench_gpu import build_checkpoint
     from isokl_tl.graph_decode import StaticDecoder
-    from isokl_tl.hooks import hook_name, steer
-    from isokl_tl.models import load_model
+    from timing import steered_model
 
-    ckpt = build_checkpoint(a.shape, Path("/tmp/isokl_probe/ckpt"))
-    model = load_model(str(ckpt), device="cuda", dtype="bfloat16")
-    b = 128
-    tokens = torch.randint(5, 600, (b, 48), device="cuda")
-    v = torch.randn(model.cfg.d_model)
-    v = v / v.norm()
+    model, tokens, steering = steered_model(a.shape)
     side = torch.cuda.Stream()
     plain = StaticDecoder._static_layer
 
@@ -80,7 +73,7 @@ def main() -> None:
                 "this block's mlp, next qkv+o": variant(["gu", "down"], ["qkv", "o"]),
                 "next block's all": variant([], ["qkv", "o", "gu", "down"])}
     decs = {}
-    with torch.no_grad(), steer(model, hook_name(14), v, torch.full((b,), 3.0, device="cuda")) as s:
+    with torch.no_grad(), steering as s:
         for name, fn in variants.items():
             StaticDecoder._static_layer = plain if fn is None else fn
             dec = StaticDecoder(model, s, 560)

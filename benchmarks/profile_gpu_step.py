@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import build_checkpoint  # noqa: E402
+from timing import steered_model  # noqa: E402
 
 
 def timed(fn, n=50) -> float:
@@ -32,17 +32,10 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=560)
     a = ap.parse_args()
     from isokl_tl.graph_decode import StaticDecoder
-    from isokl_tl.hooks import hook_name, steer
     from isokl_tl.score import greedy_scores, greedy_scores_torch
-    from isokl_tl.models import load_model
 
-    ckpt = build_checkpoint(a.shape, Path("/tmp/isokl_profile/ckpt"))
-    model = load_model(str(ckpt), device="cuda", dtype="bfloat16")
-    b = 2 * a.batch
-    tokens = torch.randint(5, 600, (b, 48), device="cuda")
-    v = torch.randn(model.cfg.d_model)
-    v = v / v.norm()
-    with torch.no_grad(), steer(model, hook_name(14), v, torch.full((b,), 3.0, device="cuda")) as s:
+    model, tokens, steering = steered_model(a.shape, rows=2 * a.batch)
+    with torch.no_grad(), steering as s:
         dec = StaticDecoder(model, s, a.capacity)
         logits = dec.prefill(tokens, torch.ones_like(tokens))
         nxt = logits.argmax(-1)

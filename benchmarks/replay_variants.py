@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import build_checkpoint  # noqa: E402
+from timing import steered_model  # noqa: E402
 
 # decoder attributes, or "module.NAME" constants of isokl_tl's modules (set while the variant's graph is captured)
 VARIANTS = {"all on": {},
@@ -44,20 +44,15 @@ def main() -> None:
     ap.add_argument("--fill", type=int, default=300, help="keys in the cache when timing starts")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--only", nargs="*", default=None, help="besides 'all on', the variants whose names contain one of these")
     a = ap.parse_args()
     from isokl_tl.graph_decode import StaticDecoder
-    from isokl_tl.hooks import hook_name, steer
-    from isokl_tl.models import load_model
 
-    model = load_model(str(build_checkpoint(a.shape, Path("/tmp/isokl_replay/ckpt"))), device="cuda",
-                       dtype="bfloat16")
-    b = 128
-    tokens = torch.randint(5, 600, (b, 48), device="cuda")
-    v = torch.randn(model.cfg.d_model)
-    v = v / v.norm()
+    model, tokens, steering = steered_model(a.shape)
+    chosen = {k: v for k, v in VARIANTS.items() if k == "all on" or a.only is None or any(w in k for w in a.only)}
     decs = {}
-    with torch.no_grad(), steer(model, hook_name(14), v, torch.full((b,), 3.0, device="cuda")) as s:
-        for name, attrs in VARIANTS.items():
+    with torch.no_grad(), steering as s:
+        for name, attrs in chosen.items():
             dec = StaticDecoder(model, s, a.fill + a.steps + 8)
             old = _set(attrs, dec)
             nxt = dec.prefill(tokens, torch.ones_like(tokens)).argmax(-1)
