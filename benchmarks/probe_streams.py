@@ -44,13 +44,13 @@ def build(model, hook, v, tokens, parts: int, cap: int, fill: int, layer: int):
                               ).argmax(-1)
             for _ in range(fill - t.shape[1]):
                 dec.step(nxt)
-            decs.append((dec, nxt))
+            decs.append(dec)
     return decs
 
 
 def rewind(decs, steps: int) -> None:
     """Back `steps` replays (which moved the device-side positions, not `dec.length`)."""
-    for dec, _ in decs:
+    for dec in decs:
         dec.pos_ids -= steps
         dec.write_at -= steps
 
@@ -85,7 +85,7 @@ def main() -> None:
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(a.steps):
-                for j, (dec, _) in enumerate(decs):
+                for j, dec in enumerate(decs):
                     if concurrent:
                         with torch.cuda.stream(streams[j]):
                             dec.graph.replay()
