@@ -10,7 +10,6 @@ Regenerates figures/layers.png and figures/layers.md:
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from isokl_tl.cli.main import main
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from isokl_tl.fast_decode import FastDecoder
+from isokl_tl.engine import FastDecoder
 from isokl_tl.hooks import hook_layer, steer
 from isokl_tl.models import EMBEDDED, load_model
 
@@ -65,7 +65,7 @@ def gemms(model, rows: int) -> None:
     weights (`isokl_tl.cpu_linear`), each over all blocks: GB/s of weights streamed."""
     import torch.nn.functional as F
 
-    from isokl_tl import cpu_linear, fusion
+    from isokl_tl.engine import cpu_linear, fusion
     packer = cpu_linear.packer(model)
     if packer is None:
         return

@@ -34,7 +34,8 @@ SHAPES = {
 
 def build_checkpoint(shape: str, where: Path, seed: int = 0) -> Path:
     import transformers
-    from isokl_tl.tiny import tiny_tokenizer
+
+    from isokl_tl.models.tiny import tiny_tokenizer
 
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
@@ -61,8 +62,8 @@ def kernel_parity(model, batch: int) -> dict:
     """Scoring kernel vs PyTorch ops on random logits; rotary + cache-write kernel vs Rotary and
     index_copy_, silu(gate) * up and add + RMSNorm, on one block's joined projections; decode
     attention vs SDPA on a random cache."""
-    from isokl_tl import fusion, block_triton
-    from isokl_tl.score import greedy_scores, greedy_scores_torch
+    from isokl_tl.engine import block_triton, fusion
+    from isokl_tl.engine.scoring import greedy_scores, greedy_scores_torch
 
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (3 * torch.randn(2 * batch, model.cfg.d_vocab, device="cuda", generator=g)).to(model.cfg.dtype)
@@ -138,9 +139,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from isokl_tl.decode import TLDecoder
-    from isokl_tl.fast_decode import FastDecoder, unsupported_reason
-    from isokl_tl.graph_decode import StaticDecoder
+    from isokl_tl.engine import FastDecoder, GraphDecoder, ReferenceDecoder, unsupported_reason
     from isokl_tl.hooks import hook_name, steer
     from isokl_tl.models import load_model
     from isokl_tl.rollout import rollout
@@ -151,9 +150,9 @@ def main() -> None:
     model = load_model(str(ckpt), device="cuda", dtype="bfloat16")
     why = unsupported_reason(model)
     report("fast_path", why or "supported")
-    unfused = functools.partial(StaticDecoder, fuse=False)   # TransformerLens's modules inside the graph
-    engines = ([("graph", StaticDecoder), ("graph_unfused", unfused), ("fast", FastDecoder)]
-               if why is None else [("tl", TLDecoder)])
+    unfused = functools.partial(GraphDecoder, fuse=False)   # TransformerLens's modules inside the graph
+    engines = ([("graph", GraphDecoder), ("graph_unfused", unfused), ("fast", FastDecoder)]
+               if why is None else [("tl", ReferenceDecoder)])
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     hook = hook_name(a.layer)
     g = torch.Generator().manual_seed(1)
@@ -184,7 +183,7 @@ def main() -> None:
     # parity in bf16: fast paths against TransformerLens's own forward
     c8 = torch.full((8,), coeff)
     kw = dict(direction=v, hook=hook, window=64, eos=[])
-    ref = rollout(model, prompts[:8], c8, decoder=TLDecoder, **kw)
+    ref = rollout(model, prompts[:8], c8, decoder=ReferenceDecoder, **kw)
     for name, dec in [e for e in engines if e[0] != "tl"]:
         r = rollout(model, prompts[:8], c8, decoder=dec, **kw)
         same = (r.tokens == ref.tokens).long().cumprod(1).bool()   # still on the same prefix
@@ -197,14 +196,14 @@ def main() -> None:
     # a decoder kept from a rollout (KV caches, CUDA graph) serving the next rollout of its shape,
     # with other prompts, coefficients and direction: exactly what a fresh decoder gives
     if why is None:
-        from isokl_tl import graph_decode
+        from isokl_tl.engine import pool
         other = dict(kw, direction=torch.roll(v, 5))
-        graph_decode.release(model)
-        rollout(model, prompts[:8], c8, decoder=StaticDecoder, **kw)
-        again = rollout(model, prompts[8:16], 2 * c8, decoder=StaticDecoder, **other)
-        reused = len(graph_decode._kept(model)) == 1
-        graph_decode.release(model)
-        fresh = rollout(model, prompts[8:16], 2 * c8, decoder=StaticDecoder, **other)
+        pool.release(model)
+        rollout(model, prompts[:8], c8, decoder=GraphDecoder, **kw)
+        again = rollout(model, prompts[8:16], 2 * c8, decoder=GraphDecoder, **other)
+        reused = pool.kept_count(model) == 1
+        pool.release(model)
+        fresh = rollout(model, prompts[8:16], 2 * c8, decoder=GraphDecoder, **other)
         report("reuse_kept_decoder_served_it", reused)
         report("reuse_identical_tokens", bool(torch.equal(again.tokens, fresh.tokens)))
         report("reuse_max_kl_diff", float((again.kl - fresh.kl).abs().nan_to_num().max()))
@@ -212,8 +211,8 @@ def main() -> None:
     # parity in float32 on the GPU: the same comparison without bf16 rounding
     if why is None:
         m32 = load_model(str(ckpt), device="cuda", dtype="float32")
-        ref = rollout(m32, prompts[:8], c8, decoder=TLDecoder, **kw)
-        r = rollout(m32, prompts[:8], c8, decoder=StaticDecoder, **kw)
+        ref = rollout(m32, prompts[:8], c8, decoder=ReferenceDecoder, **kw)
+        r = rollout(m32, prompts[:8], c8, decoder=GraphDecoder, **kw)
         same = (r.tokens == ref.tokens).long().cumprod(1).bool()
         report("parity_graph_fp32_token_agreement", float((r.tokens == ref.tokens).float().mean()))
         report("parity_graph_fp32_max_kl_diff_on_same_prefix", float((r.kl - ref.kl).abs()[same].max()))
@@ -273,7 +272,7 @@ def main() -> None:
 
     if a.cell:
         from isokl_tl.config import RunConfig
-        from isokl_tl.pipeline import Run
+        from isokl_tl.run import Run
 
         cfg = RunConfig(model="tiny-random", device="cuda", dtype="bfloat16", layer=a.layer,
                         n_calib=8, calib_window=64, n_prompts=8, window=512,

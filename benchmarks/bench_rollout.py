@@ -24,15 +24,14 @@ import time
 
 import torch
 
-from isokl_tl.chat import prompt_ids
-from isokl_tl.decode import TLDecoder
 from isokl_tl.directions import compute_direction
-from isokl_tl.fast_decode import FastDecoder
+from isokl_tl.engine import FastDecoder, ReferenceDecoder
 from isokl_tl.hooks import hook_layer, resolve_hook, steer
 from isokl_tl.kl import token_kl
 from isokl_tl.models import EMBEDDED, embedded_gguf_path, load_model
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import rollout
+from isokl_tl.tokens import prompt_ids
 
 
 def hf_model():
@@ -89,7 +88,7 @@ def main() -> None:
         c = torch.full((b,), coeff)
         kw = dict(direction=d.vector, hook=d.hook, window=a.window, eos=[], rows_per_batch=b)
         fns = {"fast": lambda: rollout(model, prompts, c, decoder=FastDecoder, **kw),
-               "tl": lambda: rollout(model, prompts, c, decoder=TLDecoder, **kw)}
+               "tl": lambda: rollout(model, prompts, c, decoder=ReferenceDecoder, **kw)}
 
         def tl_generate():
             with torch.no_grad(), steer(model, d.hook, d.vector, coeff):

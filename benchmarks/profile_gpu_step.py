@@ -12,7 +12,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import steered_model  # noqa: E402
+
+
+def steered_model(shape: str, rows: int = 128, layer: int = 14, coeff: float = 3.0):
+    """(model, prompts, steering): a random-init bf16 model of `shape` (`bench_gpu.SHAPES`) on CUDA,
+    `rows` random 48-token prompts, and the steering context manager (a random unit direction at
+    `blocks.{layer}.hook_resid_post`, coefficient `coeff` on every row), not yet entered."""
+    from bench_gpu import build_checkpoint
+
+    from isokl_tl.hooks import hook_name, steer
+    from isokl_tl.models import load_model
+
+    model = load_model(str(build_checkpoint(shape, Path("/tmp/isokl_step/ckpt"))), device="cuda", dtype="bfloat16")
+    tokens = torch.randint(5, 600, (rows, 48), device="cuda")
+    v = torch.randn(model.cfg.d_model)
+    return model, tokens, steer(model, hook_name(layer), v / v.norm(), torch.full((rows,), coeff, device="cuda"))
 
 
 def timed(fn, n=50) -> float:
@@ -31,12 +45,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--capacity", type=int, default=560)
     a = ap.parse_args()
-    from isokl_tl.graph_decode import StaticDecoder
-    from isokl_tl.score import greedy_scores, greedy_scores_torch
+    from isokl_tl.engine import GraphDecoder
+    from isokl_tl.engine.scoring import greedy_scores, greedy_scores_torch
 
     model, tokens, steering = steered_model(a.shape, rows=2 * a.batch)
     with torch.no_grad(), steering as s:
-        dec = StaticDecoder(model, s, a.capacity)
+        dec = GraphDecoder(model, s, a.capacity)
         logits = dec.prefill(tokens, torch.ones_like(tokens))
         nxt = logits.argmax(-1)
         dec.step(nxt)

@@ -1,15 +1,79 @@
-"""`isokl-tl`: a thin click shell over the isokl_tl library."""
+"""`isokl-tl`: a thin click shell over the isokl_tl library. Commands import the library when they
+run, so `--help` and `--version` answer at once."""
+
+import errno
+import functools
+import os
+from importlib import metadata
+from pathlib import Path
 
 import click
 
-from isokl_tl.cli.common import hook_options, model_options, user_errors
+from isokl_tl_cli.options import (calibration_options, direction_options, given, hook_options, model_options,
+                                  out_option, pmass_options, survival_options, sweep_options)
+
+os.environ.setdefault("MPLBACKEND", "Agg")      # figures are files; no window, whatever the machine
+
+
+def _version() -> str:
+    try:
+        return metadata.version("isokl-tl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="isokl-tl")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
     """Iso-KL calibrated steering on TransformerLens models: directions, calibration, long
     rollouts with per-token KL, fork pmass and Kaplan-Meier survival."""
+
+
+def user_errors(f):
+    """Bad input and file-system errors become one line on stderr and exit code 1 (the traceback
+    with --debug)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            if isinstance(e, OSError) and e.filename is not None:
+                verb = "write to" if e.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EPERM) else "use"
+                raise click.ClickException(f"cannot {verb} {str(e.filename)!r}: "
+                                           f"{(e.strerror or str(e)).lower()}") from None
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+    return wrapper
+
+
+FORCE = click.option("--force", is_flag=True,
+                     help="Overwrite a run directory that was made with a different config.")
+
+
+def open_run(out: str, options: dict, config: str | None = None, force: bool = False, existing: bool = False):
+    """The `Run` at `out` (with `existing`: made by an earlier command). Settings, strongest
+    first: the options given, the `--config` file, the run directory's saved config,
+    `RunConfig`'s defaults; one line says when saved ones were reused."""
+    from isokl_tl.config import RunConfig
+    from isokl_tl.manifest import MANIFEST, Manifest
+    from isokl_tl.run import Run
+
+    if existing and not (Path(out) / MANIFEST).is_file():
+        raise ValueError(f"run directory {out!r} does not exist or holds no run; make it with "
+                         "`isokl-tl run`, `direction` or `calibrate`")
+    saved = Manifest(out).data.get("config", {})
+    from_file = RunConfig.from_toml(config).to_dict() if config else {}
+    cfg = RunConfig.from_dict({**saved, **from_file, **options})
+    if saved:
+        kept = sorted(k for k in saved if k not in from_file and k not in options
+                      and saved[k] != RunConfig().to_dict()[k])
+        if kept:
+            click.echo(f"reusing the settings saved in {out}: {', '.join(kept)}", err=True)
+    return Run(out, cfg, log=lambda m: click.echo(m, err=True), force=force)
 
 
 @main.command()
@@ -21,64 +85,36 @@ def models() -> None:
         click.echo(f"{spec:24s} {what}")
 
 
-# --- stage commands over a run directory ---------------------------------------------------------
-from isokl_tl.cli.options import (calibration_options, direction_options, overrides,  # noqa: E402
-                                  pmass_options, survival_options, sweep_options)
-
-
-def _fresh_or_existing(out: str, given: dict, config: str | None = None, force: bool = False):
-    """A Run at `out`: its saved config (if any), then --config, then the options given."""
-    from isokl_tl.config import RunConfig
-    from isokl_tl.pipeline import Run
-    from isokl_tl.runs import Manifest
-
-    saved = Manifest(out).data.get("config", {})
-    base = RunConfig.from_toml(config).to_dict() if config else {}
-    cfg = RunConfig.from_dict({**saved, **base, **given})
-    return Run(out, cfg, log=lambda m: click.echo(m, err=True), force=force)
-
-
-FORCE = click.option("--force", is_flag=True,
-                     help="Overwrite a run directory that was made with a different config.")
-
-
 @main.command()
 @model_options
 @hook_options
 @direction_options
 @FORCE
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@out_option
 @user_errors
 def direction(out, force, **kw) -> None:
     """Build a steering direction and save it into a run directory."""
-    run = _fresh_or_existing(out, _given(**kw), force=force)
+    run = open_run(out, given(**kw), force=force)
+    run.check(("direction",))
     run.begin()
     d = run.direction()
     click.echo(f"{d.method} direction at {d.hook}: raw norm {d.raw_norm:.3g}, projection gap "
                f"{d.projection_gap:.3g}, median residual norm {d.resid_norm:.3g} -> {out}")
 
 
-def _run_options(f):
-    for opt in reversed([model_options, hook_options, direction_options, calibration_options]):
-        f = opt(f)
-    return f
-
-
-def _given(model_spec=None, **kw) -> dict:
-    return overrides(model=model_spec, **kw)
-
-
 @main.command("calibrate")
-@_run_options
-@click.option("--window", "window_alias", type=int, default=None, help="Same as --calib-window.")
+@model_options
+@hook_options
+@direction_options
+@calibration_options
+@click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch [default: 64].")
 @FORCE
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@out_option
 @user_errors
-def calibrate_cmd(out, window_alias, force, **kw) -> None:
+def calibrate_cmd(out, force, **kw) -> None:
     """Find the iso-KL coefficient c* (builds or reuses the run's direction)."""
-    if window_alias is not None:
-        kw["calib_window"] = window_alias
-    run = _fresh_or_existing(out, _given(**kw), force=force)
+    run = open_run(out, given(**kw), force=force)
+    run.check(("direction", "calibrate"))
     run.begin()
     cal = run.calibrate()
     ci = f"  90% interval [{cal.interval[0]:.4g}, {cal.interval[1]:.4g}]" if cal.interval else ""
@@ -87,65 +123,78 @@ def calibrate_cmd(out, window_alias, force, **kw) -> None:
 
 
 @main.command("rollout")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
-              help="Run directory (with a calibration).")
+@out_option
 @sweep_options
 @user_errors
-def rollout_cmd(run_dir, **kw) -> None:
+def rollout_cmd(out, **kw) -> None:
     """Roll out the held-out sweep (coefficient = alpha x c*) and save tokens, per-token KL, texts."""
-    run = _fresh_or_existing(run_dir, overrides(**kw))
+    run = open_run(out, given(**kw), existing=True)
+    run.check(("rollout",))
     r = run.rollout()
-    click.echo(f"{r.n_rows} rollouts, {int(r.gen_len.sum())} tokens -> {run_dir}")
+    click.echo(f"{r.n_rows} rollouts, {int(r.gen_len.sum())} tokens -> {out}")
 
 
 @main.command("pmass")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
-              help="Run directory (with rollouts).")
+@out_option
 @pmass_options
 @user_errors
-def pmass_cmd(run_dir, **kw) -> None:
+def pmass_cmd(out, **kw) -> None:
     """Fork pmass along the saved rollouts."""
-    run = _fresh_or_existing(run_dir, overrides(**kw))
+    run = open_run(out, given(**kw), existing=True)
+    run.check(("pmass",))
     pm = run.pmass()
-    click.echo(f"{len(pm)} forks evaluated -> {run_dir}")
+    click.echo(f"{len(pm.frame)} forks evaluated -> {out}")
+    _refresh_report(run)
 
 
 @main.command("survival")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
-              help="Run directory (with pmass).")
+@out_option
 @survival_options
 @user_errors
-def survival_cmd(run_dir, **kw) -> None:
+def survival_cmd(out, **kw) -> None:
     """Deaths and Kaplan-Meier survival from the saved pmass (never reruns rollouts)."""
-    run = _fresh_or_existing(run_dir, overrides(**kw))
-    click.echo(run.survival().to_string(index=False))
+    run = open_run(out, given(**kw), existing=True)
+    run.check(())
+    click.echo(run.survival().to_markdown(), nl=False)
+    _refresh_report(run)
+
+
+def _refresh_report(run) -> None:
+    """Redraw the figures and summary.md of a run whose survival changed, if it had them."""
+    from isokl_tl.manifest import SUMMARY
+
+    if (run.dir / SUMMARY).exists():
+        run.plot()
+        click.echo(f"figures and {SUMMARY} refreshed -> {run.dir}", err=True)
 
 
 @main.command("plot")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
-              help="Run directory (with survival).")
+@out_option
 @user_errors
-def plot_cmd(run_dir) -> None:
+def plot_cmd(out) -> None:
     """(Re)draw every figure and the summary of a run directory."""
-    run = _fresh_or_existing(run_dir, {})
+    run = open_run(out, {}, existing=True)
+    run.check(())
     run.plot(force=True)
-    click.echo(f"figures and summary.md -> {run_dir}")
+    click.echo(f"figures and summary.md -> {out}")
 
 
 @main.command("run")
-@_run_options
+@model_options
+@hook_options
+@direction_options
+@calibration_options
 @sweep_options
 @pmass_options
 @survival_options
 @click.option("--config", type=click.Path(dir_okay=False, exists=True),
-              help="TOML file with the same keys as the options (options given win).")
-@click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch.")
+              help="TOML file with the same keys as the options (docs/cell.toml); options given win.")
 @FORCE
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@out_option
 @user_errors
 def run_cmd(out, config, force, **kw) -> None:
     """The whole cell: direction -> calibration -> sweep -> pmass -> survival -> figures -> summary."""
-    run = _fresh_or_existing(out, _given(**kw), config, force)
+    run = open_run(out, given(**kw), config, force)
     run.run_all()
     click.echo((run.dir / "summary.md").read_text())
 
@@ -154,9 +203,8 @@ def run_cmd(out, config, force, **kw) -> None:
 @model_options
 @click.option("--layers", "layer_spec", default=None,
               help="start:stop:step (stop exclusive) or a comma list [default: 6 layers evenly spread].")
-@click.option("--method", default="mean_diff", show_default=True,
-              type=click.Choice(["mean_diff", "pca", "directional_ablation", "random"]),
-              help="Direction method calibrated at each layer.")
+@click.option("--method", default="mean_diff", show_default=True, type=click.Choice(
+    ["mean_diff", "pca", "directional_ablation", "random"]), help="Direction method calibrated at each layer.")
 @click.option("--pairs", default="pairs", show_default=True, help="Contrastive pairs: set name or JSONL file.")
 @click.option("--calib-prompts", default="calibration", show_default=True, help="Calibration prompts.")
 @click.option("--n-calib", default=8, show_default=True, help="Calibration prompts used.")
@@ -166,39 +214,17 @@ def run_cmd(out, config, force, **kw) -> None:
               help="Held-out prompts for the ablation study's pmass.")
 @click.option("--n-heldout", default=8, show_default=True,
               help="Held-out prompts used; 0 skips the ablation study.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the table and figure.")
+@out_option
 @user_errors
-def layers_cmd(model_spec, device, dtype, layer_spec, method, pairs, calib_prompts, n_calib,
-               calib_window, target_kl, heldout_prompts, n_heldout, out) -> None:
+def layers_cmd(model, device, dtype, out, **kw) -> None:
     """Per-layer diagnostics: c* (absolute and relative to the residual norm), KL curvature,
     direction quality, propagation of the perturbation through later layers, and directional
     ablation at the same KL budget with its held-out pmass. Writes layers.csv, layers.md,
     layers_propagation.csv and layers.png."""
-    from pathlib import Path
+    from isokl_tl.layers import study_layers
 
-    from isokl_tl.calibrate import CalibrationSettings
-    from isokl_tl.chat import prompt_ids
-    from isokl_tl.diagnostics import layer_study, parse_layers, table_markdown
-    from isokl_tl.models import load_model
-    from isokl_tl.plots import plot_layers, save_figure
-    from isokl_tl.prompts import load_pairs, load_prompts
-    from isokl_tl.runs import write_atomic, write_csv
-
-    model = load_model(model_spec, device=device, dtype=dtype)
-    n = model.cfg.n_layers
-    chosen = parse_layers(layer_spec, n) if layer_spec else sorted({round(i * (n - 1) / 5) for i in range(6)})
-    settings = CalibrationSettings(window=calib_window, target=target_kl, bootstrap=0)
-    ids = lambda name, k: [prompt_ids(model.tokenizer, p) for p in load_prompts(name)[:k]]  # noqa: E731
-    study = layer_study(model, load_pairs(pairs), ids(calib_prompts, n_calib), chosen, method=method,
-                        settings=settings, heldout=ids(heldout_prompts, n_heldout) if n_heldout else None,
-                        progress=True)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "layers.csv", study.table)
-    write_csv(out_dir / "layers_propagation.csv", study.propagation)
-    write_atomic(out_dir / "layers.md", lambda p: p.write_text(table_markdown(study.table)))
-    save_figure(plot_layers(study.table, study.propagation), out_dir / "layers.png")
-    click.echo(table_markdown(study.table))
+    study = study_layers(model, out, device=device or "cpu", dtype=dtype or "float32", **kw)
+    click.echo(study.to_markdown(), nl=False)
 
 
 if __name__ == "__main__":

@@ -1,100 +1,133 @@
-"""Option sets shared by the stage commands (one decorator per stage's settings)."""
+"""Option sets shared by the commands (one decorator per stage's settings).
+
+Nothing here imports the library, so `--help` stays fast; the defaults shown are
+`RunConfig`'s, and a test checks that every `[default: X]` here says what `RunConfig()` holds.
+Every option defaults to None, meaning "not given": the run's settings then come from the
+`--config` file, the run directory's saved config, or `RunConfig`'s defaults, in that order.
+"""
 
 import click
 
-from isokl_tl.config import RunConfig
-
-D = RunConfig()
+EMBEDDED = "smollm2-135m-instruct"
+METHODS = ("mean_diff", "pca", "directional_ablation", "random")
+STATISTICS = ("quantile", "mean", "max", "prompt_quantile")
+SPLICES = ("interrupt", "inline")
 
 
 def _alphas(ctx, param, value):
-    if value is None:
+    """`--alphas "0 0.5 1"`, `--alphas 0,0.5,1` or `--alphas 0 --alphas 0.5 ...`."""
+    if not value:
         return None
     try:
-        return tuple(float(x) for x in value.replace(",", " ").split())
+        return tuple(float(x) for v in value for x in v.replace(",", " ").split())
     except ValueError:
-        raise click.BadParameter(f"{value!r}: give numbers separated by spaces or commas") from None
+        raise click.BadParameter(f"{' '.join(value)!r}: give numbers separated by spaces or commas") from None
+
+
+def _stack(f, options):
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def out_option(f):
+    """`--out DIR` (alias `--run`): the run directory, the same name in every command (checked by
+    the library, so that every problem with it is one line)."""
+    return click.option("--out", "--run", "out", required=True, type=click.Path(), help="Run directory.")(f)
+
+
+def model_options(f):
+    return _stack(f, [
+        click.option("--model", "model", default=None,
+                     help=f"Model spec; `isokl-tl models` lists what is accepted [default: {EMBEDDED}]."),
+        click.option("--device", default=None, help="Torch device, e.g. cpu or cuda [default: cpu]."),
+        click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
+                     help="Weight and activation dtype [default: float32]."),
+    ])
+
+
+def hook_options(f):
+    return _stack(f, [
+        click.option("--hook", default=None,
+                     help="TransformerLens hook name [default: blocks.{int(0.6 * n_layers)}.hook_resid_post]."),
+        click.option("--layer", type=int, default=None, help="Shorthand for --hook blocks.LAYER.hook_resid_post."),
+    ])
 
 
 def direction_options(f):
-    for opt in reversed([
-        click.option("--method", type=click.Choice(["mean_diff", "pca", "directional_ablation", "random"]),
-                     default=None, help=f"Direction method [default: {D.method}]."),
-        click.option("--pairs", default=None, help="Contrastive pairs: shipped set name or JSONL file."),
-        click.option("--seed", type=int, default=None, help="Seed (random direction, sampling, bootstrap)."),
-    ]):
-        f = opt(f)
-    return f
+    return _stack(f, [
+        click.option("--method", type=click.Choice(METHODS), default=None,
+                     help="Direction method [default: mean_diff]."),
+        click.option("--pairs", default=None, help="Contrastive pairs: shipped set name or JSONL file [default: pairs]."),
+        click.option("--seed", type=int, default=None, help="Seed (random direction, sampling, bootstrap) [default: 0]."),
+    ])
 
 
 def calibration_options(f):
-    for opt in reversed([
+    return _stack(f, [
         click.option("--calib-window", type=int, default=None,
-                     help=f"Calibration rollout window in tokens [default: {D.calib_window}]."),
+                     help="Calibration rollout window in tokens [default: 32]."),
         click.option("--target-kl", "target", type=float, default=None,
-                     help=f"Target value of the KL statistic, nats [default: {D.target}]."),
-        click.option("--quantile", type=float, default=None, help=f"Quantile q [default: {D.quantile}]."),
-        click.option("--statistic", type=click.Choice(["quantile", "mean", "max", "prompt_quantile"]),
-                     default=None, help="Calibration statistic [default: quantile]."),
-        click.option("--tol", type=float, default=None, help=f"Relative tolerance [default: {D.tol}]."),
+                     help="Target value of the KL statistic, nats [default: 1.0]."),
+        click.option("--quantile", type=float, default=None, help="Quantile q of the statistic [default: 0.95]."),
+        click.option("--statistic", type=click.Choice(STATISTICS), default=None,
+                     help="Calibration statistic [default: quantile]."),
+        click.option("--tol", type=float, default=None, help="Relative tolerance of the search [default: 0.02]."),
         click.option("--bootstrap", type=int, default=None,
-                     help=f"Bootstrap resamples for the c* interval; 0 turns it off [default: {D.bootstrap}]."),
-        click.option("--calib-prompts", default=None, help="Calibration prompts: set name or JSONL file."),
-        click.option("--n-calib", type=int, default=None, help=f"Calibration prompts used [default: {D.n_calib}]."),
-        click.option("--generated-only", is_flag=True, default=None,
-                     help="Steer generated tokens only (default: every position, prompt included)."),
-    ]):
-        f = opt(f)
-    return f
+                     help="Bootstrap resamples for the c* interval; 0 turns it off [default: 200]."),
+        click.option("--calib-prompts", default=None,
+                     help="Calibration prompts: shipped set name or JSONL file [default: calibration]."),
+        click.option("--n-calib", type=int, default=None, help="Calibration prompts used [default: 8]."),
+        click.option("--generated-only/--all-positions", "generated_only", default=None,
+                     help="Steer generated tokens only, or every position, prompt included [default: all-positions]."),
+    ])
 
 
 def sweep_options(f):
-    for opt in reversed([
-        click.option("--alphas", callback=_alphas, default=None,
-                     help='Dose multiples of c*, e.g. "0 0.5 1 2 4" [default: 0 0.5 1 2 4]; 0 is always added.'),
-        click.option("--prompts", default=None, help="Held-out prompts: set name or JSONL file [default: eval]."),
-        click.option("--n-prompts", type=int, default=None, help=f"Held-out prompts used [default: {D.n_prompts}]."),
-        click.option("--window", type=int, default=None, help=f"Tokens per rollout [default: {D.window}]."),
-        click.option("--temperature", type=float, default=None, help="Sampling temperature (0: greedy)."),
-        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass."),
+    return _stack(f, [
+        click.option("--alphas", callback=_alphas, multiple=True,
+                     help='Dose multiples of c*: "0 0.5 1", 0,0.5,1 or repeated; 0 is always added '
+                          "[default: 0 0.5 1 2 4]."),
+        click.option("--prompts", default=None, help="Held-out prompts: shipped set name or JSONL file [default: eval]."),
+        click.option("--n-prompts", type=int, default=None, help="Held-out prompts used [default: 12]."),
+        click.option("--window", type=int, default=None, help="Tokens per held-out rollout [default: 96]."),
+        click.option("--temperature", type=float, default=None, help="Sampling temperature; 0 is greedy [default: 0.0]."),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass [default: 1.0]."),
         click.option("--record-acts/--no-record-acts", default=None,
                      help="Also record, per generated token, every layer's residual projected on the "
                           "direction, its norm and ||steered - base||, and the steered hook's residual "
-                          "(float16) -> activations.safetensors."),
-    ]):
-        f = opt(f)
-    return f
+                          "(float16) -> activations.safetensors [default: no-record-acts]."),
+        click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch [default: 64]."),
+    ])
 
 
 def pmass_options(f):
-    for opt in reversed([
-        click.option("--fork-every", type=int, default=None, help=f"Fork every k tokens [default: {D.fork_every}]."),
+    return _stack(f, [
+        click.option("--fork-every", type=int, default=None, help="Fork every k tokens [default: 16]."),
         click.option("--fork-log", type=int, default=None, help="Instead: this many log-spaced forks."),
-        click.option("--splice", type=click.Choice(["interrupt", "inline"]), default=None,
-                     help="Splice mode [default: interrupt]."),
+        click.option("--splice", type=click.Choice(SPLICES), default=None, help="Splice mode [default: interrupt]."),
         click.option("--splice-close", default=None, help="Inline mode: text that closes a thinking block."),
         click.option("--splice-prefill", default=None, help='Answer prefill [default: {"choice": ].'),
-    ]):
-        f = opt(f)
-    return f
+    ])
 
 
 def survival_options(f):
-    for opt in reversed([
-        click.option("--threshold", type=float, default=None, help="Absolute pmass death threshold."),
+    return _stack(f, [
+        click.option("--threshold", type=float, default=None, help="Absolute pmass death threshold, in (0, 1)."),
         click.option("--relative-threshold", type=float, default=None,
-                     help=f"Death below this fraction of the prompt's unsteered pmass [default: {D.relative_threshold}]."),
-        click.option("--death-run", type=int, default=None, help="Consecutive forks below threshold for death."),
+                     help="Death below this fraction of the prompt's unsteered pmass at fork 0 [default: 0.5]."),
+        click.option("--death-run", type=int, default=None,
+                     help="Consecutive forks below the threshold for a death [default: 1]."),
         click.option("--min-base-pmass", type=float, default=None,
-                     help=f"Relative mode: prompts with lower unsteered pmass are weak [default: {D.min_base_pmass}]."),
-        click.option("--keep-weak/--drop-weak", default=None, help="Keep weak prompts in survival."),
-    ]):
-        f = opt(f)
-    return f
+                     help="Relative mode: prompts with a lower unsteered pmass are weak [default: 0.3]."),
+        click.option("--keep-weak/--drop-weak", default=None,
+                     help="Keep weak prompts in survival [default: drop-weak]."),
+    ])
 
 
-def overrides(**kw) -> dict:
-    """Options the user actually gave (None means: keep the config's value)."""
+def given(**kw) -> dict:
+    """The options the user actually gave (None: not given), with the pairs that exclude each
+    other resolved: a threshold given turns the other kind off, likewise the fork schedules."""
     out = {k: v for k, v in kw.items() if v is not None}
     if out.get("threshold") is not None:
         out["relative_threshold"] = None

@@ -1,39 +1,57 @@
 """isokl-tl: iso-KL calibrated activation steering on TransformerLens models.
 
-Everything a notebook needs is importable from here (`from isokl_tl import steer, calibrate, ...`);
-submodules are imported on first use, so `import isokl_tl` stays cheap. See README.md.
+Everything a notebook needs is importable from here:
+
+>>> from isokl_tl import load_model, load_pairs, compute_direction, calibrate, rollout, plot_survival
+
+The stages and their results: `compute_direction` -> `Direction`, `calibrate` -> `Calibration`,
+`rollout` -> `Rollouts`, `fork_pmass` -> `ForkPMass`, `deaths` + `survival_table` ->
+`SurvivalTable`, `layer_study` -> `LayerStudy`; each result saves to and loads from a run
+directory, and `Run` drives them all over one. The decode engine behind `rollout` is
+`isokl_tl.engine`; model loading is `isokl_tl.models`. See README.md and docs/.
 """
 
-import importlib
+from importlib import metadata as _metadata
 
-_EXPORTS = {
-    "calibrate": ["Calibration", "CalibrationError", "CalibrationSettings", "calibrate", "calibrate_many"],
-    "activations": ["Activations", "Record"],
-    "chat": ["prompt_ids"],
-    "diagnostics": ["LayerStudy", "layer_study"],
-    "directions": ["Direction", "compute_direction"],
-    "hooks": ["Site", "hook_name", "resolve_hook", "steer", "steer_sites"],
-    "kl": ["teacher_forced_kl", "token_kl"],
-    "models": ["EMBEDDED", "TINY", "load_model"],
-    "config": ["RunConfig"],
-    "pipeline": ["Run"],
-    "pmass": ["Splice", "answer_token_sets", "fork_pmass", "fork_schedule"],
-    "prompts": ["load_pairs", "load_prompts", "load_questions"],
-    "rollout": ["Sampling", "rollout"],
-    "rollouts": ["Rollouts"],
-    "survival": ["DeathRule", "SurvivalCurve", "deaths", "kaplan_meier", "survival_table"],
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
+from isokl_tl.activations import Activations, Record
+from isokl_tl.calibrate import Calibration, CalibrationError, CalibrationSettings, calibrate, calibrate_many
+from isokl_tl.config import RunConfig
+from isokl_tl.directions import Direction, compute_direction
+from isokl_tl.engine import Sampling, release
+from isokl_tl.hooks import Site, hook_name, resolve_hook, steer, steer_sites
+from isokl_tl.kl import teacher_forced_kl, token_kl
+from isokl_tl.layers import LayerStudy, layer_study
+from isokl_tl.models import EMBEDDED, TINY, load_model
+from isokl_tl.plots import (
+    plot_aggregate,
+    plot_calibration,
+    plot_dose_response,
+    plot_kl_bands,
+    plot_layers,
+    plot_methods,
+    plot_spaghetti,
+    plot_survival,
+    save_figure,
+)
+from isokl_tl.pmass import ForkPMass, Splice, answer_token_sets, fork_pmass, fork_schedule
+from isokl_tl.prompts import load_pairs, load_prompts, load_questions
+from isokl_tl.rollout import Rollouts, rollout
+from isokl_tl.run import Run
+from isokl_tl.survival import DeathRule, SurvivalCurve, SurvivalTable, deaths, kaplan_meier, survival_table
+from isokl_tl.tokens import prompt_ids
 
+try:
+    __version__ = _metadata.version("isokl-tl")
+except _metadata.PackageNotFoundError:    # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'isokl_tl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"isokl_tl.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__all__ = [
+    "Activations", "Calibration", "CalibrationError", "CalibrationSettings", "DeathRule", "Direction",
+    "EMBEDDED", "ForkPMass", "LayerStudy", "Record", "Rollouts", "Run", "RunConfig", "Sampling", "Site",
+    "Splice", "SurvivalCurve", "SurvivalTable", "TINY", "answer_token_sets", "calibrate", "calibrate_many",
+    "compute_direction", "deaths", "fork_pmass", "fork_schedule", "hook_name", "kaplan_meier", "layer_study",
+    "load_model", "load_pairs", "load_prompts", "load_questions", "plot_aggregate", "plot_calibration",
+    "plot_dose_response", "plot_kl_bands", "plot_layers", "plot_methods", "plot_spaghetti", "plot_survival",
+    "prompt_ids", "release", "resolve_hook", "rollout", "save_figure", "steer", "steer_sites",
+    "survival_table", "teacher_forced_kl", "token_kl",
+]

@@ -29,9 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl.files import ACTIVATIONS, ACTIVATIONS_META
 from isokl_tl.hooks import check_residual_hook, hook_layer
-from isokl_tl.runs import write_atomic, write_json
+from isokl_tl.manifest import ACTIVATIONS, ACTIVATIONS_META, write_atomic, write_json
 
 NamesFilter = str | list[str] | tuple[str, ...] | Callable[[str], bool]
 

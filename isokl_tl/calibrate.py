@@ -19,12 +19,11 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from isokl_tl.directions import Direction
-from isokl_tl.files import CALIBRATION
 from isokl_tl.hooks import Site
-from isokl_tl.search import (CalibrationError, CalibrationSettings, Search, _Eval,  # noqa: F401
-                             kl_statistic, steps)
+from isokl_tl.manifest import CALIBRATION, write_json
 from isokl_tl.rollout import rollout
-from isokl_tl.runs import write_json
+from isokl_tl.search import CalibrationError, CalibrationSettings, Search, _Eval, kl_statistic, steps  # noqa: F401
+
 
 @dataclass
 class Calibration:

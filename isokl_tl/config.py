@@ -6,9 +6,9 @@ from pathlib import Path
 
 from isokl_tl.calibrate import CalibrationSettings
 from isokl_tl.directions import check_method
+from isokl_tl.engine import Sampling
 from isokl_tl.models import EMBEDDED
 from isokl_tl.pmass import FALSE_WORDS, TRUE_WORDS, Splice, fork_schedule
-from isokl_tl.rollout import Sampling
 from isokl_tl.survival import DeathRule
 
 _TUPLES = ("alphas", "answer_true", "answer_false")   # saved as JSON lists
@@ -70,6 +70,9 @@ class RunConfig:
                              "(negative alphas only make sense for additive methods)")
         if self.fork_every is not None and self.fork_log is not None:
             object.__setattr__(self, "fork_every", None)
+        if self.fork_every is None and self.fork_log is None:
+            raise ValueError("give one of fork-every and fork-log")
+        self.forks()
         self.death_rule()
         self.splice_spec()
         self.calibration_settings()
@@ -108,6 +111,10 @@ class RunConfig:
         "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),
         "plot": (),
     }
+    # Settings that decide how the work is executed, not what it computes: results agree up to
+    # floating-point rounding whatever their values, so they key no stage. They do key the saved
+    # parts of a stage in progress (`Run`), which are cut along them.
+    EXECUTION = ("device", "rows_per_batch")
 
     def stage_settings(self, stage: str) -> dict:
         """This stage's settings plus every upstream stage's (so a change invalidates downstream)."""

@@ -14,6 +14,7 @@ Methods:
 """
 
 import json
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,14 +24,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl.batching import chunks, left_pad, pad_id
-from isokl_tl.chat import prompt_ids, text_ids
-from isokl_tl.hooks import check_residual_hook, hook_layer
+from isokl_tl.hooks import Steering, check_residual_hook, hook_layer, steer
+from isokl_tl.manifest import DIRECTION_META as META_FILE
+from isokl_tl.manifest import DIRECTION_VECTOR as VECTOR_FILE
+from isokl_tl.manifest import write_atomic, write_json
 from isokl_tl.prompts import ContrastPair
-from isokl_tl.runs import write_atomic, write_json
+from isokl_tl.tokens import chunks, left_pad, pad_id, prompt_ids, text_ids
 
 METHODS = ("mean_diff", "pca", "directional_ablation", "random")
-from isokl_tl.files import DIRECTION_META as META_FILE, DIRECTION_VECTOR as VECTOR_FILE
 
 
 def intervention(method: str) -> str:
@@ -65,6 +66,15 @@ class Direction:
     @property
     def intervention(self) -> str:
         return intervention(self.method)
+
+    def steer(self, model: HookedTransformer, coeff: float | Float[Tensor, " batch"], *, start: int = 0
+              ) -> AbstractContextManager[Steering]:
+        """Steer `model` with this direction inside a `with` block (`isokl_tl.hooks.steer`):
+
+        >>> with d.steer(model, 40.0):
+        ...     logits = model(tokens)
+        """
+        return steer(model, self.hook, self.vector, coeff, method=self.intervention, start=start)
 
     def meta(self) -> dict:
         d = asdict(self)

@@ -12,8 +12,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl.batching import chunks
+from isokl_tl.engine import kl_from_logprobs
 from isokl_tl.hooks import steer
+from isokl_tl.tokens import chunks
 
 
 def token_kl(steered_logits: Float[Tensor, "*batch d_vocab"], base_logits: Float[Tensor, "*batch d_vocab"]
@@ -21,12 +22,6 @@ def token_kl(steered_logits: Float[Tensor, "*batch d_vocab"], base_logits: Float
     """KL(softmax(steered) || softmax(base)) over the last axis, computed in float32."""
     return kl_from_logprobs(torch.log_softmax(steered_logits.float(), dim=-1),
                             torch.log_softmax(base_logits.float(), dim=-1))
-
-
-def kl_from_logprobs(steered: Float[Tensor, "*batch d_vocab"], base: Float[Tensor, "*batch d_vocab"]
-                     ) -> Float[Tensor, "*batch"]:
-    """KL between two normalised log-distributions over the last axis."""
-    return (steered.exp() * (steered - base)).sum(-1)
 
 
 @torch.no_grad()

@@ -16,7 +16,9 @@ end (EOS) is censored: not evaluated. A fork at exactly the generated length see
 token (the EOS token itself is not part of the content a splice follows).
 """
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,10 +29,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from isokl_tl.batching import chunks, pad_id
-from isokl_tl.chat import require_tokenizer, text_ids
 from isokl_tl.hooks import steer
+from isokl_tl.manifest import PMASS, SPLICE, write_csv, write_json
 from isokl_tl.rollout import Rollouts
+from isokl_tl.tokens import chunks, pad_id, require_tokenizer, text_ids
 
 TRUE_WORDS = ("true", "True", " true", " True", "1", " 1")
 FALSE_WORDS = ("false", "False", " false", " False", "0", " 0")
@@ -121,11 +123,32 @@ def fork_schedule(window: int, every: int | None = None, n_log: int | None = Non
 
 @dataclass
 class ForkPMass:
-    """Long format: one row per evaluated fork."""
+    """Fork pmass in long format (`frame`: one row per evaluated fork: row, prompt, alpha, coeff,
+    fork, pmass, p_true, argmax), the fork schedule, and the splice as run (with its rendered text
+    and answer token ids)."""
 
     frame: pd.DataFrame
     forks: list[int]
     splice: dict = field(default_factory=dict)
+
+    def save(self, run_dir: str | Path) -> None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / SPLICE, {**self.splice, "forks": list(self.forks)})
+        write_csv(run_dir / PMASS, self.frame)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "ForkPMass":
+        run_dir = Path(run_dir)
+        if not (run_dir / PMASS).exists():
+            raise ValueError(f"{run_dir} has no {PMASS}; run `isokl-tl pmass` first")
+        splice = json.loads((run_dir / SPLICE).read_text())
+        forks = splice.pop("forks", sorted(set(pd.read_csv(run_dir / PMASS).fork)))
+        return cls(pd.read_csv(run_dir / PMASS, float_precision="round_trip"), forks, splice)
+
+    @staticmethod
+    def concat(parts: list["ForkPMass"]) -> "ForkPMass":
+        return ForkPMass(pd.concat([p.frame for p in parts], ignore_index=True), parts[0].forks, parts[0].splice)
 
 
 @torch.no_grad()

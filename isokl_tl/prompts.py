@@ -40,10 +40,15 @@ def _read_jsonl(source: str | Path, keys: dict[str, type]) -> list[dict]:
         text, where = (resources.files("isokl_tl.data") / SETS[source]).read_text(), source
     else:
         path = Path(source)
+        if path.is_dir():
+            raise ValueError(f"prompt file {str(source)!r} is a directory, not a file")
         if not path.is_file():
             raise ValueError(f"prompt file {str(source)!r} does not exist; shipped sets: "
                              f"{', '.join(SETS)}")
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_text(), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read prompt file {str(source)!r}: {e}") from None
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

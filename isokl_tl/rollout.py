@@ -1,141 +1,158 @@
-"""Batched, KV-cached steered rollouts with per-token KL, where every row has its own coefficient.
+"""Batched, KV-cached steered rollouts with per-token KL, where every row has its own coefficient,
+and their result, `Rollouts`.
 
-One call covers prompts x coefficients. Each steered row is decoded next to a *base partner*: the
-same prompt at coefficient 0, teacher-forced on the steered row's tokens, in the same batched
-forward pass. At every step the engine thus holds both next-token distributions, records
-KL(P_steered || P_base) in float32, the steered log-probability of the chosen token, and whether
-the base model's argmax agrees with it — the rollout is generated once and never re-scored, and no
-[batch, pos, d_vocab] tensor is ever materialised.
+One `rollout` call covers prompts x coefficients. Each steered row is decoded next to a *base
+partner*: the same prompt at coefficient 0, teacher-forced on the steered row's tokens, in the
+same batched forward pass (`isokl_tl.engine`). At every step the engine thus holds both
+next-token distributions, records KL(P_steered || P_base) in float32, the steered
+log-probability of the chosen token, and whether the base model's argmax agrees with it: the
+rollout is generated once and never re-scored, and no [batch, pos, d_vocab] tensor is ever
+materialised.
 
-On the GPU path a rollout keeps its decoder (KV caches, CUDA graph, result buffers) for the next
+On the GPU a rollout keeps its decoder (KV caches, CUDA graph, result buffers) for the next
 rollout of the same shape, which then skips the warm-up step and the capture
-(`isokl_tl.graph_decode.release(model)` frees them); nothing is kept while other hooks are
-registered on the model.
+(`isokl_tl.engine.release(model)` frees them); nothing is kept while other hooks are registered.
 """
 
-from collections.abc import Callable
-from itertools import chain
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from isokl_tl import graph_decode
-from isokl_tl.activations import Record, Recorder
-from isokl_tl.batching import chunks, left_pad, pad_id
-from isokl_tl.chat import eos_ids
-from isokl_tl.decode import Decoder
-from isokl_tl.decode_loop import GREEDY, Sampling, base_rows, check_finite, decode_fixed, score_rows
-from isokl_tl.fast_decode import make_decoder
-from isokl_tl.fusion import has_hook
-from isokl_tl.hooks import Site, Steering, SteeringGroup, hook_layer, steer_sites
-from isokl_tl.rollouts import Rollouts
+from isokl_tl.activations import Activations, Record, Recorder
+from isokl_tl.engine import GREEDY, DecoderFactory, Sampling, decode_batch, make_decoder
+from isokl_tl.hooks import Site
+from isokl_tl.manifest import (
+    ACTIVATIONS,
+    ROLLOUTS,
+    ROLLOUTS_CSV,
+    ROLLOUTS_META,
+    TEXTS,
+    write_atomic,
+    write_csv,
+    write_json,
+)
+from isokl_tl.tokens import chunks, eos_ids
 
 
-def _first_block(sites: list[Site]) -> int:
-    """The first block any site steers in (0 when a site sits before the blocks)."""
-    layers = [hook_layer(s.hook) for s in sites]
-    return 0 if any(layer is None for layer in layers) else min(layers)
+@dataclass
+class Rollouts:
+    """Rollouts of a batch of rows. Generated positions past `gen_len` are padding: token -1,
+    KL and log-prob NaN (never 0). `gen_len` counts the EOS token when a row stopped at one."""
 
+    prompt: Int[Tensor, "row prompt_pos"]      # left-padded prompt ids (pad where prompt_mask is 0)
+    prompt_mask: Int[Tensor, "row prompt_pos"]
+    tokens: Int[Tensor, "row window"]
+    kl: Float[Tensor, "row window"]
+    logprob: Float[Tensor, "row window"]
+    base_agree: Bool[Tensor, "row window"]
+    gen_len: Int[Tensor, " row"]
+    eos: Bool[Tensor, " row"]
+    coeff: Float[Tensor, " row"]
+    prompt_index: Int[Tensor, " row"]
+    alpha: Float[Tensor, " row"]
+    hook: str = ""
+    method: str = "add"
+    start: str = "all"
+    acts: Activations | None = None            # recorded activations (rollout(record=...))
 
-def _reuse_key(model: HookedTransformer, decoder, sites: list[Site], paired: Tensor, width: int, window: int,
-               generated_only: bool, sampling: Sampling, eos: Tensor) -> tuple | None:
-    """Everything a kept decoder's captured graph depends on besides the values `adopt` and
-    `prefill` refresh (coefficients, directions, prompts): the shapes, which rows have partners,
-    the sites, the EOS ids, where every weight and buffer lives. None (keep nothing) while any
-    other hook is registered on the model: its Python would run once, at capture, and its state
-    could change between rollouts unseen."""
-    if any(has_hook(hp) for hp in model.hook_dict.values()):
-        return None
-    weights = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in chain(model.parameters(), model.buffers()))
-    return (decoder, tuple(paired.tolist()), width, window, generated_only, sampling.temperature == 0,
-            tuple(eos.tolist()), tuple((s.hook, s.method) for s in sites), weights)
+    @property
+    def window(self) -> int:
+        return self.tokens.shape[1]
 
+    @property
+    def n_rows(self) -> int:
+        return self.tokens.shape[0]
 
-DecoderFactory = Callable[[HookedTransformer, Steering | SteeringGroup, int], Decoder]   # (model, steering, capacity)
+    @property
+    def mask(self) -> Bool[Tensor, "row window"]:
+        return torch.arange(self.window)[None, :] < self.gen_len[:, None]
 
+    def row_ids(self, i: int, upto: int | None = None) -> tuple[list[int], list[int]]:
+        """(prompt ids, generated ids[:upto]) of row i, unpadded."""
+        n = int(self.gen_len[i]) if upto is None else min(upto, int(self.gen_len[i]))
+        prompt = self.prompt[i][self.prompt_mask[i].bool()].tolist()
+        return prompt, self.tokens[i, :n].tolist()
 
-@torch.no_grad()
-def _rollout_chunk(model: HookedTransformer, prompts: list[list[int]], coeff: Tensor, *,
-                   sites: list[Site], site: Tensor, window: int, generated_only: bool,
-                   sampling: Sampling, eos: Tensor, gen: torch.Generator | None,
-                   decoder: DecoderFactory, bar, record: Record | None) -> dict:
-    dev = model.cfg.device
-    b = len(prompts)
-    tokens, mask = left_pad(prompts, pad_id(model.tokenizer), dev)
-    width = tokens.shape[1]
-    # A row at coefficient 0 *is* the base model (steer() is the identity there), so only rows
-    # with c != 0 get a base partner; the partners sit after the steered rows in the batch.
-    paired = coeff != 0
-    partners = paired.nonzero()[:, 0].to(dev)     # positions of the rows that have a partner
-    both = torch.cat([coeff, torch.zeros(int(paired.sum()))])
-    out_tok = torch.full((b, window), -1, dtype=torch.long)
-    out_kl = torch.full((b, window), float("nan"))
-    out_lp = torch.full((b, window), float("nan"))
-    out_agree = torch.zeros((b, window), dtype=torch.bool)
-    gen_len = torch.zeros(b, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    # one coefficient vector per site: a row carries its coefficient at its own site and 0 (the
-    # identity) at every other; base partners carry 0 everywhere
-    site_both = torch.cat([site, site[paired]])
-    per_site = [torch.where(site_both == j, both, 0.0).to(dev) for j in range(len(sites))]
-    rec = None if record is None else Recorder(model, record, sites, site, window)
-    key = None if rec is not None else _reuse_key(model, decoder, sites, paired, width, window, generated_only,
-                                                  sampling, eos)
-    with steer_sites(model, sites, per_site, start=width if generated_only else 0) as steering, \
-            model.hooks(fwd_hooks=[] if rec is None else rec.fwd_hooks()):
-        dec = None if key is None else graph_decode.take(model, key)
-        if dec is not None:                 # kept from a rollout of this shape: graph and buffers reused
-            dec.adopt(steering)
-        else:
-            dec = decoder(model, steering, width + window)
-            if hasattr(dec, "share_prefix"):    # base partners repeat their rows below the first site
-                dec.share_prefix(b, partners, _first_block(sites))
-        if rec is not None:
-            dec.use_graph = False           # recording hooks have Python side effects every step
-            rec.at(0, torch.arange(b), partners)
-        logits = dec.prefill(torch.cat([tokens, tokens[paired.to(dev)]]),
-                             torch.cat([mask, mask[paired.to(dev)]]))
-        if getattr(dec, "static", False):   # fixed-shape decoder: no compaction, few host syncs
-            res = decode_fixed(dec, logits, paired, coeff, window=window, sampling=sampling,
-                                eos=eos, gen=gen, bar=bar, rec=rec)
-            if key is not None and getattr(dec, "reusable", False):
-                graph_decode.keep(model, key, dec)
-            return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), **res,
-                    "acts": None if rec is None else rec.result(res["gen_len"])}
-        active = torch.arange(b)            # chunk rows still decoding, in batch order
-        for t in range(window):
-            n = len(active)
-            has = paired[active].nonzero()[:, 0].to(dev)   # positions (among active) with a partner
-            check_finite(logits, t, active, coeff)
-            nxt, kl, lp, agree = score_rows(logits, base_rows(paired[active], dev), sampling, gen)
-            out_tok[active, t] = nxt.cpu()
-            out_kl[active, t] = kl.cpu()
-            out_lp[active, t] = lp.cpu()
-            out_agree[active, t] = agree.cpu()
-            gen_len[active] += 1
-            finished = torch.isin(nxt, eos).cpu()
-            done[active[finished]] = True
-            if bar is not None:
-                bar.update(1)
-            if bool(done.all()) or t == window - 1:
-                if bar is not None:
-                    bar.update(window - 1 - t)
-                break
-            if finished.any():              # finished rows (and their partners) leave the batch
-                keep = (~finished).nonzero()[:, 0].to(dev)
-                partner_kept = (~finished.to(dev))[has].nonzero()[:, 0]
-                dec.select(torch.cat([keep, n + partner_kept]))
-                active, nxt = active[~finished], nxt[keep]
-                has = paired[active].nonzero()[:, 0].to(dev)
-            if rec is not None:
-                rec.at(t + 1, active, has)
-            logits = dec.step(torch.cat([nxt, nxt[has]]))
-    return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), "tokens": out_tok, "kl": out_kl,
-            "logprob": out_lp, "base_agree": out_agree, "gen_len": gen_len, "eos": done,
-            "acts": None if rec is None else rec.result(gen_len)}
+    def take(self, rows: list[int], **fields) -> "Rollouts":
+        """These rows only (recorded activations are dropped); `fields` replace hook, method, ..."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        out = {k: v[idx] for k, v in self.__dict__.items() if torch.is_tensor(v)}
+        meta = {"hook": self.hook, "method": self.method, "start": self.start, **fields}
+        return Rollouts(**out, **meta)
+
+    @staticmethod
+    def concat(parts: list["Rollouts"]) -> "Rollouts":
+        width = max(p.prompt.shape[1] for p in parts)
+
+        def widen(t: Tensor, fill: int) -> Tensor:
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill)
+
+        out = {k: torch.cat([getattr(p, k) for p in parts]) for k, v in parts[0].__dict__.items()
+               if torch.is_tensor(v) and k not in ("prompt", "prompt_mask")}
+        out["prompt"] = torch.cat([widen(p.prompt, 0) for p in parts])
+        out["prompt_mask"] = torch.cat([widen(p.prompt_mask, 0) for p in parts])
+        acts = Activations.concat([p.acts for p in parts]) if parts[0].acts is not None else None
+        return Rollouts(**out, hook=parts[0].hook, method=parts[0].method, start=parts[0].start,
+                        acts=acts)
+
+    # --- persistence -------------------------------------------------------------------------
+    def save(self, run_dir: str | Path, tokenizer=None) -> None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.__dict__.items() if torch.is_tensor(v)}
+        tensors["base_agree"] = tensors["base_agree"].to(torch.uint8)
+        tensors["eos"] = tensors["eos"].to(torch.uint8)
+        write_atomic(run_dir / ROLLOUTS, lambda p: save_file(tensors, str(p)))
+        meta = {"hook": self.hook, "method": self.method, "start": self.start}
+        write_json(run_dir / ROLLOUTS_META, meta)
+        write_csv(run_dir / ROLLOUTS_CSV, self.to_frame())
+        if self.acts is not None:
+            self.acts.save(run_dir)
+        else:                                    # no stale recording from an earlier run
+            (run_dir / ACTIVATIONS).unlink(missing_ok=True)
+        if tokenizer is not None:
+            lines = [json.dumps(r) for r in self.texts(tokenizer)]
+            write_atomic(run_dir / TEXTS, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Rollouts":
+        run_dir = Path(run_dir)
+        if not (run_dir / ROLLOUTS).exists():
+            raise ValueError(f"{run_dir} has no {ROLLOUTS}; run `isokl-tl rollout` first")
+        t = load_file(str(run_dir / ROLLOUTS))
+        t["base_agree"], t["eos"] = t["base_agree"].bool(), t["eos"].bool()
+        meta = json.loads((run_dir / ROLLOUTS_META).read_text())
+        acts = Activations.load(run_dir) if (run_dir / ACTIVATIONS).exists() else None
+        return cls(**t, **meta, acts=acts)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: one row per generated token."""
+        m = self.mask.numpy()
+        r, t = np.nonzero(m)
+        return pd.DataFrame({
+            "row": r, "prompt": self.prompt_index.numpy()[r], "alpha": self.alpha.numpy()[r],
+            "coeff": self.coeff.numpy()[r], "t": t, "token": self.tokens.numpy()[r, t],
+            "kl": self.kl.numpy()[r, t], "logprob": self.logprob.numpy()[r, t],
+            "base_agree": self.base_agree.numpy()[r, t].astype(int),
+        })
+
+    def texts(self, tokenizer) -> list[dict]:
+        out = []
+        for i in range(self.n_rows):
+            _, gen = self.row_ids(i)
+            out.append({"row": i, "prompt": int(self.prompt_index[i]), "alpha": float(self.alpha[i]),
+                        "coeff": float(self.coeff[i]), "eos": bool(self.eos[i]),
+                        "gen_len": int(self.gen_len[i]), "text": tokenizer.decode(gen)})
+        return out
 
 
 def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,
@@ -192,10 +209,12 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
     try:
         parts = []
         for sl in chunks(len(prompts), rows_per_batch):
-            res = _rollout_chunk(model, prompts[sl], coeffs[sl], sites=sites, site=site[sl],
-                                 window=window, generated_only=generated_only, sampling=sampling,
-                                 eos=eos_t, gen=gen, decoder=decoder, bar=bar, record=record)
-            parts.append(Rollouts(**res, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
+            rec = None if record is None else Recorder(model, record, sites, site[sl], window)
+            res = decode_batch(model, prompts[sl], coeffs[sl], sites=sites, site=site[sl], window=window,
+                               generated_only=generated_only, sampling=sampling, eos=eos_t, gen=gen,
+                               decoder=decoder, bar=bar, observer=rec)
+            acts = None if rec is None else rec.result(res["gen_len"])
+            parts.append(Rollouts(**res, acts=acts, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
                                   hook=sites[0].hook if len(sites) == 1 else "",
                                   method=sites[0].method if len(sites) == 1 else "", start=start))
     finally:

@@ -6,13 +6,17 @@ A rollout that never dies is right-censored at its last evaluated fork (EOS or t
 The threshold is absolute, or relative to the same prompt's unsteered pmass at fork 0.
 """
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from jaxtyping import Bool, Float, Real
 from sksurv.nonparametric import kaplan_meier_estimator
+
+from isokl_tl.manifest import KM_CURVES, SURVIVAL, SURVIVAL_META, SURVIVAL_TABLE, write_csv, write_json
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class SurvivalCurve:
         """S(t) of the step function (1 before the first event time)."""
         i = np.searchsorted(self.time, t, side="right") - 1
         return 1.0 if i < 0 else float(self.survival[i])
+
+    def band_at(self, t: float | int) -> tuple[float, float]:
+        """The 95% band of S(t) ((1, 1) before the first event time)."""
+        i = np.searchsorted(self.time, t, side="right") - 1
+        return (1.0, 1.0) if i < 0 else (float(self.ci_low[i]), float(self.ci_high[i]))
 
 
 def _first_below(curve: np.ndarray, level: float, times: np.ndarray) -> float:
@@ -106,10 +115,76 @@ def deaths(pmass: pd.DataFrame, rule: DeathRule) -> pd.DataFrame:
                                       "base_pmass0", "weak"])
 
 
-def survival_table(per_row: pd.DataFrame, window: int, keep_weak: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Per alpha: n, died, censored, S at the middle token and at the end of the window, and the
-    median survival token with its interval. Also returns the curves by alpha."""
+def format_token(x: float) -> str:
+    """A survival token for people: `not reached` where S never falls to 0.5 (inf)."""
+    return "not reached" if not np.isfinite(x) else f"{x:g}"
+
+
+def _why_empty(per_row: pd.DataFrame, rule: DeathRule | None) -> str:
+    base = per_row.drop_duplicates("prompt").base_pmass0
+    n, span = len(base), f"unsteered pmass {base.min():.2f}-{base.max():.2f}"
+    if rule is not None and rule.threshold is not None:
+        return (f"all {n} prompts are weak at absolute threshold {rule.threshold:g}: {span}; "
+                "use --relative-threshold or --keep-weak")
+    if rule is not None:
+        return (f"all {n} prompts are weak: {span}, below --min-base-pmass {rule.min_base_pmass:g}; "
+                "lower it or use --keep-weak")
+    return f"all {n} prompts are weak ({span}); keep them with keep_weak=True"
+
+
+_TABLE_COLUMNS = ["alpha", "n", "died", "censored", "S_mid", "S_end", "median", "median_lo", "median_hi"]
+
+
+@dataclass
+class SurvivalTable:
+    """The survival of a sweep: per rollout its death or censoring (`per_row`, from `deaths`), per
+    alpha the summary (`table`: n, died, censored, S at the middle token and at the end of the
+    window, the median survival token with its 95% interval, inf when not reached) and the
+    Kaplan-Meier curves (`curves`)."""
+
+    per_row: pd.DataFrame
+    table: pd.DataFrame
+    curves: dict[float, SurvivalCurve]
+    window: int
+    keep_weak: bool = False
+
+    @property
+    def weak_prompts(self) -> list[int]:
+        return sorted(set(self.per_row[self.per_row.weak].prompt.astype(int)))
+
+    def to_markdown(self) -> str:
+        lines = ["| alpha | n | died | censored | S(mid) | S(end) | median token | 95% CI |",
+                 "|---:|---:|---:|---:|---:|---:|---:|:---|"]
+        for t in self.table.itertuples():
+            lines.append(f"| {t.alpha:g} | {t.n} | {t.died} | {t.censored} | {t.S_mid:.2f} | {t.S_end:.2f} "
+                         f"| {format_token(t.median)} | {format_token(t.median_lo)} - {format_token(t.median_hi)} |")
+        return "\n".join(lines) + "\n"
+
+    def save(self, run_dir: str | Path) -> None:
+        run_dir = Path(run_dir)
+        write_csv(run_dir / SURVIVAL, self.per_row)
+        write_csv(run_dir / SURVIVAL_TABLE, self.table)
+        write_csv(run_dir / KM_CURVES, curves_frame(self.curves))
+        write_json(run_dir / SURVIVAL_META, {"window": self.window, "keep_weak": self.keep_weak})
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "SurvivalTable":
+        run_dir = Path(run_dir)
+        if not (run_dir / SURVIVAL_META).exists():
+            raise ValueError(f"{run_dir} has no {SURVIVAL_META}; run `isokl-tl survival` first")
+        meta = json.loads((run_dir / SURVIVAL_META).read_text())
+        per_row = pd.read_csv(run_dir / SURVIVAL)
+        return survival_table(per_row, meta["window"], keep_weak=meta["keep_weak"])
+
+
+def survival_table(per_row: pd.DataFrame, window: int, *, keep_weak: bool = False,
+                   rule: DeathRule | None = None) -> SurvivalTable:
+    """Kaplan-Meier per alpha over the rollouts of `per_row` (weak prompts left out unless
+    `keep_weak`). Raises ValueError, saying why, when no prompt is left (`rule` names the
+    options that would help)."""
     use = per_row if keep_weak else per_row[~per_row.weak]
+    if use.empty and len(per_row):
+        raise ValueError(_why_empty(per_row, rule))
     rows, curves = [], {}
     for alpha, g in use.groupby("alpha", sort=True):
         km = kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy())
@@ -117,8 +192,8 @@ def survival_table(per_row: pd.DataFrame, window: int, keep_weak: bool = False) 
         rows.append({"alpha": float(alpha), "n": km.n, "died": km.died, "censored": km.censored,
                      "S_mid": km.at(window / 2), "S_end": km.at(window), "median": km.median,
                      "median_lo": km.median_ci[0], "median_hi": km.median_ci[1]})
-    cols = ["alpha", "n", "died", "censored", "S_mid", "S_end", "median", "median_lo", "median_hi"]
-    return pd.DataFrame(rows, columns=cols), curves
+    return SurvivalTable(per_row=per_row, table=pd.DataFrame(rows, columns=_TABLE_COLUMNS), curves=curves,
+                         window=window, keep_weak=keep_weak)
 
 
 def curves_frame(curves: dict[float, SurvivalCurve]) -> pd.DataFrame:

@@ -2,23 +2,21 @@ import pytest
 import torch
 
 from isokl_tl.activations import Activations, Record
-from isokl_tl.decode import TLDecoder
-from isokl_tl.fast_decode import FastDecoder
-from isokl_tl.graph_decode import StaticDecoder
+from isokl_tl.engine import FastDecoder, GraphDecoder, ReferenceDecoder
 from isokl_tl.hooks import Steering
 from isokl_tl.rollout import rollout
 
 HOOK = "blocks.2.hook_resid_post"
 DECODERS = {
-    "tl": TLDecoder,
+    "tl": ReferenceDecoder,
     "fast": FastDecoder,
-    "static": lambda m, s, cap: StaticDecoder(m, s, cap, use_graph=False),
+    "static": lambda m, s, cap: GraphDecoder(m, s, cap, use_graph=False),
 }
 
 
 def _prompts(model, n):
-    from isokl_tl.chat import prompt_ids
     from isokl_tl.prompts import load_prompts
+    from isokl_tl.tokens import prompt_ids
 
     return [prompt_ids(model.tokenizer, p) for p in load_prompts("calibration")[:n]]
 

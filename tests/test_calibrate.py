@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from isokl_tl.calibrate import CalibrationError, CalibrationSettings, calibrate, kl_statistic
-from isokl_tl.chat import prompt_ids
 from isokl_tl.directions import compute_direction
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import rollout
+from isokl_tl.tokens import prompt_ids
 
 
 def _prompts(model, n):

@@ -4,8 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-
-from isokl_tl.cli.main import main
+from isokl_tl_cli.main import main
 
 TINY_RUN = ["--model", "tiny-random", "--window", "16", "--n-prompts", "3", "--calib-window", "12",
             "--n-calib", "3", "--fork-every", "8", "--min-base-pmass", "0.001", "--bootstrap", "20",
@@ -61,23 +60,28 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
     assert man["model"]["weights_sha256"]
     before = {s: man["stages"][s]["finished"] for s in ("rollout", "pmass")}
     rollouts_mtime = (out / "rollouts.safetensors").stat().st_mtime_ns
+    summary_before = (out / "summary.md").read_text()
     res = _invoke(["survival", "--run", str(out), "--relative-threshold", "0.9"])
     assert res.exit_code == 0, res.output
+    # survival redraws the figures and summary.md it made stale, and says so
+    assert [line for line in res.output.splitlines() if "running" in line] == [
+        "[survival] running ...", "[plot] running ..."]
+    assert "refreshed" in res.output
+    assert "0.9 x the prompt's unsteered pmass" in (out / "summary.md").read_text() != summary_before
     man = json.loads((out / "manifest.json").read_text())
     assert {s: man["stages"][s]["finished"] for s in ("rollout", "pmass")} == before
     assert (out / "rollouts.safetensors").stat().st_mtime_ns == rollouts_mtime
     assert man["stages"]["survival"]["settings"]["relative_threshold"] == 0.9
     per_row = pd.read_csv(out / "survival.csv")
     assert np.allclose(per_row.threshold, 0.9 * per_row.base_pmass0)
-    # the full command with the new threshold only redraws the figures; a second rerun does nothing
+    # the full command with the new threshold finds every stage current
     res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--out", str(out)])
-    assert [line for line in res.output.splitlines() if "running" in line] == ["[plot] running ..."]
-    res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--out", str(out)])
+    assert res.exit_code == 0, res.output
     assert "running" not in res.output
     # --record-acts reruns the sweep only, and the activations load with the rollouts
     res = _invoke(["rollout", "--run", str(out), "--record-acts"])
     assert res.exit_code == 0, res.output
-    from isokl_tl.rollouts import Rollouts
+    from isokl_tl.rollout import Rollouts
     r = Rollouts.load(out)
     assert r.acts is not None and len(r.acts.hooks) == 4 and r.acts.proj.shape[0] == r.n_rows
     assert r.acts.full["blocks.2.hook_resid_post"].dtype.itemsize == 2
@@ -118,7 +122,7 @@ def test_layers_command_on_tiny(tmp_path):
                    "--n-calib", "3", "--n-heldout", "3", "--out", str(out)])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(out / "layers.csv")
-    from isokl_tl.diagnostics import COLUMNS
+    from isokl_tl.layers import COLUMNS
     assert list(table.columns) == COLUMNS and list(table.layer) == [0, 1, 2, 3]
     ok = table[table.error.isna()]
     assert len(ok) >= 3
@@ -146,7 +150,7 @@ def test_layers_command_on_tiny(tmp_path):
 
 def test_curvature_fit_recovers_a_known_law():
     from isokl_tl.calibrate import Calibration
-    from isokl_tl.diagnostics import fit_curvature
+    from isokl_tl.layers import fit_curvature
 
     hist = [{"coeff": c, "value": 0.01 * c ** 2, "n_tokens": 1, "seconds": 0} for c in (0.5, 1, 2, 3)]
     hist.append({"coeff": 30.0, "value": 1.0, "n_tokens": 1, "seconds": 0})   # saturated: law broken
@@ -157,7 +161,7 @@ def test_curvature_fit_recovers_a_known_law():
 
 
 def test_parse_layers():
-    from isokl_tl.diagnostics import parse_layers
+    from isokl_tl.layers import parse_layers
 
     assert parse_layers("0:30:3", 30) == list(range(0, 30, 3))
     assert parse_layers("6,12,18", 30) == [6, 12, 18]
@@ -172,8 +176,8 @@ def test_method_comparison_report_on_tiny_runs(tmp_path):
     matched-dose control), then the side-by-side figure and table."""
     from isokl_tl.calibrate import Calibration
     from isokl_tl.config import RunConfig
-    from isokl_tl.pipeline import Run
-    from isokl_tl.report import write_method_comparison
+    from isokl_tl.run import Run
+    from isokl_tl.summary import write_method_comparison
 
     runs = {}
     for method in ("mean_diff", "random"):
@@ -192,9 +196,9 @@ def test_method_comparison_report_on_tiny_runs(tmp_path):
 
 def test_layer_study_without_heldout_prompts_skips_the_ablation(tiny):
     from isokl_tl.calibrate import CalibrationSettings
-    from isokl_tl.chat import prompt_ids
-    from isokl_tl.diagnostics import layer_study
+    from isokl_tl.layers import layer_study
     from isokl_tl.prompts import load_pairs, load_prompts
+    from isokl_tl.tokens import prompt_ids
 
     prompts = [prompt_ids(tiny.tokenizer, p) for p in load_prompts("calibration")[:2]]
     study = layer_study(tiny, load_pairs()[:8], prompts, [1, 3], method="pca",

@@ -14,8 +14,8 @@ def test_pca_sign_agrees_with_mean_diff(tiny):
 
 
 def test_mean_diff_reads_the_last_completion_token(tiny):
-    from isokl_tl.chat import prompt_ids, text_ids
     from isokl_tl.directions import pair_activations
+    from isokl_tl.tokens import prompt_ids, text_ids
 
     pair = load_pairs()[0]
     pos, neg = pair_activations(tiny, [pair], "blocks.1.hook_resid_post")

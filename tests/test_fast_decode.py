@@ -1,12 +1,11 @@
 import pytest
 import torch
 
-from isokl_tl.chat import prompt_ids
-from isokl_tl.decode import TLDecoder
-from isokl_tl.fast_decode import FastDecoder, make_decoder, unsupported_reason
+from isokl_tl.engine import FastDecoder, ReferenceDecoder, make_decoder, unsupported_reason
 from isokl_tl.hooks import steer
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
+from isokl_tl.tokens import prompt_ids
 
 
 def _prompts(model, n):
@@ -17,7 +16,7 @@ def _both(model, direction, hook, coeffs, **kw):
     prompts = _prompts(model, len(coeffs))
     args = dict(direction=direction, hook=hook, **kw)
     fast = rollout(model, prompts, coeffs, decoder=FastDecoder, **args)
-    ref = rollout(model, prompts, coeffs, decoder=TLDecoder, **args)
+    ref = rollout(model, prompts, coeffs, decoder=ReferenceDecoder, **args)
     return fast, ref
 
 
@@ -59,7 +58,7 @@ def test_falls_back_when_an_unfired_hook_is_registered(tiny):
     assert isinstance(make_decoder(tiny, None, 32), FastDecoder)
     with tiny.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: x)]):
         assert "hook_pattern" in unsupported_reason(tiny)
-        assert isinstance(make_decoder(tiny, None, 32), TLDecoder)
+        assert isinstance(make_decoder(tiny, None, 32), ReferenceDecoder)
 
 
 def test_unsupported_architecture_is_named():
@@ -80,33 +79,33 @@ def test_capacity_is_enforced(tiny):
 
 def test_static_decoder_matches_on_cpu(tiny, tiny_direction):
     """The fixed-shape step (the one CUDA graphs capture) run eagerly on CPU, against TL's path."""
-    from isokl_tl.graph_decode import StaticDecoder
+    from isokl_tl.engine import GraphDecoder
 
     prompts = _prompts(tiny, 3)
     coeffs = torch.tensor([0.0, 6.0, 12.0])
     kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=18)
-    static = rollout(tiny, prompts, coeffs, decoder=StaticDecoder, **kw)
-    ref = rollout(tiny, prompts, coeffs, decoder=TLDecoder, **kw)
+    static = rollout(tiny, prompts, coeffs, decoder=GraphDecoder, **kw)
+    ref = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, **kw)
     assert torch.equal(static.tokens, ref.tokens) and torch.equal(static.gen_len, ref.gen_len)
     torch.testing.assert_close(static.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
     # EOS inside the loop: rows stop, later positions are padding
     stop = int(ref.tokens[1, 4])
-    s2 = rollout(tiny, prompts, coeffs, decoder=StaticDecoder, eos=[stop], **kw)
-    r2 = rollout(tiny, prompts, coeffs, decoder=TLDecoder, eos=[stop], **kw)
+    s2 = rollout(tiny, prompts, coeffs, decoder=GraphDecoder, eos=[stop], **kw)
+    r2 = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, eos=[stop], **kw)
     assert torch.equal(s2.tokens, r2.tokens) and torch.equal(s2.eos, r2.eos)
     torch.testing.assert_close(s2.kl, r2.kl, atol=1e-4, rtol=0, equal_nan=True)
 
 
 def test_static_decoder_sampling_path_matches(tiny, tiny_direction):
     """Sampled decoding takes the static decoder's plain step (scoring outside the graph)."""
-    from isokl_tl.graph_decode import StaticDecoder
+    from isokl_tl.engine import GraphDecoder
     from isokl_tl.rollout import Sampling
 
     kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=12,
               sampling=Sampling(temperature=1.0, seed=3))
     prompts, coeffs = _prompts(tiny, 3), torch.tensor([0.0, 6.0, 12.0])
-    static = rollout(tiny, prompts, coeffs, decoder=StaticDecoder, **kw)
-    ref = rollout(tiny, prompts, coeffs, decoder=TLDecoder, **kw)
+    static = rollout(tiny, prompts, coeffs, decoder=GraphDecoder, **kw)
+    ref = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, **kw)
     assert torch.equal(static.tokens, ref.tokens)
     torch.testing.assert_close(static.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
 
@@ -119,7 +118,7 @@ def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_dir
     prompts = _prompts(tiny, 5)
     coeffs = torch.tensor([6.0, 0.0, 12.0, 3.0, 0.0])
     kw = dict(direction=tiny_direction.vector, hook=hook, window=16)
-    plain = rollout(tiny, prompts, coeffs, decoder=TLDecoder, **kw)
+    plain = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, **kw)
     stops = [int(plain.tokens[0, 3]), int(plain.tokens[2, 6]), int(plain.tokens[3, 9])]
     splits = []
 
@@ -128,7 +127,7 @@ def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_dir
             super().share_prefix(n_own, partner_of, split)
             splits.append(self.split)
     got = rollout(tiny, prompts, coeffs, decoder=Recording, eos=stops, **kw)
-    ref = rollout(tiny, prompts, coeffs, decoder=TLDecoder, eos=stops, **kw)
+    ref = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, eos=stops, **kw)
     assert splits == [{"blocks.2.hook_resid_post": 2, "blocks.1.hook_resid_pre": 1, "hook_embed": 0}[hook]]
     assert len(set(got.gen_len.tolist())) > 1                 # rows really left at different steps
     assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.eos, ref.eos)

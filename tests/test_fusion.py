@@ -1,13 +1,10 @@
 import pytest
 import torch
 
-from isokl_tl import fusion
-from isokl_tl.chat import prompt_ids
-from isokl_tl.decode import TLDecoder
-from isokl_tl.fast_decode import FastDecoder
-from isokl_tl.graph_decode import StaticDecoder
+from isokl_tl.engine import FastDecoder, GraphDecoder, ReferenceDecoder, fusion
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
+from isokl_tl.tokens import prompt_ids
 
 
 def test_loaded_models_store_qkv_and_gate_up_joined(tiny):
@@ -60,7 +57,7 @@ def _prompts(model, n):
     return [prompt_ids(model.tokenizer, p) for p in load_prompts("eval")[:n]]
 
 
-@pytest.mark.parametrize("decoder", [FastDecoder, lambda m, s, c, **kw: StaticDecoder(m, s, c, use_graph=False, **kw)])
+@pytest.mark.parametrize("decoder", [FastDecoder, lambda m, s, c, **kw: GraphDecoder(m, s, c, use_graph=False, **kw)])
 def test_fused_and_unfused_steps_agree(tiny, tiny_direction, decoder):
     prompts = _prompts(tiny, 4)
     c = torch.tensor([0.0, 9.0, 3.0, 18.0])
@@ -80,9 +77,9 @@ def test_hooks_inside_fused_blocks_change_the_result_as_in_transformer_lens(tiny
     hooks = [("blocks.1.attn.hook_q", lambda t, hook: 1.5 * t),
              ("blocks.2.mlp.hook_pre_linear", lambda t, hook: t.flip(-1)),
              ("blocks.3.ln2.hook_scale", lambda t, hook: 2 * t)]
-    plain = rollout(tiny, prompts, c, decoder=TLDecoder, **kw)
+    plain = rollout(tiny, prompts, c, decoder=ReferenceDecoder, **kw)
     with tiny.hooks(fwd_hooks=hooks):
-        ref = rollout(tiny, prompts, c, decoder=TLDecoder, **kw)
+        ref = rollout(tiny, prompts, c, decoder=ReferenceDecoder, **kw)
         fast = rollout(tiny, prompts, c, decoder=FastDecoder, **kw)
     assert not torch.equal(ref.tokens, plain.tokens)     # the hooks matter
     assert torch.equal(fast.tokens, ref.tokens)

@@ -12,10 +12,10 @@ import pytest
 CHECK = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-import isokl_tl.block_triton as block_triton
-import isokl_tl.score_triton as score_kernel
-from isokl_tl.fusion import Rotary
-from isokl_tl.score import greedy_scores_torch
+import isokl_tl.engine.kernels.block as block_triton
+import isokl_tl.engine.kernels.score as score_kernel
+from isokl_tl.engine.fusion import Rotary
+from isokl_tl.engine.scoring import greedy_scores_torch
 from test_score import BASE, _logits
 
 # scoring: next token, KL, log-probability, agreement
@@ -30,7 +30,7 @@ for dtype in (torch.float32, torch.bfloat16):
     assert float(kl[1]) == 0 and float(kl[2]) == 0, kl
 
 # the same kernel writing a rollout's records at a column, against record_torch
-from isokl_tl.score import record_torch
+from isokl_tl.engine.scoring import record_torch
 
 
 def state(eos_ids, width=6):
@@ -105,7 +105,7 @@ for dtype in (torch.float32, torch.bfloat16):
     assert block_triton.add_rms_norm(a, b[..., ::2].repeat(1, 1, 2), w[:300], 1e-6) is None
 
 # decode attention over the used part of a static cache, against SDPA over all of it
-import isokl_tl.attn_triton as attn_triton
+import isokl_tl.engine.kernels.attn as attn_triton
 attn_triton.SLICE, attn_triton.BLOCK = 32, 16            # 3 slices, 2 blocks each; the last unused
 for dtype in (torch.float32, torch.bfloat16):
     for hq, hkv in ((6, 2), (4, 4)):
@@ -154,10 +154,10 @@ print("kernels ok")
 DECODE = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from isokl_tl import attn_triton, block_triton
-from isokl_tl.decode import TLDecoder
-from isokl_tl.fast_decode import FastDecoder
-from isokl_tl.graph_decode import StaticDecoder
+from isokl_tl.engine.kernels import attn as attn_triton, block as block_triton
+from isokl_tl.engine import ReferenceDecoder
+from isokl_tl.engine import FastDecoder
+from isokl_tl.engine import GraphDecoder
 from isokl_tl.models import TINY, load_model
 from isokl_tl.rollout import rollout
 
@@ -171,7 +171,7 @@ def with_kernels(cls):
     def make(model, steering, capacity):
         dec = cls(model, steering, capacity)
         dec.kernels = block_triton                   # what a CUDA device gets
-        if cls is StaticDecoder:
+        if cls is GraphDecoder:
             dec.attention, dec.rotate_in_kernel, dec.rotate_in_attention = attn_triton, True, True
         return dec
     return make
@@ -180,8 +180,8 @@ def with_kernels(cls):
 prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]        # unequal: left padding in the key mask
 kw = dict(direction=v, hook="blocks.1.hook_resid_post", window=10, eos=[])
 c = torch.tensor([3.0, 6.0])
-ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
-for cls in (FastDecoder, StaticDecoder):
+ref = rollout(model, prompts, c, decoder=ReferenceDecoder, **kw)
+for cls in (FastDecoder, GraphDecoder):
     got = rollout(model, prompts, c, decoder=with_kernels(cls), **kw)
     assert torch.equal(got.tokens, ref.tokens), (cls, got.tokens, ref.tokens)
     torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
@@ -190,9 +190,9 @@ for cls in (FastDecoder, StaticDecoder):
 for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q"):
     seen = []
     with model.hooks(fwd_hooks=[(point, lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
-        ref = rollout(model, prompts, c, decoder=TLDecoder, **kw)
+        ref = rollout(model, prompts, c, decoder=ReferenceDecoder, **kw)
         n = len(seen)
-        got = rollout(model, prompts, c, decoder=with_kernels(StaticDecoder), **kw)
+        got = rollout(model, prompts, c, decoder=with_kernels(GraphDecoder), **kw)
     assert len(seen) > n and torch.equal(got.tokens, ref.tokens), point
     torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
 print("decoders ok")

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from isokl_tl.chat import prompt_ids
 from isokl_tl.hooks import steer
 from isokl_tl.pmass import Splice, answer_token_sets, fork_pmass, fork_schedule
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
+from isokl_tl.tokens import prompt_ids
 
 HOOK = "blocks.2.hook_resid_post"
 

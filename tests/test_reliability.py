@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from isokl_tl_cli.main import main
 from safetensors.torch import save_file
-
-from isokl_tl.cli.main import main
 
 BASE = ["--model", "tiny-random", "--calib-window", "12", "--n-calib", "3", "--bootstrap", "20"]
 SWEEP = ["--window", "16", "--n-prompts", "6", "--alphas", "0 1 2", "--fork-every", "8",
@@ -68,8 +67,8 @@ def _cases(tmp_path, calibrated):
                                    _jsonl(tmp_path, "m.jsonl", '{"prompt": "ok"}\n{"prompt": oops}\n')],
                                   r"m\.jsonl line 2: not valid JSON"),
         "prompt longer than context": (["rollout", "--run", run, "--prompts",
-                                        _jsonl(tmp_path, "l.jsonl", json.dumps({"prompt": "word " * 600}) + "\n")],
-                                       r"prompt 0 has \d+ tokens; with window 96 that exceeds the model's context of 512"),
+                                        _jsonl(tmp_path, "l.jsonl", json.dumps({"prompt": "word " * 600}) + "\n"), "--n-prompts", "1"],
+                                       r"prompt 0 of .*l\.jsonl. has \d+ tokens; with window 96 that exceeds the model.s context of 512"),
         "answer words that do not tokenize": (["run", "--config", str(toml2), "--out", "d4"] + SWEEP,
                                               r"answer word '' does not tokenize"),
         "overlapping answer sets": (["run", "--config", str(toml), "--out", "d5"] + SWEEP,
@@ -127,7 +126,7 @@ def _cli(out: Path, *extra: str, kill: str | None = None) -> subprocess.Complete
     env.pop("ISOKL_TL_KILL_AFTER", None)
     if kill:
         env["ISOKL_TL_KILL_AFTER"] = kill
-    return subprocess.run([sys.executable, "-m", "isokl_tl.cli.main", "run", *BASE, *SWEEP, *extra,
+    return subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", "run", *BASE, *SWEEP, *extra,
                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -183,3 +182,21 @@ def test_sampled_runs_repeat_for_the_same_seed(tmp_path):
         assert _cli(out, "--temperature", "1.0", "--seed", seed).returncode == 0
     assert (a / "rollouts.safetensors").read_bytes() == (b / "rollouts.safetensors").read_bytes()
     assert (a / "rollouts.safetensors").read_bytes() != (c / "rollouts.safetensors").read_bytes()
+
+
+def test_a_sampled_run_resumed_with_other_rows_per_batch_equals_an_uninterrupted_one(tmp_path):
+    """Rows per batch cut the sweep into parts, and sampled parts are seeded by their index: parts
+    saved under one cut are never reused under another. (Both values hold a whole calibration
+    round, so the calibration batches, and thus c*, are the same in both runs.)"""
+    sampled = ["--temperature", "1.0", "--seed", "5"]
+    whole = tmp_path / "whole"
+    assert _cli(whole, *sampled, "--rows-per-batch", "12").returncode == 0
+    out = tmp_path / "run"
+    res = _cli(out, *sampled, "--rows-per-batch", "9", kill="rollout:0")   # 9 of 18 rows saved, killed
+    assert res.returncode == -9, res.stderr
+    assert len(list((out / ".partial").glob("rollout-*/*"))) == 1
+    res = _cli(out, *sampled, "--rows-per-batch", "12")
+    assert res.returncode == 0, res.stderr
+    assert "[rollout] 1 saved part(s) were cut with other settings" in res.stderr
+    assert "[calibrate] up to date" in res.stderr
+    assert _results(out) == _results(whole)

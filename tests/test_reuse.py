@@ -6,18 +6,17 @@ leave earlier results alone. On CPU these exercise the kept buffers and the hand
 import pytest
 import torch
 
-from isokl_tl import graph_decode
-from isokl_tl.chat import prompt_ids
-from isokl_tl.graph_decode import StaticDecoder
+from isokl_tl.engine import GraphDecoder, pool
 from isokl_tl.hooks import Site, steer_sites
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
+from isokl_tl.tokens import prompt_ids
 
 
 def _run(model, direction, coeffs, window=12, eos=None):
     prompts = [prompt_ids(model.tokenizer, p) for p in load_prompts("eval")[:3]]
     return rollout(model, prompts, coeffs, direction=direction, hook="blocks.2.hook_resid_post",
-                   window=window, decoder=StaticDecoder, eos=eos)
+                   window=window, decoder=GraphDecoder, eos=eos)
 
 
 def _same(a, b):
@@ -37,16 +36,16 @@ def test_a_kept_decoder_serves_the_next_rollout_exactly_as_a_fresh_one(tiny, tin
     early = _run(tiny, w, c2, window=40, eos=[]).tokens[:, 1:14].tolist()
     eos = [next((t for t in row if t not in seen), None) for row in early]
     assert None not in eos, "no token ends a row of the second rollout early: pick other coefficients"
-    graph_decode.release(tiny)
+    pool.release(tiny)
     first = _run(tiny, v, c1, window=40, eos=eos)
     saved = first.kl.clone()
-    kept = list(graph_decode._kept(tiny).values())
+    kept = list(pool._kept(tiny).values())
     assert len(kept) == 1
     second = _run(tiny, w, c2, window=40, eos=eos)                  # same shape, other values
-    assert list(graph_decode._kept(tiny).values()) == kept  # the same decoder served it
+    assert list(pool._kept(tiny).values()) == kept  # the same decoder served it
     torch.testing.assert_close(first.kl, saved, atol=0, rtol=0, equal_nan=True)   # left alone
     assert torch.equal(v, tiny_direction.vector)          # the caller's tensors are not written
-    graph_decode.release(tiny)
+    pool.release(tiny)
     fresh = _run(tiny, w, c2, window=40, eos=eos)
     _same(second, fresh)
     assert int(fresh.gen_len.max()) < 16 and int(first.gen_len.min()) == 40
@@ -54,13 +53,13 @@ def test_a_kept_decoder_serves_the_next_rollout_exactly_as_a_fresh_one(tiny, tin
 
 
 def test_another_shape_gets_its_own_decoder(tiny, tiny_direction):
-    graph_decode.release(tiny)
+    pool.release(tiny)
     _run(tiny, tiny_direction.vector, torch.tensor([3.0, 9.0, 0.0]))
     _run(tiny, tiny_direction.vector, torch.tensor([3.0, 9.0, 1.0]))   # one more partner row
     _run(tiny, tiny_direction.vector, torch.tensor([3.0, 9.0, 0.0]), window=10)
-    assert len(graph_decode._kept(tiny)) == graph_decode.KEEP
-    graph_decode.release(tiny)
-    assert len(graph_decode._kept(tiny)) == 0
+    assert pool.kept_count(tiny) == pool.KEEP
+    pool.release(tiny)
+    assert pool.kept_count(tiny) == 0
 
 
 def test_a_model_with_kept_decoders_is_freed_when_deleted(tiny_direction):
@@ -71,7 +70,7 @@ def test_a_model_with_kept_decoders_is_freed_when_deleted(tiny_direction):
 
     model = load_model(TINY)
     _run(model, tiny_direction.vector, torch.tensor([3.0, 9.0, 0.0]))
-    assert len(graph_decode._kept(model)) == 1
+    assert pool.kept_count(model) == 1
     gone = weakref.ref(model)
     gc.disable()                      # freed by reference counting alone, not by the collector
     try:
@@ -82,10 +81,10 @@ def test_a_model_with_kept_decoders_is_freed_when_deleted(tiny_direction):
 
 
 def test_nothing_is_kept_while_another_hook_is_registered(tiny, tiny_direction):
-    graph_decode.release(tiny)
+    pool.release(tiny)
     with tiny.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: x)]):
         _run(tiny, tiny_direction.vector, torch.tensor([3.0, 9.0, 0.0]))
-    assert len(graph_decode._kept(tiny)) == 0
+    assert pool.kept_count(tiny) == 0
 
 
 def test_adopt_copies_into_the_captured_steering_and_refuses_a_mismatch(tiny, tiny_direction):
@@ -93,7 +92,7 @@ def test_adopt_copies_into_the_captured_steering_and_refuses_a_mismatch(tiny, ti
     saved = v.clone()
     hook = "blocks.2.hook_resid_post"
     with steer_sites(tiny, [Site(hook, v)], [torch.tensor([1.0, 2.0])]) as old:
-        dec = StaticDecoder(tiny, old, 32)
+        dec = GraphDecoder(tiny, old, 32)
         dec.hold(old)                                      # as at a capture
     with steer_sites(tiny, [Site(hook, -v)], [torch.tensor([5.0, 6.0])]) as new:
         dec.adopt(new)

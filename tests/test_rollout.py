@@ -10,8 +10,8 @@ HOOK = "blocks.2.hook_resid_post"
 
 
 def _prompts(model, n=3):
-    from isokl_tl.chat import prompt_ids
     from isokl_tl.prompts import load_prompts
+    from isokl_tl.tokens import prompt_ids
 
     return [prompt_ids(model.tokenizer, p) for p in load_prompts("calibration")[:n]]
 

@@ -1,7 +1,7 @@
 import torch
 
+from isokl_tl.engine.scoring import greedy_scores_torch
 from isokl_tl.kl import token_kl
-from isokl_tl.score import greedy_scores_torch
 
 
 def _logits(rows=7, vocab=5000, dtype=torch.float32):

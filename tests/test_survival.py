@@ -69,10 +69,13 @@ def test_death_rules():
     assert not d2.loc[1, "event"] and (d2.loc[2, "event"], d2.loc[2, "time"]) == (True, 8)
     d3 = deaths(pm, DeathRule(threshold=0.95, relative_threshold=None))
     assert d3.weak.all()       # base pmass 0.8 < 0.95: the prompt cannot show steering-induced death
-    table, _ = survival_table(d3, window=16)
-    assert table.empty
-    table, curves = survival_table(d3, window=16, keep_weak=True)
-    assert list(table.alpha) == [0.0, 1.0, 2.0] and table.died.sum() == 3
+    rule = DeathRule(threshold=0.95, relative_threshold=None)
+    with pytest.raises(ValueError, match=r"all 1 prompts are weak at absolute threshold 0.95: unsteered "
+                                         r"pmass 0.80-0.80; use --relative-threshold or --keep-weak"):
+        survival_table(d3, window=16, rule=rule)
+    st = survival_table(d3, window=16, keep_weak=True)
+    assert list(st.table.alpha) == [0.0, 1.0, 2.0] and st.table.died.sum() == 3
+    assert set(st.curves) == {0.0, 1.0, 2.0} and st.weak_prompts == [0]
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -1,0 +1,259 @@
+"""A faster decode path for pre-norm rotary (Llama-like) HookedTransformers.
+
+Same weights, and the residual-stream hook points (`hook_embed`, `blocks.L.hook_resid_pre/mid/post`,
+`hook_attn_out`, `hook_mlp_out`, `attn.hook_q/k/v/rot_q/z`, the norms' and MLP's hooks) fire on the
+same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. What changes:
+
+- keys and values live in a static, pre-allocated cache (rotated once, written in place), where
+  TransformerLens concatenates its cache every step and re-rotates every cached key;
+- attention is `scaled_dot_product_attention` with grouped-query heads, without materialising
+  repeated K/V or the score matrix;
+- the rest of a block runs in fewer, larger operations (`engine.fusion`: joined Q/K/V and
+  gate/input projections, one-call RMSNorm, Q and K rotated together with rotary rows looked up
+  once per step), wherever no hook could tell; `fuse=False` keeps TransformerLens's own modules;
+- for float32 models on CPU, those multiplies go through oneDNN with each weight packed once
+  (`engine.cpu_linear`), 2-5x faster than MKL's sgemm for a decode step's few rows; on CUDA
+  the element-wise middle of a block and the residual add + RMSNorm pairs are Triton kernels
+  (`engine.kernels.block`).
+
+So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
+`hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,
+or the architecture is not covered (`unsupported_reason`), `make_decoder` returns the
+`ReferenceDecoder`.
+"""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from isokl_tl.engine import cpu_linear, fusion
+from isokl_tl.engine.decoder import Decoder
+from isokl_tl.engine.kv_cache import KVCache
+from isokl_tl.engine.scoring import triton_available
+from isokl_tl.hooks import Steering, SteeringGroup
+
+POST_NORM = ("Olmo2ForCausalLM",)   # blocks normalise sublayer outputs, and Q/K as whole vectors
+UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
+                 "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "hook_tokens")
+
+
+def unsupported_reason(model: HookedTransformer) -> str | None:
+    """Why the fast path cannot run `model` exactly, or None when it can."""
+    c = model.cfg
+    checks = [
+        (c.positional_embedding_type == "rotary", "positional embeddings are not rotary"),
+        (c.normalization_type == "RMS", "normalisation is not RMSNorm"),
+        (c.gated_mlp, "the MLP is not gated"),
+        (not (c.use_attn_in or c.use_split_qkv_input), "split Q/K/V inputs"),
+        (not c.parallel_attn_mlp, "parallel attention and MLP"),
+        (not c.use_normalization_before_and_after, "post-sublayer norms"),
+        (not getattr(c, "use_qk_norm", False), "per-head QK norm"),
+        (getattr(c, "clip_qkv", None) is None, "clipped Q/K/V"),
+        (not getattr(c, "use_logn_attn", False), "log-n attention scaling"),
+        (not getattr(c, "use_dynamic_ntk_rope", False), "dynamic NTK rotary"),
+        (not getattr(c, "use_attention_sinks", False), "attention sinks"),
+        (not (getattr(c, "attn_scores_soft_cap", -1.0) or -1.0) > 0, "attention logit soft-capping"),
+        (c.attn_types is None or set(c.attn_types) == {"global"}, "local attention"),
+        (c.n_devices == 1, "a model split over devices"),
+        (not c.load_in_4bit, "4-bit weights"),
+        (c.original_architecture not in ("Olmo3ForCausalLM", "OlmoeForCausalLM"),
+         "OLMo-3 / OLMoE blocks (only OLMo-2's post-norm blocks are covered)"),
+        (not getattr(c, "scale_attn_by_inverse_layer_idx", False), "per-layer attention scaling"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    hooked = [name for name, hp in model.hook_dict.items()
+              if name.endswith(UNFIRED_HOOKS) and fusion.has_hook(hp)]
+    if hooked:
+        return f"a hook is registered on {hooked[0]}, which the fast path does not fire"
+    return None
+
+
+class FastDecoder(Decoder):
+    """Static KV cache + SDPA decode step over the model's own modules (see module docstring)."""
+
+    name = "fast"
+    shares_prefix = True
+
+    def __init__(self, model: HookedTransformer, steering: Steering | SteeringGroup | None, capacity: int,
+                 fuse: bool = True):
+        super().__init__(model, steering, capacity)
+        cfg = model.cfg
+        for block in model.blocks:                     # rotary tables long enough, as TL extends them
+            attn = block.attn
+            if attn.rotary_cos.shape[0] < capacity:
+                attn._extend_rotary_embeddings(min(cfg.n_ctx, max(capacity, 2 * attn.rotary_cos.shape[0])))
+        self.rotary, self.fuse = fusion.Rotary(model), fuse
+        self.joined = [fusion.join(b) if fuse else fusion.Joined() for b in model.blocks]
+        self.norm = fusion.norm if fuse else (lambda ln, x: ln(x))
+        packer = cpu_linear.packer(model) if fuse else None     # float32 CPU: oneDNN, weights packed once
+        self.linear = F.linear if packer is None else packer.linear
+        self.kernels = None           # Triton kernels for element-wise work (`engine.kernels.block`)
+        if fuse and torch.device(cfg.device).type == "cuda" and triton_available():
+            from isokl_tl.engine.kernels import block
+            self.kernels = block
+        self.n_kv = cfg.n_key_value_heads or cfg.n_heads
+        self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
+        self.cache = KVCache(capacity)
+        self.reused = False            # the last prefill cleared the previous rollout's buffers
+        self.split = 0                 # layers below `split` run on the first `n_own` rows only
+        self.n_own: int | None = None
+        self.partner_of: Tensor | None = None
+        self.post_norm = cfg.original_architecture in POST_NORM
+
+    def share_prefix(self, n_own: int, partner_of: Int[Tensor, " partner"], split: int) -> None:
+        """Declare that batch rows `n_own + j` repeat row `partner_of[j]` up to block `split`: same
+        tokens, same mask, no steering below it (base partners of steered rows). Blocks below
+        `split` then run on the first `n_own` rows only (their KV caches hold those rows), and
+        the residual stream is widened to the whole batch when block `split` begins. Exact:
+        those rows would compute the same numbers. Call before `prefill`."""
+        self.n_own, self.partner_of, self.split = n_own, partner_of, split if len(partner_of) else 0
+
+    def _rows(self, i: int) -> int | None:
+        """How many batch rows block i runs on (None: all)."""
+        return self.n_own if i < self.split else None
+
+    def _widen(self, i: int, resid: Tensor) -> Tensor:
+        if i == self.split and self.split > 0:
+            return torch.cat([resid, resid[self.partner_of]])
+        return resid
+
+    def _qkv(self, i: int, resid: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Block i up to its (unrotated) Q, K and V, with TransformerLens's hooks: returns the
+        hooked residual and q, k, v. Pre-norm blocks normalise the input (`x`: already
+        normalised, by `_add_norm`); OLMo-2 blocks (post-norm) do not, and normalise the whole
+        projected Q and K instead (QK norm)."""
+        block = self.model.blocks[i]
+        attn = block.attn
+        if x is None:
+            resid = block.hook_resid_pre(resid)
+            x = resid if self.post_norm else self.norm(block.ln1, resid)
+        q, k, v = fusion.qkv(attn, self.joined[i], x, self.linear)    # fires hook_q/k/v
+        if self.post_norm:
+            q = self.norm(attn.q_norm, q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = self.norm(attn.k_norm, k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+        return resid, q, k, v
+
+    def _add_norm(self, resid: Tensor, delta: Tensor, hooks: list, ln) -> tuple[Tensor, Tensor | None]:
+        """(resid + delta through `hooks`, then `ln` of it, or None for `ln` None): one Triton
+        kernel on CUDA when neither the hooks nor the norm's own hooks carry anything."""
+        if (self.kernels is not None and ln is not None and fusion.plain_rms(ln)
+                and not any(fusion.has_hook(h) for h in hooks)):
+            done = self.kernels.add_rms_norm(resid, delta, ln.w, ln.eps)
+            if done is not None:
+                return done
+        resid = resid + delta
+        for hook in hooks:
+            resid = hook(resid)
+        return resid, None if ln is None else self.norm(ln, resid)
+
+    def _finish(self, i: int, resid: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Block i from the attention's per-head output z ([batch, pos, head, d_head]) on: the
+        residual after it, and (when `_add_norm` could fuse it) the next block's normalised input,
+        or the final norm's after the last block."""
+        m = self.model
+        block = m.blocks[i]
+        attn = block.attn
+        z = attn.hook_z(z)
+        w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
+        attn_out = self.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
+        if self.post_norm:
+            attn_out = self.norm(block.ln1, attn_out)
+            resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
+            mlp_out = fusion.mlp(block.mlp, self.joined[i], resid_mid, self.kernels, self.linear)
+            mlp_out = self.norm(block.ln2, mlp_out)
+            return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out)), None
+        resid_mid, x = self._add_norm(resid, block.hook_attn_out(attn_out), [block.hook_resid_mid], block.ln2)
+        mlp_out = block.hook_mlp_out(fusion.mlp(block.mlp, self.joined[i], x, self.kernels, self.linear))
+        if i + 1 == m.cfg.n_layers:
+            return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], m.ln_final)
+        if i + 1 == self.split:             # the residual is widened before the next block
+            return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], None)
+        nxt = m.blocks[i + 1]
+        return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post, nxt.hook_resid_pre], nxt.ln1)
+
+    def _last_normed(self, resid: Tensor, x: Tensor | None) -> Tensor:
+        """The final norm at the last position ([batch, 1, d_model]): `x` when the last block's
+        `_add_norm` already computed it."""
+        return self.norm(self.model.ln_final, resid[:, -1:]) if x is None else x[:, -1:]
+
+    def _logits(self, resid: Tensor, x: Tensor | None) -> Tensor:
+        x = self._last_normed(resid, x)
+        u = self.model.unembed
+        if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
+            return self.linear(x[:, -1], u.W_U.T, u.b_U)
+        return u(x)[:, -1]
+
+    def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor, sin: Tensor
+               ) -> tuple[Tensor, Tensor | None]:
+        resid, q, k, v = self._qkv(i, resid, x)
+        q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
+        q = self.model.blocks[i].attn.hook_rot_q(q)
+        keys, values = self.cache.write(i, k, v)
+        return self._finish(i, resid, self._attend(q, keys, values, attn_mask))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Attention of q ([batch, pos, head, d_head]) over cached k and v ([batch, kv_head, key,
+        d_head]) under `mask` ([batch, 1, pos, key]); returns z shaped like q."""
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.n_kv != q.shape[2])
+        return z.transpose(1, 2)
+
+    def _forward(self, tokens: Tensor, mask_new: Tensor) -> Tensor:
+        m = self.model
+        n = tokens.shape[1]
+        cache = self.cache
+        cache.check_room(n)
+        start, end = cache.length, cache.length + n
+        cache.mask[:, start:end] = mask_new
+        mask_now = cache.mask[:, :end]
+        keys = mask_now.bool()[:, None, None, :]                  # [batch, 1, 1, key]
+        if n > 1:
+            causal = torch.ones(n, end, dtype=torch.bool, device=tokens.device).tril(start)
+            keys = keys & causal
+            own = torch.zeros(n, end, dtype=torch.bool, device=tokens.device)
+            own[torch.arange(n), start + torch.arange(n)] = True  # padding rows see themselves
+            keys = keys | own
+        if self.steering is not None:
+            self.steering.offset = start
+        # rotary positions as TransformerLens counts them: unmasked tokens before, from 0
+        pos = (mask_now.cumsum(1) - 1).clamp(min=0)[:, start:]
+        tables = self.rotary.rows(pos)
+        resid, x = m.hook_embed(m.embed(tokens[:self._rows(0)])), None
+        for i in range(m.cfg.n_layers):
+            resid = self._widen(i, resid)
+            resid, x = self._layer(i, resid, x, keys[:self._rows(i)], *tables[i])
+        cache.length = end
+        return self._logits(resid, x)
+
+    @torch.no_grad()
+    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
+
+    @torch.no_grad()
+    def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
+                ) -> Float[Tensor, "batch d_vocab"]:
+        cfg = self.model.cfg
+        b = tokens.shape[0]
+        shapes = [(self._rows(i) or b, self.n_kv, self.cache.capacity, cfg.d_head) for i in range(cfg.n_layers)]
+        # a decoder serving another rollout of its shape (`engine.pool`) clears its buffers in place
+        self.reused = self.cache.reset(shapes, b, cfg.dtype, tokens.device)
+        return self._forward(tokens, mask)
+
+    def select(self, rows: Int[Tensor, " keep"]) -> None:
+        if self.split:
+            own = rows[rows < self.n_own]
+            where = torch.full((self.n_own,), -1, dtype=torch.long, device=rows.device)
+            where[own] = torch.arange(len(own), device=rows.device)
+            partner_of = where[self.partner_of[rows[rows >= self.n_own] - self.n_own]]
+            assert bool((partner_of >= 0).all()), "a partner row outlived the row it repeats"
+            self.cache.select(rows, own, self.split)
+            self.n_own, self.partner_of = len(own), partner_of
+            if not len(partner_of):       # nothing left to widen: run every block on all rows
+                self.split = 0
+        else:
+            self.cache.select(rows)
+        self.select_coeff(rows)

@@ -1,0 +1,57 @@
+"""`KVCache`: the static key/value cache of the fast decoders.
+
+Per layer, keys and values `[rows, kv_head, capacity, d_head]` are allocated once for the whole
+rollout and written in place (keys already rotated), where TransformerLens concatenates its cache
+every step. `mask` (`[batch, capacity]`, 1 where a slot holds a real token) says which slots a
+query may read; `length` counts the slots written. Layers below a shared-prefix split hold the
+steered rows only (their base partners repeat them there: `FastDecoder.share_prefix`).
+"""
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.mask: Tensor | None = None
+        self.length = 0
+
+    def reset(self, shapes: list[tuple[int, ...]], batch: int, dtype: torch.dtype,
+              device: torch.device) -> bool:
+        """Empty buffers of these per-layer shapes. Buffers of the same shapes are cleared in place
+        (a kept decoder's captured graph reads those very tensors); returns True when they were."""
+        reused = ([tuple(k.shape) for k in self.k] == shapes and self.k[0].device == device
+                  and self.mask.shape == (batch, self.capacity))
+        if reused:
+            for t in (*self.k, *self.v, self.mask):
+                t.zero_()
+        else:
+            self.k = [torch.zeros(sh, dtype=dtype, device=device) for sh in shapes]
+            self.v = [torch.zeros(sh, dtype=dtype, device=device) for sh in shapes]
+            self.mask = torch.zeros((batch, self.capacity), dtype=torch.long, device=device)
+        self.length = 0
+        return reused
+
+    def check_room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            raise ValueError(f"decode past the cache capacity of {self.capacity} tokens")
+
+    def write(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store layer i's new keys and values (`[batch, pos, kv_head, d_head]`) at the next
+        slots; returns the layer's keys and values up to them."""
+        end = self.length + k.shape[1]
+        self.k[i][:, :, self.length:end] = k.transpose(1, 2)
+        self.v[i][:, :, self.length:end] = v.transpose(1, 2)
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+    def select(self, rows: Int[Tensor, " keep"], own: Int[Tensor, " keep_own"] | None = None,
+               split: int = 0) -> None:
+        """Keep these batch rows; layers below `split` keep the rows `own` of theirs."""
+        pick = [own if i < split else rows for i in range(len(self.k))]
+        self.k = [k[p] for k, p in zip(self.k, pick)]
+        self.v = [v[p] for v, p in zip(self.v, pick)]
+        self.mask = self.mask[rows]

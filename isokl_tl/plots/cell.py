@@ -1,0 +1,231 @@
+"""The figures of one run: the calibration search, per-token KL trajectories and bands, fork
+pmass, Kaplan-Meier survival and the dose response."""
+
+import math
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+
+from isokl_tl.calibrate import Calibration
+from isokl_tl.plots.style import ALIVE, DEAD, _ax, _symlog, styled
+from isokl_tl.rollout import Rollouts
+from isokl_tl.survival import SurvivalCurve, SurvivalTable
+
+
+@styled
+def plot_calibration(cal: Calibration, *, ax: Axes | None = None) -> Axes:
+    """Statistic vs coefficient (log-log): every evaluation of the search, in order, and c*."""
+    ax = _ax(ax)
+    h = pd.DataFrame(cal.history).reset_index(names="order")
+    h = h[(h.coeff > 0) & (h.value > 0)]
+    srt = h.sort_values("coeff")
+    ax.plot(srt.coeff, srt.value, color="0.6", lw=1, zorder=1)
+    sc = ax.scatter(h.coeff, h.value, c=h.order, cmap="viridis", s=28, zorder=2)
+    ax.axhline(cal.target, color=DEAD, ls="--", lw=1, label=f"target {cal.target:g} nat")
+    ax.axvline(cal.c_star, color="k", ls=":", lw=1, label=f"c* = {cal.c_star:.4g}")
+    if cal.interval:
+        ax.axvspan(*cal.interval, color="k", alpha=0.08, label="90% bootstrap")
+    ax.set(xscale="log", yscale="log", xlabel="coefficient c",
+           ylabel=f"{cal.statistic} ({cal.quantile:g}) of per-token KL" if cal.statistic != "mean"
+           else "mean per-token KL", title=f"{cal.method} @ {cal.hook}, w={cal.window}")
+    ax.figure.colorbar(sc, ax=ax, label="evaluation order")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def _alpha_panels(alphas, fig=None, ncols=4, sharey=True):
+    n = len(alphas)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    if fig is None:
+        fig = plt.figure(figsize=(3.2 * ncols, 2.4 * nrows))
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=sharey, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for j in range(ncols):                 # the lowest visible panel of each column labels the x axis
+        col = [ax for ax in axes[:, j] if ax.get_visible()]
+        if col:
+            col[-1].xaxis.set_tick_params(labelbottom=True)
+            col[-1].set_xlabel("generated token")
+    return axes
+
+
+def _death_times(deaths: pd.DataFrame | None) -> dict[int, float]:
+    if deaths is None:
+        return {}
+    d = deaths[deaths.event]
+    return dict(zip(d.row.astype(int), d.time.astype(float)))
+
+
+def _trajectories(r: Rollouts, normalise_k: int | None, skip_first: bool) -> np.ndarray:
+    kl = r.kl.numpy().astype(float).copy()
+    if normalise_k:
+        lo = 1 if skip_first else 0
+        ref = np.nanquantile(kl[:, lo:lo + normalise_k], 0.95, axis=1)
+        kl = kl / np.where(ref > 0, ref, np.nan)[:, None]
+    return kl
+
+
+@styled
+def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: float | None = None,
+                   rolling: int = 0, normalise_k: int | None = None, skip_first: bool = False,
+                   fig=None) -> np.ndarray:
+    """One panel per alpha: every per-token KL trajectory (alive blue, after death red), the median
+    across rollouts, the target KL, EOS ticks. With `normalise_k`, each trajectory is divided by its
+    own p95 over its first k raw tokens (computed before smoothing), on a shared y axis; a panel
+    whose trajectories are all zero (alpha = 0) says so instead."""
+    alphas = sorted(set(r.alpha.tolist()))
+    axes = _alpha_panels(alphas, fig)
+    kl = _trajectories(r, normalise_k, skip_first)
+    died = _death_times(deaths)
+    t = np.arange(r.window)
+    for ax, a in zip(axes.flat, alphas):
+        rows = np.nonzero(r.alpha.numpy() == a)[0]
+        for i in rows:
+            y = pd.Series(kl[i]).rolling(rolling, min_periods=1).mean().to_numpy() if rolling > 1 else kl[i]
+            d = died.get(int(i), math.inf)
+            ax.plot(t[t <= d], y[t <= d], color=ALIVE, lw=0.5, alpha=0.6)
+            if d < math.inf:
+                ax.plot(t[t >= d], y[t >= d], color=DEAD, lw=0.5, alpha=0.6)
+            if bool(r.eos[i]):
+                n = int(r.gen_len[i]) - 1
+                ax.plot([n], [y[n]], marker="|", color="k", ms=6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN columns past every EOS
+            med = np.nanmedian(kl[rows], axis=0) if len(rows) else np.full(r.window, np.nan)
+        ax.plot(t, med, color="k", lw=1.2, label="median")
+        if target is not None and not normalise_k:
+            ax.axhline(target, color="0.3", ls="--", lw=0.8, label="target")
+        ax.set_title(f"alpha = {a:g}", fontsize=9)
+        if normalise_k and np.all(np.isnan(kl[rows])):
+            ax.text(0.5, 0.5, "no trajectory to normalise:\nKL is 0 at every token\n(the unsteered model)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.35")
+    for ax in axes.flat:
+        if ax.get_visible():
+            _symlog(ax)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("KL / own early p95" if normalise_k else "per-token KL (nats)")
+    marks = [Line2D([], [], color=ALIVE, lw=1, label="rollout, alive"),
+             Line2D([], [], color=DEAD, lw=1, label="rollout, after its death (pmass)"),
+             Line2D([], [], color="k", lw=1.2, label="median over rollouts"),
+             Line2D([], [], color="k", marker="|", ls="", ms=6, label="EOS (rollout ends)")]
+    if target is not None and not normalise_k:
+        marks.append(Line2D([], [], color="0.3", ls="--", lw=0.8, label=f"calibration target ({target:g} nat)"))
+    fig = axes.flat[0].figure
+    fig.legend(handles=marks, loc="lower center", ncol=len(marks), fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.subplots_adjust(bottom=0.2)
+    return axes
+
+
+@styled
+def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None, window: int | None = None
+                  ) -> Axes:
+    """Kaplan-Meier step curves per alpha with their 95% log-log bands. Curves that coincide (all
+    alive, all dead at the first fork) are drawn a hair apart (at most 0.03 in S) with their own
+    line styles, so that each stays visible; the legend is outside the axes."""
+    ax = _ax(ax, size=(6, 3.5))
+    palette = sns.color_palette("rocket_r", len(curves))
+    styles = ["-", "--", "-.", ":"]
+    n = len(curves)
+    for k, (color, (a, c)) in enumerate(zip(palette, sorted(curves.items()))):
+        t = np.concatenate([[0.0], c.time])
+        end = max(t[-1], window or 0)
+        t = np.append(t, end)
+        s = np.concatenate([[1.0], c.survival, c.survival[-1:]])
+        nudge = 0.03 * (k - (n - 1) / 2) / max(n - 1, 1)
+        ax.step(t, s + nudge, where="post", color=color, ls=styles[k % len(styles)], lw=1.6, label=f"{a:g}")
+        lo = np.concatenate([[1.0], c.ci_low, c.ci_low[-1:]])
+        hi = np.concatenate([[1.0], c.ci_high, c.ci_high[-1:]])
+        ax.fill_between(t, lo, hi, step="post", color=color, alpha=0.10)
+    ax.set(ylim=(-0.05, 1.05), xlabel="fork token t", ylabel="S(t): share still answering",
+           title="Kaplan-Meier survival (95% log-log bands)")
+    ax.legend(title="alpha", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+@styled
+def plot_dose_response(table: SurvivalTable, *, fig=None) -> np.ndarray:
+    """Against alpha: S at the end of the window with its 95% band (left), and the median survival
+    token with its 95% interval (right; a median not reached is drawn as an arrow at the window's
+    end). Readable where survival curves coincide."""
+    if fig is None:
+        fig = plt.figure(figsize=(8, 3.2))
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    alphas = sorted(table.curves)
+    x = np.arange(len(alphas))
+    end = [table.curves[a].at(table.window) for a in alphas]
+    band = np.array([table.curves[a].band_at(table.window) for a in alphas])
+    ax = axes[0]
+    ax.fill_between(x, band[:, 0], band[:, 1], color=DEAD, alpha=0.15, lw=0, label="95% band")
+    ax.plot(x, end, color=DEAD, marker="o", label=f"S(t = {table.window})")
+    ax.set(ylim=(-0.05, 1.05), ylabel="S at the window's end", title="survival at the end of the window")
+    ax.legend(fontsize=7, loc="best")
+    ax = axes[1]
+    for i, a in enumerate(alphas):
+        c = table.curves[a]
+        lo, hi = c.median_ci
+        top = table.window
+        if math.isfinite(c.median):
+            ax.errorbar([i], [c.median], yerr=[[c.median - lo], [(hi if math.isfinite(hi) else top) - c.median]],
+                        color="k", marker="o", capsize=3)
+        else:
+            ax.annotate("", xy=(i, top * 1.04), xytext=(i, top * 0.86),
+                        arrowprops={"arrowstyle": "->", "color": "0.4"})
+            ax.text(i, top * 0.82, "not\nreached", ha="center", va="top", fontsize=7, color="0.4")
+    ax.set(ylim=(-0.04 * table.window, 1.1 * table.window), ylabel="median survival token",
+           title="median death token (95% interval)")
+    for ax in axes:
+        ax.set_xticks(x, [f"{a:g}" for a in alphas])
+        ax.set_xlabel("alpha (dose, multiples of c*)")
+    return axes
+
+
+@styled
+def plot_kl_bands(r: Rollouts, *, target: float | None = None, ax: Axes | None = None,
+                  legend: bool = True) -> Axes:
+    """Per-alpha quantile bands of per-token KL over generated tokens (10-90%, 25-75%, median)."""
+    ax = _ax(ax)
+    alphas = sorted(set(r.alpha.tolist()))
+    palette = dict(zip(alphas, sns.color_palette("rocket_r", len(alphas))))
+    kl = r.kl.numpy().astype(float)
+    t = np.arange(r.window)
+    for a in alphas:
+        rows = r.alpha.numpy() == a
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            q = np.nanquantile(kl[rows], [0.1, 0.25, 0.5, 0.75, 0.9], axis=0)
+        ax.fill_between(t, q[0], q[4], color=palette[a], alpha=0.12, lw=0)
+        ax.fill_between(t, q[1], q[3], color=palette[a], alpha=0.25, lw=0)
+        ax.plot(t, q[2], color=palette[a], lw=1.2, label=f"{a:g}")
+    if target is not None:
+        ax.axhline(target, color="0.3", ls="--", lw=0.8, label=f"target {target:g} nat")
+    ax.set(ylabel="per-token KL (nats)", xlabel="generated token")
+    _symlog(ax)
+    if legend:
+        ax.legend(title="alpha (median; bands 25-75%, 10-90%)", fontsize=7, ncol=3, title_fontsize=7,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+@styled
+def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = None,
+                   fig=None) -> np.ndarray:
+    """Top: per-alpha KL quantile bands (10-90%, 25-75%, median) over tokens. Bottom: mean pmass
+    per fork and alpha."""
+    if fig is None:
+        fig = plt.figure(figsize=(8.5, 5.5))
+    axes = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    plot_kl_bands(r, target=target, ax=axes[0])
+    axes[0].set(xlabel="")
+    alphas = sorted(set(r.alpha.tolist()))
+    palette = dict(zip(alphas, sns.color_palette("rocket_r", len(alphas))))
+    sns.lineplot(data=pmass, x="fork", y="pmass", hue="alpha", palette=palette, ax=axes[1],
+                 legend=False, errorbar=("pi", 50), marker="o", markersize=3)
+    axes[1].set(ylabel="pmass (mean, 25-75%)", xlabel="generated token (fork)", ylim=(0, 1))
+    return axes

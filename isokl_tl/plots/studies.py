@@ -1,0 +1,68 @@
+"""Figures that compare: methods side by side at iso-KL, and the per-layer diagnostics."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from isokl_tl.plots.cell import plot_kl_bands, plot_survival
+from isokl_tl.plots.style import styled
+from isokl_tl.rollout import Rollouts
+from isokl_tl.survival import SurvivalCurve
+
+
+@styled
+def plot_methods(results: dict[str, tuple[Rollouts, dict[float, SurvivalCurve], float]], *,
+                 fig=None) -> np.ndarray:
+    """Methods side by side at iso-KL: per-token KL bands (top) and Kaplan-Meier survival (bottom),
+    one column per method. `results[name] = (rollouts, curves per alpha, c*)`."""
+    if fig is None:
+        fig = plt.figure(figsize=(3.2 * len(results), 6))
+    axes = fig.subplots(2, len(results), sharey="row", squeeze=False)
+    for j, (name, (r, curves, c_star)) in enumerate(results.items()):
+        plot_kl_bands(r, target=1.0, ax=axes[0, j], legend=j == 0)
+        axes[0, j].set_title(f"{name}  (c* = {c_star:.3g})")
+        plot_survival(curves, ax=axes[1, j])
+        axes[1, j].set_title("")
+        if j:
+            axes[0, j].set(ylabel="")
+            axes[1, j].set(ylabel="")
+            axes[1, j].get_legend().remove()
+    return axes
+
+
+@styled
+def plot_layers(table: pd.DataFrame, propagation: pd.DataFrame | None = None, *, fig=None) -> np.ndarray:
+    """Per-layer diagnostics (`isokl_tl.layers.layer_study`) in six panels: c* relative to the
+    residual norm, KL curvature a, direction quality, how ||steered - base|| propagates from each
+    steering layer to the last (relative to its value at the steering layer), the ablation dose, and
+    held-out pmass under directional ablation at the iso-KL dose."""
+    if fig is None:
+        fig = plt.figure(figsize=(11, 6))
+    axes = fig.subplots(2, 3)
+    (a0, a1, a2), (a3, a4, a5) = axes
+    a0.plot(table.layer, table.c_star_rel, marker="o")
+    a0.set(xlabel="layer", ylabel="c* / median residual norm", title="iso-KL dose")
+    a1.plot(table.layer, table.curvature_a, marker="o", color="C1")
+    a1.set(xlabel="layer", ylabel="a in KL ~ a c^2", yscale="log", title="KL curvature")
+    a2.plot(table.layer, table.projection_gap, marker="o", color="C2", label="projection gap")
+    a2.set(xlabel="layer", ylabel="gap / pooled std", title="direction quality")
+    twin = a2.twinx()
+    twin.plot(table.layer, table.cos_mean_diff_pca, marker="s", color="C3", label="cos(mean_diff, pca)")
+    twin.set(ylabel="cos(mean_diff, pca)", ylim=(0, 1.05))
+    a2.legend(handles=a2.get_lines() + twin.get_lines(), fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    if propagation is not None and len(propagation):
+        palette = sns.color_palette("viridis", propagation.steer_layer.nunique())
+        for color, (steer_at, p) in zip(palette, propagation.groupby("steer_layer")):
+            p = p[p.layer >= steer_at]
+            a3.plot(p.layer, p.delta / p.delta.iloc[0], color=color, marker=".", label=f"{steer_at}")
+        a3.legend(title="steered at", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    a3.set(xlabel="layer", ylabel="||steered - base|| / value at steering layer", yscale="log",
+           title="propagation at c*")
+    a4.plot(table.layer, table.ablation_c_star, marker="o", color="C4")
+    a4.set(xlabel="layer", ylabel="ablation c* (1 = remove)", title="directional ablation dose")
+    a5.plot(table.layer, table.ablation_pmass_rel, marker="o", color="C5")
+    a5.axhline(1.0, color="0.4", ls="--", lw=0.8)
+    a5.set(xlabel="layer", ylabel="held-out pmass / unsteered", title="ablation at iso-KL", ylim=(0, None))
+    return axes

@@ -1,0 +1,47 @@
+"""The look every figure shares, applied inside a style context (no global setting changes),
+and saving."""
+
+import functools
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.axes import Axes
+
+from isokl_tl.manifest import write_atomic
+
+ALIVE, DEAD = "#3b75af", "#d1495b"
+
+
+def styled(f):
+    """Draw inside the package's style (seaborn's whitegrid, paper context), leaving the caller's
+    global settings as they were."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+            return f(*args, **kwargs)
+    return wrapper
+
+
+def _ax(ax: Axes | None, size=(5, 3.5)) -> Axes:
+    return ax if ax is not None else plt.subplots(figsize=size)[1]
+
+
+def _symlog(ax: Axes, linthresh: float = 1e-2) -> None:
+    """A symlog y axis with a labelled tick at 0 and at every power of ten from `linthresh` on."""
+    ax.set_yscale("symlog", linthresh=linthresh)
+    top = max(ax.get_ylim()[1], 10 * linthresh)
+    ticks = [0.0] + [10.0 ** k for k in range(int(math.floor(math.log10(linthresh))),
+                                              int(math.ceil(math.log10(top))) + 1)]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}" for t in ticks])
+    ax.yaxis.set_minor_locator(plt.NullLocator())
+
+
+def save_figure(ax_or_axes, path) -> None:
+    fig = (ax_or_axes.flat[0] if isinstance(ax_or_axes, np.ndarray) else ax_or_axes).figure
+    fig.tight_layout()
+    write_atomic(Path(path), lambda p: fig.savefig(p, format="png", dpi=130, metadata={"Software": None}))
+    plt.close(fig)

@@ -1,0 +1,278 @@
+"""`Run`: the whole cell in a run directory: direction -> calibration -> alpha sweep -> pmass ->
+survival -> figures -> summary.
+
+Each stage records a hash of its settings (which include every upstream stage's) in the manifest;
+a stage whose hash and outputs are already there is skipped, so a rerun resumes and changing, say,
+the death threshold reruns only survival and figures. Long stages save their work in parts under
+`.partial/` as they go; the parts are keyed by the stage's settings and by the execution settings
+that cut them (`RunConfig.EXECUTION`), so a resumed stage reuses only parts cut the same way.
+`check()` reads every input a run will need before any stage runs.
+"""
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+from isokl_tl import manifest as files  # the run directory's file names
+from isokl_tl.activations import Record
+from isokl_tl.calibrate import Calibration, calibrate
+from isokl_tl.config import RunConfig
+from isokl_tl.directions import Direction, compute_direction
+from isokl_tl.engine import Sampling
+from isokl_tl.hooks import check_direction, resolve_hook
+from isokl_tl.manifest import Manifest, check_writable, model_identity, settings_hash, versions
+from isokl_tl.models import check_spec, load_model
+from isokl_tl.pmass import ForkPMass, answer_token_sets, fork_pmass
+from isokl_tl.prompts import load_pairs, load_prompts
+from isokl_tl.rollout import Rollouts, rollout
+from isokl_tl.survival import SurvivalTable, deaths, survival_table
+from isokl_tl.tokens import chunks, prompt_ids
+
+KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
+PMASS_ROWS_PER_PART = 16
+
+
+def _fault_point(stage: str, part: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{stage}:{part}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Run:
+    """A run directory with its config, the loaded model, and the stage functions.
+
+    A directory made with other direction-stage settings (model, dtype, method, hook, layer, pairs,
+    seed) is refused unless `force=True`, which discards every recorded stage."""
+
+    def __init__(self, run_dir: str | Path, config: RunConfig, *, model: HookedTransformer | None = None,
+                 progress: bool = True, log=print, force: bool = False):
+        self.dir, self.cfg, self.progress, self.log = Path(run_dir), config, progress, log
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"run directory {str(self.dir)!r} is a file, not a directory")
+        self.manifest = Manifest(self.dir)
+        self._model = model
+        self._checked: set[str] = set()
+        self._force = False
+        saved = self.manifest.data.get("config")
+        if saved:
+            old = RunConfig.from_dict(saved).stage_settings("direction")
+            new = config.stage_settings("direction")
+            diff = [k for k in new if old.get(k) != new[k]]
+            if diff and not force:
+                k = diff[0]
+                raise ValueError(f"run directory {str(self.dir)!r} was made with a different config "
+                                 f"({k}: {old[k]!r} there, {new[k]!r} here); pass --force to overwrite "
+                                 "it or choose another directory")
+            if diff:                  # forget the recorded stages now; their files go at `begin`
+                self.manifest.data = {"stages": {}}
+                self._force = True
+
+    @property
+    def model(self) -> HookedTransformer:
+        if self._model is None:
+            self._model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+        return self._model
+
+    # --- before any work ---------------------------------------------------------------------
+    def check(self, stages: tuple[str, ...] = ("direction", "calibrate", "rollout", "pmass")) -> None:
+        """Read every input the given stages will need, and raise ValueError on the first bad one,
+        before anything is written: the output directory, the model spec, the prompt and pair
+        files, how many prompts they hold; then (loading the model) the hook and the answer words."""
+        check_writable(self.dir)
+        check_spec(self.cfg.model)
+        c = self.cfg
+        todo = [s for s in stages if not self.current(s)]     # stages already done need no input
+        if "direction" in todo:
+            load_pairs(c.pairs)
+        if "calibrate" in todo:
+            _enough(load_prompts(c.calib_prompts), c.n_calib, c.calib_prompts, "--n-calib")
+        if "rollout" in todo:
+            _enough(load_prompts(c.prompts), c.n_prompts, c.prompts, "--n-prompts")
+        if "direction" in todo:
+            resolve_hook(self.model, c.hook, c.layer)
+        if "calibrate" in todo:
+            self._fits(load_prompts(c.calib_prompts)[:c.n_calib], c.calib_window, c.calib_prompts)
+        if "rollout" in todo:
+            self._fits(load_prompts(c.prompts)[:c.n_prompts], c.window, c.prompts)
+        if "pmass" in todo:
+            splice = c.splice_spec()
+            answer_token_sets(self.model.tokenizer, splice.true_words, splice.false_words)
+            splice.to_dict(self.model.tokenizer)
+
+    def begin(self) -> None:
+        """Record the run (model identity, config, versions); a forced rerun starts afresh."""
+        if self._force:
+            shutil.rmtree(self.dir / ".partial", ignore_errors=True)
+            self._force = False
+        if "model" not in self.manifest.data:
+            self.manifest.set(model=model_identity(self.model))
+        self.manifest.set(config=self.cfg.to_dict(), versions=versions(), seeds={"seed": self.cfg.seed})
+
+    def _fits(self, prompts: list[str], window: int, source: str) -> None:
+        """Every prompt plus `window` generated tokens fits the model's context."""
+        n_ctx = self.model.cfg.n_ctx
+        for i, p in enumerate(prompts):
+            n = len(prompt_ids(self.model.tokenizer, p))
+            if n + window > n_ctx:
+                raise ValueError(f"prompt {i} of {source!r} has {n} tokens; with window {window} that exceeds "
+                                 f"the model's context of {n_ctx}")
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    OUTPUTS = {"direction": [files.DIRECTION_VECTOR, files.DIRECTION_META],
+               "calibrate": [files.CALIBRATION, files.CALIBRATION_FIG],
+               "rollout": [files.ROLLOUTS, files.ROLLOUTS_CSV, files.TEXTS],
+               "pmass": [files.PMASS, files.SPLICE],
+               "survival": [files.SURVIVAL, files.SURVIVAL_TABLE, files.KM_CURVES, files.SURVIVAL_META],
+               "plot": list(files.FIGURES.values()) + [files.SUMMARY]}
+
+    def current(self, stage: str) -> bool:
+        """Whether `stage` finished with these settings and its files are all there."""
+        return self.manifest.stage_current(stage, settings_hash(self.cfg.stage_settings(stage)),
+                                           self.OUTPUTS[stage])
+
+    def _stage(self, stage: str, fn, force: bool = False) -> bool:
+        settings = self.cfg.stage_settings(stage)
+        key = settings_hash(settings)
+        if not force and self.current(stage):
+            if stage not in self._checked:
+                self.log(f"[{stage}] up to date, skipped")
+            self._checked.add(stage)
+            return False
+        self.log(f"[{stage}] running ...")
+        start = time.perf_counter()
+        fn(key)
+        secs = time.perf_counter() - start
+        self.manifest.data["config"] = self.cfg.to_dict()
+        self.manifest.record(stage, key, settings, secs)
+        self.log(f"[{stage}] done in {secs:.1f}s")
+        self._checked.add(stage)
+        return True
+
+    def _partials(self, stage: str, key: str) -> Path:
+        """The folder of a stage's saved parts, keyed by its settings and by the execution settings
+        that cut the parts; parts of the same stage cut otherwise are dropped (with a line)."""
+        cut = settings_hash({k: getattr(self.cfg, k) for k in RunConfig.EXECUTION})
+        path = self.dir / ".partial" / f"{stage}-{key}-{cut}"
+        for other in (self.dir / ".partial").glob(f"{stage}-*"):
+            if other != path:
+                n = sum(1 for _ in other.iterdir())
+                if n:
+                    self.log(f"[{stage}] {n} saved part(s) were cut with other settings "
+                             f"({', '.join(RunConfig.EXECUTION)}, or the stage's own); starting afresh")
+                shutil.rmtree(other)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _vector(self, d: Direction):
+        """The saved direction, checked against the model (size, dtype, finite)."""
+        return check_direction(self.model, d.vector)
+
+    # --- stages ------------------------------------------------------------------------------
+    def direction(self, force: bool = False) -> Direction:
+        def go(key):
+            hook = resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
+            compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method,
+                              seed=self.cfg.seed).save(self.dir)
+        self._stage("direction", go, force)
+        return Direction.load(self.dir)
+
+    def calibrate(self, force: bool = False) -> Calibration:
+        d = self.direction()
+
+        def go(key):
+            self._vector(d)
+            prompts = [prompt_ids(self.model.tokenizer, p)
+                       for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
+            cal = calibrate(self.model, d, prompts, self.cfg.calibration_settings(),
+                            rows_per_batch=self.cfg.rows_per_batch, progress=self.progress)
+            cal.save(self.dir)
+            from isokl_tl.plots import plot_calibration, save_figure
+            save_figure(plot_calibration(cal), self.dir / files.CALIBRATION_FIG)
+        self._stage("calibrate", go, force)
+        return Calibration.load(self.dir)
+
+    def rollout(self, force: bool = False) -> Rollouts:
+        d, cal = self.direction(), self.calibrate()
+
+        def go(key):
+            # One batch of rows at a time, each saved as it finishes: a killed sweep loses at most
+            # the batch in flight, and a rerun picks up the saved ones (part i is seeded seed + i).
+            vector = self._vector(d)
+            texts = load_prompts(self.cfg.prompts)[: self.cfg.n_prompts]
+            ids = [prompt_ids(self.model.tokenizer, p) for p in texts]
+            alphas = self.cfg.sweep_alphas()
+            rows = [p for _ in alphas for p in ids]
+            alpha = torch.tensor([a for a in alphas for _ in ids])
+            index = torch.tensor([i for _ in alphas for i in range(len(ids))])
+            parts_dir, parts = self._partials("rollout", key), []
+            for i, sl in enumerate(chunks(len(rows), self.cfg.rows_per_batch)):
+                part = parts_dir / f"{i:04d}"
+                if not (part / files.ROLLOUTS_META).exists():
+                    rollout(self.model, rows[sl], alpha[sl] * cal.c_star, direction=vector,
+                            hook=d.hook, method=d.intervention, window=self.cfg.window,
+                            generated_only=self.cfg.generated_only,
+                            sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),
+                            rows_per_batch=self.cfg.rows_per_batch, prompt_index=index[sl],
+                            alpha=alpha[sl], record=Record() if self.cfg.record_acts else None,
+                            progress=self.progress).save(part)
+                    _fault_point("rollout", i)
+                parts.append(Rollouts.load(part))
+            whole = Rollouts.concat(parts) if len(parts) > 1 else parts[0]
+            whole.save(self.dir, self.model.tokenizer)
+            shutil.rmtree(parts_dir)
+        self._stage("rollout", go, force)
+        return Rollouts.load(self.dir)
+
+    def pmass(self, force: bool = False) -> ForkPMass:
+        d, r = self.direction(), self.rollout()
+
+        def go(key):
+            vector, splice = self._vector(d), self.cfg.splice_spec()
+            parts_dir, parts = self._partials("pmass", key), []
+            for i, sl in enumerate(chunks(r.n_rows, PMASS_ROWS_PER_PART)):
+                part = parts_dir / f"{i:04d}"
+                if not (part / files.PMASS).exists():
+                    fork_pmass(self.model, r, vector, self.cfg.forks(), splice,
+                               rows=list(range(r.n_rows))[sl], progress=self.progress).save(part)
+                    _fault_point("pmass", i)
+                parts.append(ForkPMass.load(part))
+            ForkPMass.concat(parts).save(self.dir)
+            shutil.rmtree(parts_dir)
+        self._stage("pmass", go, force)
+        return ForkPMass.load(self.dir)
+
+    def survival(self, force: bool = False) -> SurvivalTable:
+        pm = self.pmass()
+
+        def go(key):
+            rule = self.cfg.death_rule()
+            survival_table(deaths(pm.frame, rule), self.cfg.window, keep_weak=rule.keep_weak,
+                           rule=rule).save(self.dir)
+        self._stage("survival", go, force)
+        return SurvivalTable.load(self.dir)
+
+    def plot(self, force: bool = False) -> None:
+        self.survival()
+
+        def go(key):
+            from isokl_tl.summary import write_figures, write_summary
+            write_figures(self.dir, self.cfg)
+            write_summary(self.dir, self.cfg)
+        self._stage("plot", go, force)
+
+    def run_all(self) -> None:
+        """Check every input, then every stage in order; finished stages with matching settings
+        are reused."""
+        self.check()
+        self.begin()
+        self.plot()
+
+
+def _enough(prompts: list[str], n: int, source: str, option: str) -> None:
+    if n > len(prompts):
+        raise ValueError(f"{source!r} holds {len(prompts)} prompts but {option} {n} asks for more; "
+                         f"use {option} {len(prompts)} or fewer")

@@ -1,0 +1,71 @@
+"""What a finished run directory shows a reader: every figure, and `summary.md`; and the table and
+figure that compare the runs of several methods."""
+
+from pathlib import Path
+
+from isokl_tl import manifest as files  # the run directory's file names
+from isokl_tl.calibrate import Calibration
+from isokl_tl.directions import Direction
+from isokl_tl.manifest import write_atomic
+from isokl_tl.pmass import ForkPMass
+from isokl_tl.rollout import Rollouts
+from isokl_tl.survival import SurvivalTable, format_token
+
+
+def write_figures(run_dir: Path, cfg) -> None:
+    from isokl_tl.plots import (plot_aggregate, plot_calibration, plot_dose_response, plot_spaghetti,
+                                plot_survival, save_figure)
+
+    r = Rollouts.load(run_dir)
+    cal = Calibration.load(run_dir)
+    pm = ForkPMass.load(run_dir)
+    st = SurvivalTable.load(run_dir)
+    fig = files.FIGURES
+    save_figure(plot_spaghetti(r, deaths=st.per_row, target=cal.target), run_dir / fig["spaghetti"])
+    save_figure(plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True),
+                run_dir / fig["normalised"])
+    save_figure(plot_survival(st.curves, window=st.window), run_dir / fig["survival"])
+    save_figure(plot_dose_response(st), run_dir / fig["dose_response"])
+    save_figure(plot_aggregate(r, pm.frame, target=cal.target), run_dir / fig["aggregate"])
+    save_figure(plot_calibration(cal), run_dir / fig["calibration"])
+
+
+def write_summary(run_dir: Path, cfg) -> None:
+    cal = Calibration.load(run_dir)
+    d = Direction.load(run_dir)
+    st = SurvivalTable.load(run_dir)
+    weak = st.weak_prompts
+    interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
+    lines = [
+        f"# isokl-tl run: {d.method} at {d.hook} on {cfg.model}", "",
+        f"- c* = {cal.c_star:.4g}{interval}: {cal.statistic} q={cal.quantile:g} of per-token KL = "
+        f"{cal.value:.4g} (target {cal.target:g} nat, window {cal.window}, {cal.n_tokens} tokens, "
+        f"{cal.rounds} rounds, converged: {cal.converged})",
+        f"- sweep: {cfg.n_prompts} `{cfg.prompts}` prompts x alphas {cfg.sweep_alphas()}, window "
+        f"{cfg.window}, forks {cfg.forks()}",
+        "- death: " + (f"pmass < {cfg.threshold}" if cfg.threshold is not None else
+                        f"pmass < {cfg.relative_threshold} x the prompt's unsteered pmass at fork 0")
+        + f", {cfg.death_run} consecutive fork(s)",
+        f"- weak prompts ({'kept' if cfg.keep_weak else 'excluded'}): {weak if weak else 'none'}",
+        "", st.to_markdown().rstrip("\n"),
+        "", "Figures:", "",
+    ] + [f"![{k}]({v})" for k, v in files.FIGURES.items()]
+    write_atomic(run_dir / files.SUMMARY, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path) -> None:
+    """One figure (KL bands and survival, a column per method) and one table (c*, and per alpha
+    the deaths and S at the end) for finished run directories of several methods."""
+    from isokl_tl.plots import plot_methods, save_figure
+
+    results, lines = {}, ["| method | c* | alpha | n | died | S(end) | median token |",
+                          "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, run_dir in runs.items():
+        cal = Calibration.load(run_dir)
+        st = SurvivalTable.load(run_dir)
+        results[name] = (Rollouts.load(run_dir), st.curves, cal.c_star)
+        for t in st.table.itertuples():
+            lines.append(f"| {name} | {cal.c_star:.4g} | {t.alpha:g} | {t.n} | {t.died} | "
+                         f"{t.S_end:.2f} | {format_token(t.median)} |")
+    save_figure(plot_methods(results), png)
+    write_atomic(Path(markdown), lambda p: p.write_text("\n".join(lines) + "\n"))

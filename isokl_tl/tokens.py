@@ -1,0 +1,68 @@
+"""Token ids: turns rendered through the model's own chat template, end-of-turn ids, and
+left-padded batches of token sequences."""
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+
+def require_tokenizer(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer; load it with a spec that has one")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template")
+    return tokenizer
+
+
+def _ids(out) -> list[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
+    """A single user turn, followed by the opening of the assistant turn."""
+    tokenizer = require_tokenizer(tokenizer)
+    msgs = [{"role": "user", "content": user}]
+    return _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return _ids(tokenizer(text, add_special_tokens=False))
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    """Token ids that end an assistant turn (the tokenizer's EOS and the template's end marker)."""
+    if tokenizer is None:
+        return []
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids |= {vocab[m] for m in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>") if m in vocab}
+    return sorted(ids)
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: str | torch.device = "cpu"
+             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Stack sequences right-aligned: returns (tokens, attention_mask), mask 0 on padding."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("every sequence needs at least one token")
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
