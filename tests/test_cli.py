@@ -127,7 +127,7 @@ def test_layers_command_on_tiny(tmp_path):
     ok = table[table.error.isna()]
     assert len(ok) >= 3
     assert (ok.c_star > 0).all() and np.allclose(ok.c_star_rel, ok.c_star / ok.resid_norm)
-    assert (ok.calib_rounds >= 1).all() and ok.converged.isin([True, False]).all()
+    assert (ok.calib_rounds >= 1).all() and ok.converged.dtype == bool   # every calibrated layer says it
     assert (ok.method == "mean_diff").all() and list(ok.hook) == [f"blocks.{i}.hook_resid_post" for i in ok.layer]
     assert ((ok.cos_mean_diff_pca > 0) & (ok.cos_mean_diff_pca <= 1 + 1e-6)).all()
     assert ok.projection_gap.notna().all() and (out / "layers.png").exists() and (out / "layers.md").exists()

@@ -4,7 +4,6 @@ import torch.nn.functional as F
 
 from isokl_tl.engine import FastDecoder, cpu_linear, fusion
 from isokl_tl.models import TINY, load_model
-from isokl_tl.rollout import rollout
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no oneDNN in this torch build")
 
@@ -37,14 +36,11 @@ def test_a_weight_edited_in_place_is_packed_again():
 
 
 def test_the_cpu_fast_path_multiplies_through_the_packer_and_keeps_parity(tiny, tiny_direction):
-    from isokl_tl.engine import ReferenceDecoder
+    from parity import same_as_reference
+
     dec = FastDecoder(tiny, None, 8)
     assert dec.linear == cpu_linear.packer(tiny).linear
     assert FastDecoder(tiny, None, 8, fuse=False).linear is F.linear
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=12, eos=[])
-    c = torch.tensor([4.0, 8.0])
-    ref = rollout(tiny, prompts, c, decoder=ReferenceDecoder, **kw)
-    got = rollout(tiny, prompts, c, decoder=FastDecoder, **kw)
-    assert torch.equal(got.tokens, ref.tokens)
-    torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
+    same_as_reference(tiny, FastDecoder, prompts, torch.tensor([4.0, 8.0]), **kw)

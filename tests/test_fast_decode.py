@@ -1,34 +1,42 @@
 import pytest
 import torch
+from parity import same_as_reference
 
-from isokl_tl.engine import FastDecoder, ReferenceDecoder, make_decoder, unsupported_reason
+from isokl_tl.engine import FastDecoder, GraphDecoder, ReferenceDecoder, make_decoder, unsupported_reason
+from isokl_tl.engine.scoring import Sampling
 from isokl_tl.hooks import steer
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
 from isokl_tl.tokens import prompt_ids
+
+# the fast decoders, each run on CPU (the CUDA-graph decoder's fixed-shape step eagerly)
+DECODERS = {"fast": FastDecoder, "graph": GraphDecoder}
 
 
 def _prompts(model, n):
     return [prompt_ids(model.tokenizer, p) for p in load_prompts("eval")[:n]]
 
 
-def _both(model, direction, hook, coeffs, **kw):
-    prompts = _prompts(model, len(coeffs))
-    args = dict(direction=direction, hook=hook, **kw)
-    fast = rollout(model, prompts, coeffs, decoder=FastDecoder, **args)
-    ref = rollout(model, prompts, coeffs, decoder=ReferenceDecoder, **args)
-    return fast, ref
-
-
+@pytest.mark.parametrize("decoder", DECODERS.values(), ids=DECODERS)
 @pytest.mark.parametrize("method,c", [("add", 9.0), ("ablate", 1.5)])
 @pytest.mark.parametrize("generated_only", [False, True])
-def test_fast_path_matches_transformer_lens_on_tiny(tiny, tiny_direction, method, c, generated_only):
-    fast, ref = _both(tiny, tiny_direction.vector, "blocks.2.hook_resid_post",
-                      torch.tensor([0.0, c, c / 3, 2 * c]), window=20, method=method,
-                      generated_only=generated_only)
-    assert torch.equal(fast.tokens, ref.tokens) and torch.equal(fast.gen_len, ref.gen_len)
-    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
-    assert fast.kl[1:].nan_to_num().max() > 1e-2
+def test_fast_decoders_match_transformer_lens_on_tiny(tiny, tiny_direction, decoder, method, c, generated_only):
+    got, _ = same_as_reference(tiny, decoder, _prompts(tiny, 4), torch.tensor([0.0, c, c / 3, 2 * c]),
+                               direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=20,
+                               method=method, generated_only=generated_only)
+    assert got.kl[1:].nan_to_num().max() > 1e-2
+
+
+@pytest.mark.parametrize("decoder", DECODERS.values(), ids=DECODERS)
+def test_fast_decoders_match_with_eos_inside_the_window_and_when_sampling(tiny, tiny_direction, decoder):
+    """Rows stop at an EOS id at different steps (later positions are padding); sampled decoding
+    takes the plain step, scoring outside any captured graph."""
+    prompts, coeffs = _prompts(tiny, 3), torch.tensor([0.0, 6.0, 12.0])
+    kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=18)
+    _, ref = same_as_reference(tiny, decoder, prompts, coeffs, **kw)
+    got, _ = same_as_reference(tiny, decoder, prompts, coeffs, eos=[int(ref.tokens[1, 4])], **kw)
+    assert bool(got.eos[1]) and int(got.gen_len[1]) <= 5
+    same_as_reference(tiny, decoder, prompts, coeffs, sampling=Sampling(temperature=1.0, seed=3), **kw)
 
 
 @pytest.mark.slow
@@ -37,9 +45,8 @@ def test_fast_path_matches_transformer_lens_on_the_embedded_model(smol):
     from isokl_tl.prompts import load_pairs
 
     d = compute_direction(smol, load_pairs()[:8], "blocks.18.hook_resid_post", "mean_diff")
-    fast, ref = _both(smol, d.vector, d.hook, torch.tensor([0.0, 30.0, 60.0]), window=24)
-    assert torch.equal(fast.tokens, ref.tokens)
-    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
+    same_as_reference(smol, FastDecoder, _prompts(smol, 3), torch.tensor([0.0, 30.0, 60.0]),
+                      direction=d.vector, hook=d.hook, window=24)
 
 
 def test_hooks_fire_at_every_fast_step(tiny, tiny_direction):
@@ -77,39 +84,6 @@ def test_capacity_is_enforced(tiny):
         dec.step(torch.zeros(1, dtype=torch.long))
 
 
-def test_static_decoder_matches_on_cpu(tiny, tiny_direction):
-    """The fixed-shape step (the one CUDA graphs capture) run eagerly on CPU, against TL's path."""
-    from isokl_tl.engine import GraphDecoder
-
-    prompts = _prompts(tiny, 3)
-    coeffs = torch.tensor([0.0, 6.0, 12.0])
-    kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=18)
-    static = rollout(tiny, prompts, coeffs, decoder=GraphDecoder, **kw)
-    ref = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, **kw)
-    assert torch.equal(static.tokens, ref.tokens) and torch.equal(static.gen_len, ref.gen_len)
-    torch.testing.assert_close(static.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
-    # EOS inside the loop: rows stop, later positions are padding
-    stop = int(ref.tokens[1, 4])
-    s2 = rollout(tiny, prompts, coeffs, decoder=GraphDecoder, eos=[stop], **kw)
-    r2 = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, eos=[stop], **kw)
-    assert torch.equal(s2.tokens, r2.tokens) and torch.equal(s2.eos, r2.eos)
-    torch.testing.assert_close(s2.kl, r2.kl, atol=1e-4, rtol=0, equal_nan=True)
-
-
-def test_static_decoder_sampling_path_matches(tiny, tiny_direction):
-    """Sampled decoding takes the static decoder's plain step (scoring outside the graph)."""
-    from isokl_tl.engine import GraphDecoder
-    from isokl_tl.rollout import Sampling
-
-    kw = dict(direction=tiny_direction.vector, hook="blocks.2.hook_resid_post", window=12,
-              sampling=Sampling(temperature=1.0, seed=3))
-    prompts, coeffs = _prompts(tiny, 3), torch.tensor([0.0, 6.0, 12.0])
-    static = rollout(tiny, prompts, coeffs, decoder=GraphDecoder, **kw)
-    ref = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, **kw)
-    assert torch.equal(static.tokens, ref.tokens)
-    torch.testing.assert_close(static.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)
-
-
 @pytest.mark.parametrize("hook", ["blocks.2.hook_resid_post", "blocks.1.hook_resid_pre", "hook_embed"])
 def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_direction, hook):
     """Base partners share the blocks below the steering site with their rows (FastDecoder's
@@ -126,9 +100,6 @@ def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_dir
         def share_prefix(self, n_own, partner_of, split):
             super().share_prefix(n_own, partner_of, split)
             splits.append(self.split)
-    got = rollout(tiny, prompts, coeffs, decoder=Recording, eos=stops, **kw)
-    ref = rollout(tiny, prompts, coeffs, decoder=ReferenceDecoder, eos=stops, **kw)
+    got, _ = same_as_reference(tiny, Recording, prompts, coeffs, eos=stops, **kw)
     assert splits == [{"blocks.2.hook_resid_post": 2, "blocks.1.hook_resid_pre": 1, "hook_embed": 0}[hook]]
     assert len(set(got.gen_len.tolist())) > 1                 # rows really left at different steps
-    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.eos, ref.eos)
-    torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0, equal_nan=True)

@@ -55,8 +55,8 @@ def test_additive_and_ablation_act_as_defined(tiny):
                 with tiny.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", grab)]):
                     tiny(tokens)
             torch.testing.assert_close(seen["h"], expect)
-    # after ablation with c=1 the component along v is gone
-    assert (((h - (h @ v)[..., None] * v) @ v).abs() < 1e-4).all()
+    # what the next block received after ablation with c = 1 has no component along v left
+    assert (seen["h"] @ v).abs().max() < 1e-4 < (h @ v).abs().max()
 
 
 def test_per_row_coefficients(tiny):

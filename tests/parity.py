@@ -1,0 +1,17 @@
+"""The one check every fast decoder passes: the same rollouts as TransformerLens's own forward."""
+
+import torch
+
+from isokl_tl.engine import ReferenceDecoder
+from isokl_tl.rollout import Rollouts, rollout
+
+
+def same_as_reference(model, decoder, prompts, coeffs, *, atol: float = 1e-4, **kw) -> tuple[Rollouts, Rollouts]:
+    """Roll out with `decoder` and with `ReferenceDecoder`; assert the same tokens, lengths and
+    EOS flags, and per-token KL within `atol`. Returns (got, reference)."""
+    got = rollout(model, prompts, coeffs, decoder=decoder, **kw)
+    ref = rollout(model, prompts, coeffs, decoder=ReferenceDecoder, **kw)
+    assert torch.equal(got.tokens, ref.tokens), (decoder, got.tokens, ref.tokens)
+    assert torch.equal(got.gen_len, ref.gen_len) and torch.equal(got.eos, ref.eos)
+    torch.testing.assert_close(got.kl, ref.kl, atol=atol, rtol=0, equal_nan=True)
+    return got, ref

@@ -1,0 +1,42 @@
+"""`RunConfig` and the command line agree: every setting keys a stage or is an execution setting,
+and every default the CLI's help shows is `RunConfig`'s."""
+
+import re
+from dataclasses import fields
+
+import click
+import pytest
+
+from isokl_tl.config import STAGES, RunConfig
+from isokl_tl_cli.main import main
+
+
+def test_every_setting_keys_a_stage_or_is_an_execution_setting():
+    keyed = {k for keys in RunConfig._STAGE_KEYS.values() for k in keys}
+    names = {f.name for f in fields(RunConfig)}
+    assert set(RunConfig._STAGE_KEYS) == set(STAGES)
+    assert not keyed & set(RunConfig.EXECUTION)
+    assert names == keyed | set(RunConfig.EXECUTION), sorted(names ^ (keyed | set(RunConfig.EXECUTION)))
+
+
+@pytest.mark.parametrize("command", ["run", "calibrate", "direction", "rollout", "pmass", "survival"])
+def test_the_defaults_shown_in_help_are_run_config_defaults(command):
+    defaults, seen = RunConfig().to_dict(), 0
+    flags = {"generated_only": {False: "all-positions", True: "generated-only"},
+             "record_acts": {False: "no-record-acts", True: "record-acts"},
+             "keep_weak": {False: "drop-weak", True: "keep-weak"}}
+    for p in main.commands[command].params:
+        m = re.search(r"\[default: (.*)\]\.?$", p.help or "") if isinstance(p, click.Option) else None
+        if not m or p.name not in defaults or defaults[p.name] is None:   # None: a rule, e.g. the hook
+            continue
+        shown, value = m.group(1), defaults[p.name]
+        if p.name in flags:
+            assert shown == flags[p.name][value], p.name
+        elif p.name == "alphas":
+            assert [float(a) for a in shown.split()] == value
+        elif p.name == "splice_prefill":
+            assert shown == '{"choice": '
+        else:
+            assert shown == str(value), (p.name, shown, value)
+        seen += 1
+    assert seen >= 2
