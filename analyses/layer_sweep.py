@@ -9,12 +9,11 @@ Regenerates figures/layers.png and figures/layers.md:
 
 from pathlib import Path
 
-from click.testing import CliRunner
-from isokl_tl.cli.main import main
+from isokl_tl.layers import study_layers
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent.parent / "figures"
-    res = CliRunner().invoke(main, ["layers", "--layers", "0:30:5", "--out", str(out)])
-    print(res.output)
+    study = study_layers(None, out, layer_spec="0:30:5")
+    print(study.to_markdown())
     for name in ("layers.csv", "layers_propagation.csv"):   # the README shows the figure and table
         (out / name).unlink(missing_ok=True)

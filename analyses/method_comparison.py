@@ -14,9 +14,8 @@ Run directories go to runs/methods/<method>; a rerun reuses finished stages.
 
 from pathlib import Path
 
-from isokl_tl.config import RunConfig
+from isokl_tl import Run, RunConfig
 from isokl_tl.summary import write_method_comparison
-from isokl_tl.run import Run
 
 METHODS = ("mean_diff", "pca", "directional_ablation", "random")
 ROOT = Path(__file__).resolve().parent.parent

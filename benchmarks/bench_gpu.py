@@ -62,7 +62,8 @@ def kernel_parity(model, batch: int) -> dict:
     """Scoring kernel vs PyTorch ops on random logits; rotary + cache-write kernel vs Rotary and
     index_copy_, silu(gate) * up and add + RMSNorm, on one block's joined projections; decode
     attention vs SDPA on a random cache."""
-    from isokl_tl.engine import block_triton, fusion
+    from isokl_tl.engine import fusion
+    from isokl_tl.engine.kernels import block as block_triton
     from isokl_tl.engine.scoring import greedy_scores, greedy_scores_torch
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -98,7 +99,7 @@ def kernel_parity(model, batch: int) -> dict:
     out["kernel_add_rms_norm_elements_differing"] = f"{int((normed != ref).sum())} of {ref.numel()}"
     out["kernel_add_rms_norm_max_rel_diff"] = float(((normed.float() - ref.float()).abs() / ref.float().abs().clamp(min=1e-3)).max())
     # decode attention over 301 of 560 cache slots, some rows left-padded, against SDPA over all
-    from isokl_tl import attn_triton
+    from isokl_tl.engine.kernels import attn as attn_triton
     cap, hkv = 560, k.shape[2]
     kc, vc = (torch.randn((2 * batch, hkv, cap, k.shape[3]), device="cuda", generator=g).to(k.dtype) for _ in range(2))
     mask = torch.zeros(2 * batch, cap, dtype=torch.long, device="cuda")

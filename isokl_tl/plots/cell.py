@@ -10,9 +10,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from isokl_tl.calibrate import Calibration
-from isokl_tl.plots.style import ALIVE, DEAD, _ax, _symlog, styled
+from isokl_tl.plots.style import ALIVE, DEAD, _ax, _plain_log_ticks, _symlog, styled
 from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalCurve, SurvivalTable
 
@@ -33,7 +34,10 @@ def plot_calibration(cal: Calibration, *, ax: Axes | None = None) -> Axes:
     ax.set(xscale="log", yscale="log", xlabel="coefficient c",
            ylabel=f"{cal.statistic} ({cal.quantile:g}) of per-token KL" if cal.statistic != "mean"
            else "mean per-token KL", title=f"{cal.method} @ {cal.hook}, w={cal.window}")
-    ax.figure.colorbar(sc, ax=ax, label="evaluation order")
+    bar = ax.figure.colorbar(sc, ax=ax, label="evaluation order (first = 0)")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    _plain_log_ticks(ax)
     ax.legend(fontsize=7)
     return ax
 
@@ -116,10 +120,13 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
              Line2D([], [], color="k", marker="|", ls="", ms=6, label="EOS (rollout ends)")]
     if target is not None and not normalise_k:
         marks.append(Line2D([], [], color="0.3", ls="--", lw=0.8, label=f"calibration target ({target:g} nat)"))
-    fig = axes.flat[0].figure
-    fig.legend(handles=marks, loc="lower center", ncol=len(marks), fontsize=7, frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
-    fig.subplots_adjust(bottom=0.2)
+    spare = [ax for ax in axes.flat if not ax.get_visible()]
+    if spare:                               # the key goes where a panel would be
+        spare[-1].set_visible(True)
+        spare[-1].axis("off")
+        spare[-1].legend(handles=marks, loc="center", fontsize=7, frameon=False)
+    else:
+        axes.flat[0].legend(handles=marks, loc="upper left", fontsize=6, framealpha=0.8)
     return axes
 
 
@@ -143,7 +150,8 @@ def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None,
         lo = np.concatenate([[1.0], c.ci_low, c.ci_low[-1:]])
         hi = np.concatenate([[1.0], c.ci_high, c.ci_high[-1:]])
         ax.fill_between(t, lo, hi, step="post", color=color, alpha=0.10)
-    ax.set(ylim=(-0.05, 1.05), xlabel="fork token t", ylabel="S(t): share still answering",
+    note = "\n(curves that coincide are offset by at most ±0.015 to stay visible)" if n > 1 else ""
+    ax.set(ylim=(-0.05, 1.05), xlabel="fork token t" + note, ylabel="S(t): share still answering",
            title="Kaplan-Meier survival (95% log-log bands)")
     ax.legend(title="alpha", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
@@ -182,6 +190,7 @@ def plot_dose_response(table: SurvivalTable, *, fig=None) -> np.ndarray:
            title="median death token (95% interval)")
     for ax in axes:
         ax.set_xticks(x, [f"{a:g}" for a in alphas])
+        ax.set_xlim(-0.4, len(alphas) - 0.6)
         ax.set_xlabel("alpha (dose, multiples of c*)")
     return axes
 

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter
 
 from isokl_tl.manifest import write_atomic
 
@@ -32,12 +33,21 @@ def _ax(ax: Axes | None, size=(5, 3.5)) -> Axes:
 def _symlog(ax: Axes, linthresh: float = 1e-2) -> None:
     """A symlog y axis with a labelled tick at 0 and at every power of ten from `linthresh` on."""
     ax.set_yscale("symlog", linthresh=linthresh)
-    top = max(ax.get_ylim()[1], 10 * linthresh)
+    top = 10.0 ** math.ceil(math.log10(max(ax.get_ylim()[1], 10 * linthresh)))   # a power of ten above the data
     ticks = [0.0] + [10.0 ** k for k in range(int(math.floor(math.log10(linthresh))),
-                                              int(math.ceil(math.log10(top))) + 1)]
+                                              int(math.log10(top)) + 1)]
     ax.set_yticks(ticks)
     ax.set_yticklabels([f"{t:g}" for t in ticks])
     ax.yaxis.set_minor_locator(plt.NullLocator())
+    ax.set_ylim(-0.3 * linthresh, top)              # no empty band of negative values below 0
+
+
+def _plain_log_ticks(ax: Axes) -> None:
+    """Log axes labelled 20, 50, 100 rather than 2 x 10^1."""
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
 
 
 def save_figure(ax_or_axes, path) -> None:
