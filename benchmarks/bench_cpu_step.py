@@ -2,8 +2,8 @@
 per-step time of `FastDecoder` on the embedded model for B steered rows alone, B rows + B base
 partners, and the same with the partners sharing the blocks below the steering site
 (`share_prefix`); each with TransformerLens's modules (`fuse=False`) and with the fused block
-arithmetic of `isokl_tl.fusion` (the default; on CPU its multiplies go through oneDNN over packed
-weights, `isokl_tl.cpu_linear`); then those multiplies alone, MKL against oneDNN.
+arithmetic of `isokl_tl.engine.fusion` (the default; on CPU its multiplies go through oneDNN over packed
+weights, `isokl_tl.engine.cpu_linear`); then those multiplies alone, MKL against oneDNN.
 
     python benchmarks/bench_cpu_step.py --rows 8
 """
@@ -62,7 +62,7 @@ def main() -> None:
 
 def gemms(model, rows: int) -> None:
     """The step's multiplies on the model's own weights, MKL (`F.linear`) against oneDNN over packed
-    weights (`isokl_tl.cpu_linear`), each over all blocks: GB/s of weights streamed."""
+    weights (`isokl_tl.engine.cpu_linear`), each over all blocks: GB/s of weights streamed."""
     import torch.nn.functional as F
 
     from isokl_tl.engine import cpu_linear, fusion

@@ -8,9 +8,17 @@ from importlib import metadata
 from pathlib import Path
 
 import click
-
-from isokl_tl_cli.options import (calibration_options, direction_options, given, hook_options, model_options,
-                                  out_option, pmass_options, survival_options, sweep_options)
+from isokl_tl_cli.options import (
+    calibration_options,
+    direction_options,
+    given,
+    hook_options,
+    model_options,
+    out_option,
+    pmass_options,
+    survival_options,
+    sweep_options,
+)
 
 os.environ.setdefault("MPLBACKEND", "Agg")      # figures are files; no window, whatever the machine
 
@@ -58,7 +66,7 @@ def open_run(out: str, options: dict, config: str | None = None, force: bool = F
     """The `Run` at `out` (with `existing`: made by an earlier command). Settings, strongest
     first: the options given, the `--config` file, the run directory's saved config,
     `RunConfig`'s defaults; one line says when saved ones were reused."""
-    from isokl_tl.config import RunConfig
+    from isokl_tl.config import RunConfig, read_toml
     from isokl_tl.manifest import MANIFEST, Manifest
     from isokl_tl.run import Run
 
@@ -66,7 +74,7 @@ def open_run(out: str, options: dict, config: str | None = None, force: bool = F
         raise ValueError(f"run directory {out!r} does not exist or holds no run; make it with "
                          "`isokl-tl run`, `direction` or `calibrate`")
     saved = Manifest(out).data.get("config", {})
-    from_file = RunConfig.from_toml(config).to_dict() if config else {}
+    from_file = read_toml(config) if config else {}
     cfg = RunConfig.from_dict({**saved, **from_file, **options})
     if saved:
         kept = sorted(k for k in saved if k not in from_file and k not in options
@@ -129,7 +137,7 @@ def calibrate_cmd(out, force, **kw) -> None:
 def rollout_cmd(out, **kw) -> None:
     """Roll out the held-out sweep (coefficient = alpha x c*) and save tokens, per-token KL, texts."""
     run = open_run(out, given(**kw), existing=True)
-    run.check(("rollout",))
+    run.check(("direction", "calibrate", "rollout"))
     r = run.rollout()
     click.echo(f"{r.n_rows} rollouts, {int(r.gen_len.sum())} tokens -> {out}")
 
@@ -141,7 +149,7 @@ def rollout_cmd(out, **kw) -> None:
 def pmass_cmd(out, **kw) -> None:
     """Fork pmass along the saved rollouts."""
     run = open_run(out, given(**kw), existing=True)
-    run.check(("pmass",))
+    run.check(("direction", "calibrate", "rollout", "pmass"))
     pm = run.pmass()
     click.echo(f"{len(pm.frame)} forks evaluated -> {out}")
     _refresh_report(run)
@@ -154,7 +162,7 @@ def pmass_cmd(out, **kw) -> None:
 def survival_cmd(out, **kw) -> None:
     """Deaths and Kaplan-Meier survival from the saved pmass (never reruns rollouts)."""
     run = open_run(out, given(**kw), existing=True)
-    run.check(())
+    run.check()
     click.echo(run.survival().to_markdown(), nl=False)
     _refresh_report(run)
 
@@ -174,7 +182,7 @@ def _refresh_report(run) -> None:
 def plot_cmd(out) -> None:
     """(Re)draw every figure and the summary of a run directory."""
     run = open_run(out, {}, existing=True)
-    run.check(())
+    run.check()
     run.plot(force=True)
     click.echo(f"figures and summary.md -> {out}")
 
@@ -188,7 +196,8 @@ def plot_cmd(out) -> None:
 @pmass_options
 @survival_options
 @click.option("--config", type=click.Path(dir_okay=False, exists=True),
-              help="TOML file with the same keys as the options (docs/cell.toml); options given win.")
+              help="TOML file of settings: the long option names with _ for - (docs/cell.toml); "
+                   "options given win.")
 @FORCE
 @out_option
 @user_errors

@@ -126,15 +126,9 @@ def survival_options(f):
 
 
 def given(**kw) -> dict:
-    """The options the user actually gave (None: not given), with the pairs that exclude each
-    other resolved: a threshold given turns the other kind off, likewise the fork schedules."""
-    out = {k: v for k, v in kw.items() if v is not None}
-    if out.get("threshold") is not None:
-        out["relative_threshold"] = None
-    if out.get("relative_threshold") is not None and "threshold" not in out:
-        out["threshold"] = None
-    if out.get("fork_log") is not None:
-        out["fork_every"] = None
-    if out.get("fork_every") is not None:
-        out["fork_log"] = None
-    return out
+    """The options the user actually gave (None: not given), as settings: the partner of an
+    exclusive option given is turned off (`--threshold` turns `--relative-threshold` off, and so
+    on), and giving both of a pair is one line of error (`isokl_tl.config.settle`)."""
+    from isokl_tl.config import settle
+
+    return settle({k: v for k, v in kw.items() if v is not None})

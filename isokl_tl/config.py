@@ -69,7 +69,7 @@ class RunConfig:
             raise ValueError(f"directional ablation needs alphas >= 0, got {min(self.alphas)} "
                              "(negative alphas only make sense for additive methods)")
         if self.fork_every is not None and self.fork_log is not None:
-            object.__setattr__(self, "fork_every", None)
+            raise ValueError(f"give one of fork-every ({self.fork_every}) and fork-log ({self.fork_log}), not both")
         if self.fork_every is None and self.fork_log is None:
             raise ValueError("give one of fork-every and fork-log")
         self.forks()
@@ -111,9 +111,10 @@ class RunConfig:
         "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),
         "plot": (),
     }
-    # Settings that decide how the work is executed, not what it computes: results agree up to
-    # floating-point rounding whatever their values, so they key no stage. They do key the saved
-    # parts of a stage in progress (`Run`), which are cut along them.
+    # Settings that decide how the work is executed, not what it computes: greedy results agree
+    # up to floating-point rounding whatever their values, so they key no stage. They do key the
+    # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw
+    # their random numbers per part, so they repeat only with the same values.)
     EXECUTION = ("device", "rows_per_batch")
 
     def stage_settings(self, stage: str) -> dict:
@@ -131,6 +132,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        d = {ALIASES.get(k, k): v for k, v in d.items()}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -145,8 +147,34 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "RunConfig":
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read config {str(path)!r}: {e}") from None
-        return cls.from_dict({**{k.replace("-", "_"): v for k, v in data.items()}, **overrides})
+        return cls.from_dict({**read_toml(path), **overrides})
+
+
+ALIASES = {"target_kl": "target"}          # option names whose RunConfig field is spelled otherwise
+# Settings that exclude each other: giving one turns the other off.
+EXCLUSIVE = (("threshold", "relative_threshold"), ("fork_every", "fork_log"))
+
+
+def settle(given: dict) -> dict:
+    """`given` settings (a config file's keys, the options on a command line) with the partner of
+    each exclusive setting they name turned off; naming both of a pair is an error."""
+    out = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in given.items()}
+    for a, b in EXCLUSIVE:
+        if out.get(a) is not None and out.get(b) is not None:
+            raise ValueError(f"give one of {a.replace('_', '-')} ({out[a]}) and {b.replace('_', '-')} "
+                             f"({out[b]}), not both")
+        for mine, other in ((a, b), (b, a)):
+            if out.get(mine) is not None:
+                out[other] = None
+    return out
+
+
+def read_toml(path: str | Path) -> dict:
+    """The settings a TOML config file gives (only those: the rest stays as it would be), checked."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read config {str(path)!r}: {e}") from None
+    given = settle(data)
+    RunConfig.from_dict(given)                  # unknown keys and bad values fail here, naming them
+    return given

@@ -33,8 +33,15 @@ from isokl_tl.activations import Record
 from isokl_tl.calibrate import Calibration, CalibrationError, CalibrationSettings, calibrate_many
 from isokl_tl.directions import Direction, check_method, compute_direction
 from isokl_tl.hooks import Site, hook_layer, hook_name
-from isokl_tl.manifest import (LAYERS_FIGURE, LAYERS_MARKDOWN, LAYERS_PROPAGATION, LAYERS_TABLE, check_writable,
-                               write_atomic, write_csv)
+from isokl_tl.manifest import (
+    LAYERS_FIGURE,
+    LAYERS_MARKDOWN,
+    LAYERS_PROPAGATION,
+    LAYERS_TABLE,
+    check_writable,
+    write_atomic,
+    write_csv,
+)
 from isokl_tl.pmass import Splice, fork_pmass, fork_schedule
 from isokl_tl.prompts import ContrastPair
 from isokl_tl.rollout import rollout

@@ -143,8 +143,9 @@ class ForkPMass:
         if not (run_dir / PMASS).exists():
             raise ValueError(f"{run_dir} has no {PMASS}; run `isokl-tl pmass` first")
         splice = json.loads((run_dir / SPLICE).read_text())
-        forks = splice.pop("forks", sorted(set(pd.read_csv(run_dir / PMASS).fork)))
-        return cls(pd.read_csv(run_dir / PMASS, float_precision="round_trip"), forks, splice)
+        frame = pd.read_csv(run_dir / PMASS, float_precision="round_trip")
+        forks = splice.pop("forks") if "forks" in splice else sorted(set(frame.fork))
+        return cls(frame, forks, splice)
 
     @staticmethod
     def concat(parts: list["ForkPMass"]) -> "ForkPMass":

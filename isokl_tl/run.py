@@ -85,9 +85,11 @@ class Run:
         check_writable(self.dir)
         check_spec(self.cfg.model)
         c = self.cfg
+        check_device(c.device)
         todo = [s for s in stages if not self.current(s)]     # stages already done need no input
-        if "direction" in todo:
-            load_pairs(c.pairs)
+        if "direction" in todo and len(load_pairs(c.pairs)) < 2:
+            raise ValueError(f"{c.pairs!r} holds {len(load_pairs(c.pairs))} contrastive pair(s); a direction "
+                             "needs at least 2")
         if "calibrate" in todo:
             _enough(load_prompts(c.calib_prompts), c.n_calib, c.calib_prompts, "--n-calib")
         if "rollout" in todo:
@@ -96,8 +98,9 @@ class Run:
             resolve_hook(self.model, c.hook, c.layer)
         if "calibrate" in todo:
             self._fits(load_prompts(c.calib_prompts)[:c.n_calib], c.calib_window, c.calib_prompts)
-        if "rollout" in todo:
-            self._fits(load_prompts(c.prompts)[:c.n_prompts], c.window, c.prompts)
+        if "rollout" in todo:          # forks add the splice after the rollout
+            splice = len(c.splice_spec().token_ids(self.model.tokenizer))
+            self._fits(load_prompts(c.prompts)[:c.n_prompts], c.window + splice, c.prompts)
         if "pmass" in todo:
             splice = c.splice_spec()
             answer_token_sets(self.model.tokenizer, splice.true_words, splice.false_words)
@@ -118,8 +121,8 @@ class Run:
         for i, p in enumerate(prompts):
             n = len(prompt_ids(self.model.tokenizer, p))
             if n + window > n_ctx:
-                raise ValueError(f"prompt {i} of {source!r} has {n} tokens; with window {window} that exceeds "
-                                 f"the model's context of {n_ctx}")
+                raise ValueError(f"prompt {i} of {source!r} has {n} tokens; with {window} more (the window, "
+                                 f"and the fork splice after a sweep) that exceeds the model's context of {n_ctx}")
 
     # --- bookkeeping -------------------------------------------------------------------------
     OUTPUTS = {"direction": [files.DIRECTION_VECTOR, files.DIRECTION_META],
@@ -270,6 +273,18 @@ class Run:
         self.check()
         self.begin()
         self.plot()
+
+
+def check_device(device: str) -> None:
+    """A torch device this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _enough(prompts: list[str], n: int, source: str, option: str) -> None:

@@ -13,8 +13,14 @@ from isokl_tl.survival import SurvivalTable, format_token
 
 
 def write_figures(run_dir: Path, cfg) -> None:
-    from isokl_tl.plots import (plot_aggregate, plot_calibration, plot_dose_response, plot_spaghetti,
-                                plot_survival, save_figure)
+    from isokl_tl.plots import (
+        plot_aggregate,
+        plot_calibration,
+        plot_dose_response,
+        plot_spaghetti,
+        plot_survival,
+        save_figure,
+    )
 
     r = Rollouts.load(run_dir)
     cal = Calibration.load(run_dir)

@@ -207,3 +207,32 @@ def test_layer_study_without_heldout_prompts_skips_the_ablation(tiny):
     assert list(t.layer) == [1, 3] and (t.method == "pca").all() and t.c_star.notna().all()
     assert t[["ablation_c_star", "ablation_pmass", "ablation_pmass_rel"]].isna().all().all()
     assert set(study.propagation.steer_layer) == {1, 3}
+
+
+@pytest.mark.parametrize("args", [["--alphas", "0 0.5 1"], ["--alphas", "0,0.5,1"],
+                                  ["--alphas", "0", "--alphas", "0.5", "--alphas", "1"]])
+def test_alphas_are_read_in_every_spelling(args):
+    import click
+    from isokl_tl_cli.options import sweep_options
+
+    got = {}
+
+    @click.command()
+    @sweep_options
+    def probe(**kw):
+        got.update(kw)
+
+    res = CliRunner().invoke(probe, args)
+    assert res.exit_code == 0, res.output
+    assert got["alphas"] == (0.0, 0.5, 1.0)
+
+
+def test_version_and_help_answer_without_the_library():
+    from importlib import metadata
+
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"isokl-tl, version {metadata.version('isokl-tl')}"
+    for cmd in ([], ["run"], ["survival"], ["layers"]):
+        res = CliRunner().invoke(main, [*cmd, "--help"])
+        assert res.exit_code == 0, res.output
+        assert not cmd or "--out" in res.output

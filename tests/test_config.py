@@ -6,9 +6,9 @@ from dataclasses import fields
 
 import click
 import pytest
+from isokl_tl_cli.main import main
 
 from isokl_tl.config import STAGES, RunConfig
-from isokl_tl_cli.main import main
 
 
 def test_every_setting_keys_a_stage_or_is_an_execution_setting():

@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 from click.testing import CliRunner
 from isokl_tl_cli.main import main
 
@@ -12,11 +13,16 @@ RUN = ["run", "--model", "tiny-random", "--calib-window", "8", "--n-calib", "2",
        "--window", "8", "--n-prompts", "2", "--alphas", "0,1", "--keep-weak"]
 
 
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def _cases(tmp):
     (tmp / "empty.jsonl").write_text("\n")
     (tmp / "bad.jsonl").write_text('{"user": "u", "positive": "p", "negative": "n"}\n{"user": oops}\n')
     (tmp / "a_dir").mkdir()
     (tmp / "blocker").write_text("a file")
+    (tmp / "one_pair.jsonl").write_text('{"user": "u", "positive": "p", "negative": "n"}\n')
     return {
         "prompt file is a directory": (["--prompts", str(tmp / "a_dir")], r"a_dir' is a directory, not a file"),
         "empty prompt file": (["--prompts", str(tmp / "empty.jsonl")], r"empty\.jsonl is empty"),
@@ -30,13 +36,20 @@ def _cases(tmp):
         "unknown hook": (["--hook", "blocks.1.hook_resid_pots"], r"unknown hook name"),
         "run directory is a file": (["--out", str(tmp / "blocker")], r"blocker' is a file, not a directory"),
         "run directory under a file": (["--out", str(tmp / "blocker" / "run")], r"blocker' is a file"),
+        "a device this machine lacks": (["--device", "cuda:7"] if not _cuda() else ["--device", "cuda:99"],
+                                        r"device 'cuda:\d+'"),
+        "both kinds of threshold": (["--threshold", "0.9", "--relative-threshold", "0.5"],
+                                    r"give one of threshold \(0\.9\) and relative-threshold \(0\.5\), not both"),
+        "both fork schedules": (["--fork-every", "4", "--fork-log", "5"], r"give one of fork-every \(4\) and fork-log"),
+        "too few pairs": (["--pairs", str(tmp / "one_pair.jsonl")], r"holds 1 contrastive pair\(s\); a direction needs at least 2"),
     }
 
 
 @pytest.mark.parametrize("case", ["prompt file is a directory", "empty prompt file", "malformed pair file",
                                   "missing calibration file", "fork-every 0", "more prompts than the file holds",
                                   "unknown model", "unknown hook", "run directory is a file",
-                                  "run directory under a file"])
+                                  "run directory under a file", "a device this machine lacks",
+                                  "both kinds of threshold", "both fork schedules", "too few pairs"])
 def test_bad_input_fails_before_any_stage_and_writes_nothing(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     extra, msg = _cases(tmp_path)[case]
@@ -84,3 +97,18 @@ def test_config_file_settings_win_over_defaults_and_lose_to_flags(tmp_path):
     assert "reusing the settings saved in" in res.stderr and "dtype" in res.stderr
     cfg = json.loads((out / "manifest.json").read_text())["config"]
     assert (cfg["dtype"], cfg["window"], cfg["death_run"]) == ("bfloat16", 5, 2)
+
+
+def test_a_config_file_overrides_only_the_keys_it_names(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, RUN + ["--dtype", "bfloat16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cell = tmp_path / "cell.toml"
+    cell.write_text("death_run = 2\n")
+    res = CliRunner().invoke(main, ["run", "--config", str(cell), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "manifest.json").read_text())["config"]
+    assert (cfg["dtype"], cfg["death_run"], cfg["window"]) == ("bfloat16", 2, 8)   # the rest was kept
+    assert "reusing the settings saved in" in res.stderr
+    assert [line for line in res.stderr.splitlines() if "running" in line] == ["[survival] running ...",
+                                                                               "[plot] running ..."]

@@ -68,7 +68,7 @@ def _cases(tmp_path, calibrated):
                                   r"m\.jsonl line 2: not valid JSON"),
         "prompt longer than context": (["rollout", "--run", run, "--prompts",
                                         _jsonl(tmp_path, "l.jsonl", json.dumps({"prompt": "word " * 600}) + "\n"), "--n-prompts", "1"],
-                                       r"prompt 0 of .*l\.jsonl. has \d+ tokens; with window 96 that exceeds the model.s context of 512"),
+                                       r"prompt 0 of .*l\.jsonl. has \d+ tokens; with \d+ more .* exceeds the model.s context of 512"),
         "answer words that do not tokenize": (["run", "--config", str(toml2), "--out", "d4"] + SWEEP,
                                               r"answer word '' does not tokenize"),
         "overlapping answer sets": (["run", "--config", str(toml), "--out", "d5"] + SWEEP,

@@ -121,3 +121,24 @@ def test_rows_of_several_sites_in_one_batch_equal_separate_rollouts(tiny, tiny_d
                                    equal_nan=True)
     with pytest.raises(ValueError, match="site indices must be in 0..2"):
         rollout(tiny, prompts, coeffs[:2], sites=sites, site=torch.tensor([0, 3]), window=2)
+
+
+@pytest.mark.parametrize("decoder", ["fast", "reference"])
+def test_every_row_ending_before_the_window_ends_the_batch(tiny, tiny_direction, decoder):
+    """All rows stop at EOS early (on the decoders that drop finished rows): the batch ends there,
+    with every record kept."""
+    from isokl_tl.engine import FastDecoder, ReferenceDecoder
+
+    dec = {"fast": FastDecoder, "reference": ReferenceDecoder}[decoder]
+    prompts = _prompts(tiny, 3)
+    coeffs = torch.tensor([0.0, 5.0, 5.0])
+    free = rollout(tiny, prompts, coeffs, direction=tiny_direction.vector, hook=HOOK, window=12, eos=[],
+                   decoder=dec)
+    stops = sorted({int(free.tokens[i, 2]) for i in range(3)})       # every row meets one by token 2
+    r = rollout(tiny, prompts, coeffs, direction=tiny_direction.vector, hook=HOOK, window=12, eos=stops,
+                decoder=dec)
+    assert r.eos.all() and (r.gen_len <= 3).all()
+    for i in range(3):
+        n = int(r.gen_len[i])
+        assert torch.equal(r.tokens[i, :n], free.tokens[i, :n]) and (r.tokens[i, n:] == -1).all()
+        assert not torch.isnan(r.kl[i, :n]).any() and torch.isnan(r.kl[i, n:]).all()

@@ -62,7 +62,6 @@ class GraphDecoder(FastDecoder):
         self.warmed = False           # an eager step has run (compiled kernels) before any capture
         self.captured: Steering | SteeringGroup | None = None   # the steering the graph reads
         self.bias: Tensor | None = None
-        self.scoring: dict | None = None    # the rollout's scoring buffers, kept with the graph
 
     def hold(self, steering: Steering | SteeringGroup | None) -> None:
         """Mark `steering` as the one the graph (about to be captured) reads; its directions become
@@ -73,6 +72,9 @@ class GraphDecoder(FastDecoder):
 
     def run_hooks_every_step(self) -> None:
         self.use_graph = False
+
+    def select(self, rows: Int[Tensor, " keep"]) -> None:
+        raise NotImplementedError("GraphDecoder keeps its batch fixed; finished rows are masked instead")
 
     def adopt(self, steering: Steering | SteeringGroup | None) -> None:
         """Serve a new rollout: its `steering` runs the eager parts (the prefill), and its

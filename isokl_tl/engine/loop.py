@@ -34,7 +34,7 @@ CHECK_EVERY = 16      # fixed-shape decoders: steps between EOS (and NaN) checks
 DecoderFactory = Callable[[HookedTransformer, Steering | SteeringGroup, int], Decoder]   # (model, steering, capacity)
 
 
-@runtime_checkable
+@runtime_checkable                           # beartype checks `observer` arguments against it
 class Observer(Protocol):
     """Something that reads activations while the batch decodes (`isokl_tl.activations.Recorder`):
     its hooks run every step, and before each forward pass it learns which rows are in the batch
@@ -65,14 +65,19 @@ def _reuse_key(model: HookedTransformer, decoder: DecoderFactory, sites: list[Si
             tuple(eos.tolist()), tuple((s.hook, s.method) for s in sites), weights)
 
 
-def check_finite(logits: Tensor, t: int, rows: Tensor, coeff: Tensor) -> None:
+def check_finite(logits: Tensor, t: int, rows: Tensor, has: Tensor, coeff: Tensor) -> None:
+    """Raise (naming the row) if any steered row or base partner has NaN or inf logits: batch row
+    i < n is chunk row `rows[i]`, batch row n + j the partner of `rows[has[j]]`."""
     bad = ~torch.isfinite(logits).all(-1)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        row = int(rows[i % len(rows)])
-        who = "steered" if i < len(rows) else "base"
-        raise ValueError(f"NaN or inf logits at generated token {t} of row {row} ({who} model, "
-                         f"coefficient {float(coeff[row]):.4g}); the coefficient is probably too large")
+        i, n = int(bad.nonzero()[0, 0]), len(rows)
+        if i < n:
+            row = int(rows[i])
+            raise ValueError(f"NaN or inf logits at generated token {t} of row {row} (steered, coefficient "
+                             f"{float(coeff[row]):.4g}); the coefficient is probably too large")
+        row = int(rows[int(has[i - n])])
+        raise ValueError(f"NaN or inf logits at generated token {t} in the base partner of row {row} "
+                         "(the unsteered model itself); check the model's weights and dtype")
 
 
 @torch.no_grad()
@@ -81,7 +86,7 @@ def decode_batch(model: HookedTransformer, prompts: list[list[int]], coeff: Floa
                  sampling: Sampling, eos: Int[Tensor, " eos"], gen: torch.Generator | None,
                  decoder: DecoderFactory, bar=None, observer: Observer | None = None) -> dict[str, Tensor]:
     """Decode and score one batch of rows (prompt ids, coefficient, site index); returns the
-    left-padded prompts and the per-token records (`Scores.RECORDS`), on the CPU."""
+    left-padded prompts and the per-token records (`Scores.empty_records` lists them), on the CPU."""
     dev = model.cfg.device
     b = len(prompts)
     tokens, mask = left_pad(prompts, pad_id(model.tokenizer), dev)
@@ -140,9 +145,9 @@ def _decode(dec: Decoder, logits: Tensor, paired: Tensor, coeff: Tensor, *, wind
         return nxt
 
     for t in range(window):
-        if t % check_every == 0:
-            check_finite(logits, t, rows, coeff)
         last = t == window - 1
+        if t % check_every == 0 or last:
+            check_finite(logits, t, rows, scores.has, coeff)
         if in_graph and not last:              # score t and step to t + 1 in one (captured) call
             if observer is not None:
                 observer.at(t + 1, rows, scores.has)
@@ -173,10 +178,11 @@ def _drop_finished(dec: Decoder, scores: Scores, rows: Tensor, paired: Tensor, f
     if not bool(done.any()):
         return rows, nxt
     n = len(rows)
-    if bool(done.all()):
-        scores.move_out(done, rows, final)
-        return rows[:0], nxt[:0]
     keep = (~done).nonzero()[:, 0]
+    if not len(keep):                        # every row has finished: nothing left to decode
+        scores.move_out(done, rows, final)
+        scores.narrow(keep, paired[rows[keep]])
+        return rows[keep], nxt[:0]
     has = scores.has.cpu()
     partner_kept = (~done)[has].nonzero()[:, 0]
     scores.move_out(done, rows, final)

@@ -146,8 +146,6 @@ class Scores:
     base distribution is (`base_row`, `partner_at`), the EOS ids, the next tokens of the whole
     forward batch (`next`). `buffers` is the dict the Triton kernel takes."""
 
-    RECORDS = ("tokens", "kl", "logprob", "base_agree", "gen_len", "eos")
-
     def __init__(self, buffers: dict):
         self.buffers = buffers
 
@@ -169,41 +167,25 @@ class Scores:
         """Cleared buffers for a batch: `kept`'s, in place, when their shapes match (a kept
         decoder's captured graph writes into the very tensors it was captured with), else new."""
         b, dev = len(paired), eos.device
-        has = paired.nonzero()[:, 0].to(dev)
+        pairing = _pairing(paired, dev)
         st = None if kept is None else kept.buffers
-        if st is None or st["out"]["kl"].shape != (b, window) or st["has"].shape != has.shape \
+        if st is None or st["out"]["kl"].shape != (b, window) or st["has"].shape != pairing["has"].shape \
                 or st["eos_ids"].shape != eos.shape or st["out"]["kl"].device != dev:
-            st = {"out": {"tokens": torch.empty((b, window), dtype=torch.long, device=dev),
-                          "kl": torch.empty((b, window), device=dev),
-                          "logprob": torch.empty((b, window), device=dev),
-                          "base_agree": torch.empty((b, window), dtype=torch.bool, device=dev),
-                          "gen_len": torch.empty(b, dtype=torch.long, device=dev),
-                          "eos": torch.empty(b, dtype=torch.bool, device=dev)},
+            st = {"out": _records(b, window, dev), "eos_ids": eos.clone(),
                   "col": torch.empty(1, dtype=torch.long, device=dev),      # the column t being written
-                  "has": has.clone(), "base_row": base_rows(paired, dev), "eos_ids": eos.clone(),
-                  "partner_at": torch.empty(b, dtype=torch.long, device=dev),
-                  "next": torch.empty(b + len(has), dtype=torch.long, device=dev)}
-        out = st["out"]
-        out["tokens"].fill_(-1)
-        out["kl"].fill_(float("nan"))
-        out["logprob"].fill_(float("nan"))
-        for name in ("base_agree", "gen_len", "eos"):
-            out[name].zero_()
+                  **{k: v.clone() for k, v in pairing.items()}}
+        _clear(st["out"])
         st["col"].zero_()
-        st["has"].copy_(has)
-        st["base_row"].copy_(base_rows(paired, dev))
         st["eos_ids"].copy_(eos)
-        st["partner_at"].fill_(-1).index_copy_(0, has, b + torch.arange(len(has), device=dev))
+        for k, v in pairing.items():             # in place: a captured graph reads these tensors
+            st[k].copy_(v)
         return cls(st)
 
     def empty_records(self) -> dict[str, Tensor]:
-        """CPU records for the whole batch, as padding (token -1, KL and log-prob NaN)."""
-        out = self.buffers["out"]
-        b, window = out["kl"].shape
-        return {"tokens": torch.full((b, window), -1, dtype=torch.long),
-                "kl": torch.full((b, window), float("nan")), "logprob": torch.full((b, window), float("nan")),
-                "base_agree": torch.zeros((b, window), dtype=torch.bool),
-                "gen_len": torch.zeros(b, dtype=torch.long), "eos": torch.zeros(b, dtype=torch.bool)}
+        """CPU records for the whole batch, as padding (token -1, KL and log-prob NaN): per row and
+        generated token `tokens`, `kl`, `logprob`, `base_agree`; per row `gen_len`, `eos`."""
+        b, window = self.buffers["out"]["kl"].shape
+        return _clear(_records(b, window, "cpu"))
 
     def all_done(self) -> bool:
         return bool(self.buffers["out"]["eos"].all())
@@ -216,16 +198,40 @@ class Scores:
     def narrow(self, keep: Int[Tensor, " keep"], paired: Bool[Tensor, " keep"]) -> None:
         """Keep the records of these batch rows only (`paired`: which of them have partners)."""
         st, dev = self.buffers, self.col.device
-        keep = keep.to(dev)
-        st["out"] = {name: v[keep] for name, v in st["out"].items()}
-        has = paired.nonzero()[:, 0].to(dev)
-        b = len(keep)
-        st["has"], st["base_row"] = has, base_rows(paired, dev)
-        st["partner_at"] = torch.full((b,), -1, dtype=torch.long, device=dev).index_copy_(
-            0, has, b + torch.arange(len(has), device=dev))
-        st["next"] = torch.empty(b + len(has), dtype=torch.long, device=dev)
+        st["out"] = {name: v[keep.to(dev)] for name, v in st["out"].items()}
+        st.update(_pairing(paired, dev))
 
     def collect(self, final: dict[str, Tensor], rows: Int[Tensor, " batch"]) -> dict[str, Tensor]:
         """`final` with the records of the rows still in the batch added: every row's records."""
         self.move_out(torch.ones(len(rows), dtype=torch.bool), rows, final)
         return final
+
+
+def _pairing(paired: Bool[Tensor, " batch"], device) -> dict[str, Tensor]:
+    """What the scoring reads about partners: which rows have one (`has`), where each row's base
+    distribution is (`base_row`: its partner's batch row, or itself), each row's partner or -1
+    (`partner_at`), and room for the next tokens of the whole forward batch (`next`)."""
+    b = len(paired)
+    has = paired.nonzero()[:, 0].to(device)
+    partner_at = torch.full((b,), -1, dtype=torch.long, device=device).index_copy_(
+        0, has, b + torch.arange(len(has), device=device))
+    return {"has": has, "base_row": base_rows(paired, device), "partner_at": partner_at,
+            "next": torch.empty(b + len(has), dtype=torch.long, device=device)}
+
+
+def _records(b: int, window: int, device) -> dict[str, Tensor]:
+    return {"tokens": torch.empty((b, window), dtype=torch.long, device=device),
+            "kl": torch.empty((b, window), device=device), "logprob": torch.empty((b, window), device=device),
+            "base_agree": torch.empty((b, window), dtype=torch.bool, device=device),
+            "gen_len": torch.empty(b, dtype=torch.long, device=device),
+            "eos": torch.empty(b, dtype=torch.bool, device=device)}
+
+
+def _clear(out: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Padding everywhere: token -1, KL and log-prob NaN (never 0), nothing generated."""
+    out["tokens"].fill_(-1)
+    out["kl"].fill_(float("nan"))
+    out["logprob"].fill_(float("nan"))
+    for name in ("base_agree", "gen_len", "eos"):
+        out[name].zero_()
+    return out

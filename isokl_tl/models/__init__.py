@@ -5,7 +5,6 @@ Hugging Face checkpoint, a TransformerLens name); `gguf` reads GGUF weights; `ti
 seeded random test model and its tokenizer.
 """
 
-from isokl_tl.models.loading import (DTYPES, EMBEDDED, MODEL_SPECS, TINY, cache_dir, check_spec, load_model,
-                                     parse_dtype)
+from isokl_tl.models.loading import DTYPES, EMBEDDED, MODEL_SPECS, TINY, cache_dir, check_spec, load_model, parse_dtype
 
 __all__ = ["DTYPES", "EMBEDDED", "MODEL_SPECS", "TINY", "cache_dir", "check_spec", "load_model", "parse_dtype"]

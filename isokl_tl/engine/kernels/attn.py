@@ -19,7 +19,7 @@ where Triton's specialisation of its integer arguments changes (values of 1, mul
 `rotate_attend` takes the step's unrotated q, k, v straight from the joined projection: each
 `_partial` program rotates its group's queries, and the program whose slice holds the new position
 rotates and stores the new key and value before reading its slice (one launch per layer fewer than
-`block_triton.rotate_store` followed by `decode_attention`, with the same numbers).
+`kernels.block.rotate_store` followed by `decode_attention`, with the same numbers).
 
 Softmax and accumulation in float32. For bfloat16/float16 models both products run on tensor
 cores in the model's dtype (the probabilities rounded to it for the second, as flash attention and
@@ -49,7 +49,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _rotated(src, cos, sin, row, j, D: tl.constexpr, BF16: tl.constexpr):
-    """Head vectors at `src` (offsets j, the last axis) rotated exactly as `block_triton.rotate_store`
+    """Head vectors at `src` (offsets j, the last axis) rotated exactly as `kernels.block.rotate_store`
     rotates them (its roundings spelled out on the bits), in their own dtype."""
     x = tl.load(src + j)
     turned = tl.load(src + (j + D // 2) % D)             # the half-swap; its sign is in `sin`
@@ -157,8 +157,8 @@ def rotate_attend(q: Float[Tensor, "batch 1 head d_head"], k: Float[Tensor, "bat
                   sin: Float[Tensor, "batch 1 1 d_head"], k_cache: Float[Tensor, "batch kv_head cap d_head"],
                   v_cache: Float[Tensor, "batch kv_head cap d_head"], key_mask: Int[Tensor, "batch cap"],
                   at: Int[Tensor, " 1"], scale: float) -> Float[Tensor, "batch 1 head d_head"]:
-    """`block_triton.rotate_store` and `decode_attention` in one launch fewer: the unrotated q, k, v
-    (consecutive heads of one projection's output: the caller checks `block_triton.joined_views`
+    """`kernels.block.rotate_store` and `decode_attention` in one launch fewer: the unrotated q, k, v
+    (consecutive heads of one projection's output: the caller checks `kernels.block.joined_views`
     and `supports`) are rotated inside the attention kernel, which also stores the new key and
     value at `at`. The same numbers as the two calls (the rotated q is not materialised, so a
     hook on `hook_rot_q` needs the two calls)."""
