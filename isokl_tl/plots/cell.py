@@ -131,11 +131,12 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
 
 
 @styled
-def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None, window: int | None = None
-                  ) -> Axes:
+def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None, window: int | None = None,
+                  legend: bool = True) -> Axes:
     """Kaplan-Meier step curves per alpha with their 95% log-log bands. Curves that coincide (all
     alive, all dead at the first fork) are drawn a hair apart (at most 0.03 in S) with their own
-    line styles, so that each stays visible; the legend is outside the axes."""
+    line styles, so that each stays visible, which the x label says; the legend (`legend`) is
+    outside the axes."""
     ax = _ax(ax, size=(6, 3.5))
     palette = sns.color_palette("rocket_r", len(curves))
     styles = ["-", "--", "-.", ":"]
@@ -150,10 +151,11 @@ def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None,
         lo = np.concatenate([[1.0], c.ci_low, c.ci_low[-1:]])
         hi = np.concatenate([[1.0], c.ci_high, c.ci_high[-1:]])
         ax.fill_between(t, lo, hi, step="post", color=color, alpha=0.10)
-    note = "\n(curves that coincide are offset by at most ±0.015 to stay visible)" if n > 1 else ""
+    note = "\n(curves that coincide are offset by at most ±0.015 to stay visible)" if n > 1 and legend else ""
     ax.set(ylim=(-0.05, 1.05), xlabel="fork token t" + note, ylabel="S(t): share still answering",
            title="Kaplan-Meier survival (95% log-log bands)")
-    ax.legend(title="alpha", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if legend:
+        ax.legend(title="alpha", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 

@@ -20,14 +20,22 @@ def plot_methods(results: dict[str, tuple[Rollouts, dict[float, SurvivalCurve], 
         fig = plt.figure(figsize=(3.2 * len(results), 6))
     axes = fig.subplots(2, len(results), sharey="row", squeeze=False)
     for j, (name, (r, curves, c_star)) in enumerate(results.items()):
-        plot_kl_bands(r, target=1.0, ax=axes[0, j], legend=j == 0)
+        plot_kl_bands(r, target=1.0, ax=axes[0, j], legend=False)
         axes[0, j].set_title(f"{name}  (c* = {c_star:.3g})")
-        plot_survival(curves, ax=axes[1, j])
+        plot_survival(curves, ax=axes[1, j], legend=False)
         axes[1, j].set_title("")
         if j:
             axes[0, j].set(ylabel="")
             axes[1, j].set(ylabel="")
-            axes[1, j].get_legend().remove()
+    # one key for the whole figure, to the right of it (saved with bbox_inches="tight")
+    bands = axes[0, 0].get_legend_handles_labels()
+    steps = axes[1, 0].get_legend_handles_labels()
+    fig.legend(*bands, title="per-token KL: alpha\n(median; bands 25-75%, 10-90%)", fontsize=7,
+               title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.legend(*steps, title="Kaplan-Meier: alpha", fontsize=7, title_fontsize=7, loc="upper left",
+               bbox_to_anchor=(1.0, 0.45))
+    fig.text(0.5, -0.01, "survival curves that coincide are offset by at most ±0.015 to stay visible",
+             ha="center", va="top", fontsize=7, color="0.35")
     return axes
 
 
