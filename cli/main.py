@@ -93,6 +93,29 @@ def models() -> None:
         click.echo(f"{spec:24s} {what}")
 
 
+@main.command("check-model")
+@click.argument("spec", required=False)
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu or cuda.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Weight and activation dtype.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+@user_errors
+def check_model_cmd(spec, device, dtype, as_json) -> None:
+    """Load SPEC (default: the embedded model) and say what a run will get: its architecture, hook
+    points, default hook, decode path (and why, when it is TransformerLens's own forward), and the
+    decode path's max |logit difference| from TransformerLens's forward on a short steered
+    sequence."""
+    import json
+
+    from isokl_tl.model_check import check_model
+    from isokl_tl.models import EMBEDDED
+    from isokl_tl.run import check_device
+
+    check_device(device)
+    report = check_model(spec or EMBEDDED, device=device, dtype=dtype)
+    click.echo(json.dumps(report.to_dict()) if as_json else report.to_text())
+
+
 @main.command()
 @model_options
 @hook_options

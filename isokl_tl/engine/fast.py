@@ -49,7 +49,6 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
         (not (c.use_attn_in or c.use_split_qkv_input), "split Q/K/V inputs"),
         (not c.parallel_attn_mlp, "parallel attention and MLP"),
         (not c.use_normalization_before_and_after, "post-sublayer norms"),
-        (not getattr(c, "use_qk_norm", False), "per-head QK norm"),
         (getattr(c, "clip_qkv", None) is None, "clipped Q/K/V"),
         (not getattr(c, "use_logn_attn", False), "log-n attention scaling"),
         (not getattr(c, "use_dynamic_ntk_rope", False), "dynamic NTK rotary"),
@@ -103,6 +102,7 @@ class FastDecoder(Decoder):
         self.n_own: int | None = None
         self.partner_of: Tensor | None = None
         self.post_norm = cfg.original_architecture in POST_NORM
+        self.head_norm = bool(getattr(cfg, "use_qk_norm", False)) and not self.post_norm   # Qwen3's QK norm
 
     def share_prefix(self, n_own: int, partner_of: Int[Tensor, " partner"], split: int) -> None:
         """Declare that batch rows `n_own + j` repeat row `partner_of[j]` up to block `split`: same
@@ -125,13 +125,16 @@ class FastDecoder(Decoder):
         """Block i up to its (unrotated) Q, K and V, with TransformerLens's hooks: returns the
         hooked residual and q, k, v. Pre-norm blocks normalise the input (`x`: already
         normalised, by `_add_norm`); OLMo-2 blocks (post-norm) do not, and normalise the whole
-        projected Q and K instead (QK norm)."""
+        projected Q and K instead (QK norm); Qwen3 blocks normalise each head of Q and K."""
         block = self.model.blocks[i]
         attn = block.attn
         if x is None:
             resid = block.hook_resid_pre(resid)
             x = resid if self.post_norm else self.norm(block.ln1, resid)
         q, k, v = fusion.qkv(attn, self.joined[i], x, self.linear)    # fires hook_q/k/v
+        if self.head_norm:                  # as TransformerLens: RMSNorm over d_head, rows flattened
+            q = self.norm(attn.q_norm, q.reshape(-1, q.shape[-1])).reshape(q.shape)
+            k = self.norm(attn.k_norm, k.reshape(-1, k.shape[-1])).reshape(k.shape)
         if self.post_norm:
             q = self.norm(attn.q_norm, q.reshape(*q.shape[:2], -1)).reshape(q.shape)
             k = self.norm(attn.k_norm, k.reshape(*k.shape[:2], -1)).reshape(k.shape)

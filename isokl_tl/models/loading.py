@@ -22,6 +22,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from isokl_tl.engine import relayout_for_decode
 from isokl_tl.models.gguf import read_gguf
+from isokl_tl.models.hf_configs import config_dict, neutral_alias
 from isokl_tl.models.tiny import tiny_model
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -78,14 +79,29 @@ def _file_key(path: Path) -> str:
 def _build(cfg: HookedTransformerConfig, state_dict: dict[str, torch.Tensor]) -> HookedTransformer:
     with torch.device("meta"):
         model = HookedTransformer(cfg, move_to_device=False)
+    state_dict = _fit_biases(model, state_dict)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     params = {n for n, _ in model.named_parameters()}
     if unexpected or params & set(missing):
-        raise ValueError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
+        raise ValueError(f"weights do not fit the config: missing {sorted(params & set(missing))[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     # Buffers (causal masks, rotary tables) are not in the state dict: rebuild them off meta.
     _rebuild_buffers(model)
     return model
+
+
+def _fit_biases(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TransformerLens's converters leave out biases that some families lack (OLMo's, GPT-2's
+    unembedding bias) and write zero biases the model has no place for (Phi-3's norms): both are
+    zero, so the first are filled with zeros and the second dropped, which computes the same
+    function. A non-zero tensor without a place, or a missing weight, still fails in `_build`."""
+    params = dict(model.named_parameters())
+    out = {k: v for k, v in state_dict.items()
+           if k in params or not (k.rsplit(".", 1)[-1].lstrip("_").startswith("b") and not v.any())}
+    for name, p in params.items():
+        if name not in out and name.rsplit(".", 1)[-1].lstrip("_").startswith("b"):
+            out[name] = torch.zeros(p.shape, dtype=model.cfg.dtype)
+    return out
 
 
 def _rebuild_buffers(model: HookedTransformer) -> None:
@@ -154,47 +170,17 @@ def _load_gguf_file(path: Path, n_ctx: int, dtype: torch.dtype):
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):
-    from transformer_lens.loading_from_pretrained import (
-        convert_hf_model_config,
-        get_pretrained_state_dict,
-    )
+    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        cfg_dict = convert_hf_model_config(str(path))
-    except NotImplementedError as e:
-        cfg_dict = _olmo2_config(path)
-        if cfg_dict is None:
-            raise ValueError(f"checkpoint {str(path)!r}: {e} (by TransformerLens 3.9's converter)") from None
+    cfg_dict = config_dict(path)
     cfg_dict["dtype"] = dtype
     cfg_dict["default_prepend_bos"] = False
     cfg = HookedTransformerConfig(**cfg_dict)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    sd = get_pretrained_state_dict(str(path), cfg, hf_model=hf, dtype=dtype)
+    with neutral_alias(path) as alias:
+        sd = get_pretrained_state_dict(str(alias), cfg, hf_model=hf, dtype=dtype)
     return cfg, sd, AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def _olmo2_config(path: Path) -> dict | None:
-    """TransformerLens 3.9 converts OLMo-2 weights (`convert_olmo2_weights`) but builds its config
-    only from the two official model names; for a local OLMo-2 checkpoint build the same config
-    from the checkpoint's own config.json. None for other architectures."""
-    from transformers import AutoConfig
-
-    hf = AutoConfig.from_pretrained(path, local_files_only=True)
-    if "Olmo2ForCausalLM" not in (hf.architectures or []):
-        return None
-    d_head = hf.hidden_size // hf.num_attention_heads
-    kv = hf.num_key_value_heads
-    return {"d_model": hf.hidden_size, "d_head": d_head, "n_heads": hf.num_attention_heads,
-            "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
-            "n_ctx": hf.max_position_embeddings, "eps": hf.rms_norm_eps, "d_vocab": hf.vocab_size,
-            "act_fn": hf.hidden_act, "initializer_range": hf.initializer_range,
-            "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": d_head,
-            "rotary_base": float(getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]),
-            "attn_types": ["global"] * hf.num_hidden_layers, "gated_mlp": True,
-            "n_key_value_heads": kv if kv != hf.num_attention_heads else None,
-            "tie_word_embeddings": bool(hf.tie_word_embeddings),
-            "original_architecture": "Olmo2ForCausalLM", "tokenizer_name": str(path)}
 
 
 def _is_tl_name(spec: str) -> bool:

@@ -1,0 +1,90 @@
+"""Random-init local Hugging Face checkpoints of every decoder family, made offline.
+
+`make_checkpoint(family, where)` builds a small `transformers` model of that family from its config
+class, saves it with the tiny BPE tokenizer (`models.tiny`), and returns the directory: what a
+user's local checkpoint looks like, with no download. Tests load these to check each family
+against `transformers`' own logits; `benchmarks/` builds full-size shapes the same way.
+"""
+
+from pathlib import Path
+
+import torch
+
+# family -> (transformers config class, model class, small config fields)
+_SMALL = dict(max_position_embeddings=256)
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM",
+                dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                     window_size=8, **_SMALL)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      rotary_pct=0.25, **_SMALL)),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
+                 **_SMALL)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, **_SMALL)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM",
+               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                    **_SMALL)),
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, sliding_window=None, **_SMALL)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, **_SMALL)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, **_SMALL)),
+    "phi": ("PhiConfig", "PhiForCausalLM",
+            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 partial_rotary_factor=0.5, **_SMALL)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, **_SMALL)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM",
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=16, **_SMALL)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **_SMALL)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"], **_SMALL)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM",
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **_SMALL)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM",
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=4, initializer_range=0.2, **_SMALL)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, sliding_window=8, initializer_range=0.2, **_SMALL)),
+}
+
+
+def make_checkpoint(family: str, where: str | Path, *, seed: int = 0, **fields) -> Path:
+    """Save a random-init `family` model (small unless `fields` say otherwise) and the tiny
+    tokenizer into `where`; returns `where`."""
+    import transformers
+
+    from isokl_tl.models.tiny import tiny_tokenizer
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    config_cls, model_cls, small = FAMILIES[family]
+    tok = tiny_tokenizer()
+    cfg = getattr(transformers, config_cls)(**{**small, "vocab_size": len(tok), "eos_token_id": None,
+                                               "pad_token_id": None, "bos_token_id": None, **fields})
+    cfg.architectures = [model_cls]
+    torch.manual_seed(seed)
+    where = Path(where)
+    getattr(transformers, model_cls)(cfg).eval().save_pretrained(where)
+    tok.save_pretrained(where)
+    return where

@@ -1,0 +1,85 @@
+"""Every decoder family loads from a local checkpoint (random-init, made offline with
+`transformers`), matches `transformers`' own logits, and, where it gets a fast decoder, decodes
+exactly as TransformerLens's forward does."""
+
+import pytest
+import torch
+from parity import same_as_reference
+
+from isokl_tl.engine import FastDecoder, GraphDecoder, decode_path
+from isokl_tl.models import load_model
+from isokl_tl.models.checkpoints import FAMILIES, make_checkpoint
+
+# the families the fast decoders cover; every other one decodes on TransformerLens's forward, with a reason
+FAST = ("llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return lambda family: make_checkpoint(family, root / family) if not (root / family).exists() else root / family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_loads_and_matches_transformers(family, checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    where = checkpoints(family)
+    model = load_model(str(where))
+    hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert theirs.abs().max() > 1e-2                       # the random model says something
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    path = decode_path(model)
+    assert (path.reason is None) == (path.name != "reference") == (family in FAST), (family, path)
+
+
+@pytest.mark.parametrize("family", FAST)
+def test_fast_decoders_are_exact_for_each_family_they_cover(family, checkpoints):
+    model = load_model(str(checkpoints(family)))
+    assert decode_path(model).reason is None
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    kw = dict(direction=v / v.norm(), hook="blocks.1.hook_resid_post", window=8, eos=[])
+    for decoder in (FastDecoder, GraphDecoder):
+        got, _ = same_as_reference(model, decoder, [list(range(5, 15)), list(range(40, 46))],
+                                   torch.tensor([3.0, 0.0]), **kw)
+    assert got.kl[0].max() > 1e-4
+
+
+def test_check_model_reports_path_reason_and_parity(checkpoints, tiny):
+    from isokl_tl.engine import ReferenceDecoder
+    from isokl_tl.model_check import check_model, decode_parity
+
+    fast = check_model(str(checkpoints("llama")))
+    assert (fast.architecture, fast.decode_path, fast.reason) == ("LlamaForCausalLM", "fast", None)
+    assert fast.default_hook == "blocks.1.hook_resid_post" and fast.parity_max_abs_logit_diff < 1e-4
+    ref = check_model(str(checkpoints("gpt2")))
+    assert ref.decode_path == "reference" and ref.reason == "positional embeddings are not rotary"
+    # every decoder, the fixed-shape one too (it hands back one logits buffer, step after step)
+    for decoder in (FastDecoder, GraphDecoder, ReferenceDecoder):
+        assert decode_parity(tiny, "blocks.2.hook_resid_post", decoder=decoder) < 1e-4
+    # and the measure is not blind: a decoder that hands back stale logits is far off
+    class Stale(FastDecoder):
+        def prefill(self, tokens, mask):
+            self.first = super().prefill(tokens, mask)
+            return self.first
+
+        def step(self, tokens):
+            super().step(tokens)
+            return self.first
+    assert decode_parity(tiny, "blocks.2.hook_resid_post", decoder=Stale) > 1e-2
+
+
+def test_check_model_command_prints_json(checkpoints):
+    import json
+
+    from click.testing import CliRunner
+    from isokl_tl_cli.main import main
+
+    res = CliRunner().invoke(main, ["check-model", str(checkpoints("gemma2")), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert {"architecture", "decode_path", "reason", "parity_max_abs_logit_diff"} <= set(report)
+    assert report["architecture"] == "Gemma2ForCausalLM" and report["reason"] == "post-sublayer norms"
