@@ -36,7 +36,8 @@ MODEL_SPECS = {
     TINY: "a seeded random Llama-like model (4 layers, d_model 64, GQA, rotary) with a small BPE "
     "tokenizer; for tests",
     "PATH.gguf": "a llama-architecture GGUF file",
-    "DIR": "a local Hugging Face checkpoint directory (config.json + weights + tokenizer)",
+    "DIR": "a local Hugging Face checkpoint directory (config.json + weights + tokenizer) of a dense "
+    "decoder family: GPT-2, GPT-Neo/J, GPT-NeoX, OPT, Llama, Mistral, Qwen2/3, Phi, Phi-3, Gemma 1/2/3, OLMo 1/2/3",
     "NAME": "a TransformerLens model name, e.g. gpt2 (loaded from the hub: needs the network)",
 }
 
