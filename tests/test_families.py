@@ -11,7 +11,8 @@ from isokl_tl.models import load_model
 from isokl_tl.models.checkpoints import FAMILIES, make_checkpoint
 
 # the families the fast decoders cover; every other one decodes on TransformerLens's forward, with a reason
-FAST = ("llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2")
+FAST = ("llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3",
+        "olmo2")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,9 @@ def test_each_family_loads_and_matches_transformers(family, checkpoints):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     path = decode_path(model)
     assert (path.reason is None) == (path.name != "reference") == (family in FAST), (family, path)
+    if family in ("gemma2", "gemma3", "mistral_window"):             # their sliding windows are real
+        assert model.cfg.window_size == (6 if family == "mistral_window" else 8)
+        assert "local" in [b.attn.attn_type for b in model.blocks]
 
 
 @pytest.mark.parametrize("family", FAST)
@@ -41,7 +45,7 @@ def test_fast_decoders_are_exact_for_each_family_they_cover(family, checkpoints)
     model = load_model(str(checkpoints(family)))
     assert decode_path(model).reason is None
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
-    kw = dict(direction=v / v.norm(), hook="blocks.1.hook_resid_post", window=8, eos=[])
+    kw = dict(direction=v / v.norm(), hook="blocks.1.hook_resid_post", window=10, eos=[])   # past any sliding window
     for decoder in (FastDecoder, GraphDecoder):
         got, _ = same_as_reference(model, decoder, [list(range(5, 15)), list(range(40, 46))],
                                    torch.tensor([3.0, 0.0]), **kw)
@@ -78,8 +82,17 @@ def test_check_model_command_prints_json(checkpoints):
     from click.testing import CliRunner
     from isokl_tl_cli.main import main
 
-    res = CliRunner().invoke(main, ["check-model", str(checkpoints("gemma2")), "--json"])
+    res = CliRunner().invoke(main, ["check-model", str(checkpoints("gpt_neox")), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert {"architecture", "decode_path", "reason", "parity_max_abs_logit_diff"} <= set(report)
-    assert report["architecture"] == "Gemma2ForCausalLM" and report["reason"] == "post-sublayer norms"
+    assert report["architecture"] == "GPTNeoXForCausalLM" and report["reason"] == "normalisation is not RMSNorm"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_a_bfloat16_load_holds_every_weight_in_bfloat16(family, checkpoints):
+    """Converters that compute in float32 (Gemma's norm weights) must not leave float32 tensors in a
+    bfloat16 model, where TransformerLens's own forward would fail on them."""
+    model = load_model(str(checkpoints(family)), dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(torch.tensor([list(range(5, 15))])).dtype == torch.bfloat16

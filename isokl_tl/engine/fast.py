@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl.engine import cpu_linear, fusion
+from isokl_tl.engine import attention, cpu_linear, fusion
 from isokl_tl.engine.decoder import Decoder
 from isokl_tl.engine.kv_cache import KVCache
 from isokl_tl.engine.scoring import triton_available
@@ -48,13 +48,12 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
         (c.gated_mlp, "the MLP is not gated"),
         (not (c.use_attn_in or c.use_split_qkv_input), "split Q/K/V inputs"),
         (not c.parallel_attn_mlp, "parallel attention and MLP"),
-        (not c.use_normalization_before_and_after, "post-sublayer norms"),
         (getattr(c, "clip_qkv", None) is None, "clipped Q/K/V"),
         (not getattr(c, "use_logn_attn", False), "log-n attention scaling"),
         (not getattr(c, "use_dynamic_ntk_rope", False), "dynamic NTK rotary"),
         (not getattr(c, "use_attention_sinks", False), "attention sinks"),
-        (not (getattr(c, "attn_scores_soft_cap", -1.0) or -1.0) > 0, "attention logit soft-capping"),
-        (c.attn_types is None or set(c.attn_types) == {"global"}, "local attention"),
+        (c.attn_types is None or set(c.attn_types) == {"global"} or isinstance(c.window_size, int),
+         "local attention without a window size"),
         (c.n_devices == 1, "a model split over devices"),
         (not c.load_in_4bit, "4-bit weights"),
         (c.original_architecture not in ("Olmo3ForCausalLM", "OlmoeForCausalLM"),
@@ -103,6 +102,11 @@ class FastDecoder(Decoder):
         self.partner_of: Tensor | None = None
         self.post_norm = cfg.original_architecture in POST_NORM
         self.head_norm = bool(getattr(cfg, "use_qk_norm", False)) and not self.post_norm   # Qwen3's QK norm
+        self.sandwich = bool(cfg.use_normalization_before_and_after)    # Gemma 2/3: norms after sublayers too
+        self.cap = attention.cap_of(getattr(cfg, "attn_scores_soft_cap", None))
+        self.logit_cap = attention.cap_of(getattr(cfg, "output_logits_soft_cap", None))
+        # per layer: the sliding window (local layers), or None
+        self.windows = [cfg.window_size if b.attn.attn_type == "local" else None for b in model.blocks]
 
     def share_prefix(self, n_own: int, partner_of: Int[Tensor, " partner"], split: int) -> None:
         """Declare that batch rows `n_own + j` repeat row `partner_of[j]` up to block `split`: same
@@ -163,6 +167,8 @@ class FastDecoder(Decoder):
         z = attn.hook_z(z)
         w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
         attn_out = self.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
+        if self.sandwich:
+            attn_out = self.norm(block.ln1_post, attn_out)
         if self.post_norm:
             attn_out = self.norm(block.ln1, attn_out)
             resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
@@ -170,7 +176,10 @@ class FastDecoder(Decoder):
             mlp_out = self.norm(block.ln2, mlp_out)
             return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out)), None
         resid_mid, x = self._add_norm(resid, block.hook_attn_out(attn_out), [block.hook_resid_mid], block.ln2)
-        mlp_out = block.hook_mlp_out(fusion.mlp(block.mlp, self.joined[i], x, self.kernels, self.linear))
+        mlp_out = fusion.mlp(block.mlp, self.joined[i], x, self.kernels, self.linear)
+        if self.sandwich:
+            mlp_out = self.norm(block.ln2_post, mlp_out)
+        mlp_out = block.hook_mlp_out(mlp_out)
         if i + 1 == m.cfg.n_layers:
             return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], m.ln_final)
         if i + 1 == self.split:             # the residual is widened before the next block
@@ -187,8 +196,12 @@ class FastDecoder(Decoder):
         x = self._last_normed(resid, x)
         u = self.model.unembed
         if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
-            return self.linear(x[:, -1], u.W_U.T, u.b_U)
-        return u(x)[:, -1]
+            return attention.soft_cap(self.linear(x[:, -1], u.W_U.T, u.b_U), self.logit_cap)
+        return attention.soft_cap(u(x)[:, -1], self.logit_cap)
+
+    def exact(self, i: int) -> bool:
+        """Whether layer i attends in `engine.attention` (soft-capped or windowed), not SDPA."""
+        return self.cap is not None or self.windows[i] is not None
 
     def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor, sin: Tensor
                ) -> tuple[Tensor, Tensor | None]:
@@ -196,6 +209,15 @@ class FastDecoder(Decoder):
         q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
         q = self.model.blocks[i].attn.hook_rot_q(q)
         keys, values = self.cache.write(i, k, v)
+        if self.exact(i):
+            mask = attn_mask
+            if self.windows[i] is not None:
+                start = self.cache.length
+                cols = torch.arange(start, start + q.shape[1], device=q.device)
+                mask = mask & attention.in_window(cols, keys.shape[2], self.windows[i])
+            z = attention.exact_attention(q, keys, values, mask, attn_scale=self.model.blocks[i].attn.attn_scale,
+                                          cap=self.cap)
+            return self._finish(i, resid, z)
         return self._finish(i, resid, self._attend(q, keys, values, attn_mask))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

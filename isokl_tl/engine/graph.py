@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from isokl_tl.engine import fusion
+from isokl_tl.engine import attention, fusion
 from isokl_tl.engine.fast import FastDecoder
 from isokl_tl.hooks import Steering, SteeringGroup
 
@@ -119,7 +119,7 @@ class GraphDecoder(FastDecoder):
         cos, sin = cos[:len(q)], sin[:len(q)]                # fewer rows below a shared split
         rows = self._rows(i)
         joined = self.rotate_in_kernel and self.kernels.joined_views(q, k, v)
-        fits = self.attention is not None and self.attention.supports(q, self.cache.k[i])
+        fits = self.attention is not None and not self.exact(i) and self.attention.supports(q, self.cache.k[i])
         if (joined and fits and self.rotate_in_attention
                 and not fusion.has_hook(self.model.blocks[i].attn.hook_rot_q)):
             z = self.attention.rotate_attend(q, k, v, cos, sin, self.cache.k[i], self.cache.v[i], self.cache.mask[:rows],
@@ -132,6 +132,13 @@ class GraphDecoder(FastDecoder):
             self.cache.k[i].index_copy_(2, self.write_at, k.transpose(1, 2))
             self.cache.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
         q = self.model.blocks[i].attn.hook_rot_q(q)
+        if self.exact(i):                   # soft-capped or windowed: as TransformerLens computes it
+            mask = self.cache.mask[:rows].bool()[:, None, None, :]
+            if self.windows[i] is not None:
+                mask = mask & attention.in_window(self.write_at, self.cache.capacity, self.windows[i])
+            z = attention.exact_attention(q, self.cache.k[i], self.cache.v[i], mask,
+                                          attn_scale=self.model.blocks[i].attn.attn_scale, cap=self.cap)
+            return self._finish(i, resid, z)
         if self.attention is not None and self.attention.supports(q, self.cache.k[i]):    # q as the hook left it
             z = self.attention.decode_attention(q, self.cache.k[i], self.cache.v[i], self.cache.mask[:rows], self.write_at,
                                                 self.scale)
@@ -163,6 +170,8 @@ class GraphDecoder(FastDecoder):
         if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
             # straight into the logits buffer: F.linear's own call, without a [batch, d_vocab] copy
             torch.addmm(u.b_U, self._last_normed(resid, x)[:, -1], u.W_U, out=self.logits)
+            if self.logit_cap is not None:  # in place, as `attention.soft_cap` computes it
+                self.logits.div_(self.logit_cap).tanh_().mul_(self.logit_cap)
         else:
             self.logits.copy_(self._logits(resid, x))
         self.pos_ids += 1

@@ -80,7 +80,9 @@ def _file_key(path: Path) -> str:
 def _build(cfg: HookedTransformerConfig, state_dict: dict[str, torch.Tensor]) -> HookedTransformer:
     with torch.device("meta"):
         model = HookedTransformer(cfg, move_to_device=False)
-    state_dict = _fit_biases(model, state_dict)
+    # in the model's dtype: some converters compute tensors in float32 (Gemma's norm weights, + 1)
+    state_dict = {k: v.to(cfg.dtype) if v.is_floating_point() else v
+                  for k, v in _fit_biases(model, state_dict).items()}
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     params = {n for n, _ in model.named_parameters()}
     if unexpected or params & set(missing):
