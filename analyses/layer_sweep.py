@@ -4,7 +4,7 @@ depth in the embedded SmolLM2-135M-Instruct (mean_diff, casual-vs-formal pairs)?
 
 Regenerates figures/layers.png and figures/layers.md:
 
-    python analyses/layer_sweep.py            # about 8 minutes on 2 CPU cores
+    python analyses/layer_sweep.py            # about 5 minutes on 2 CPU cores
 """
 
 from pathlib import Path

@@ -7,7 +7,7 @@ sweep, fork pmass, survival) with the same prompts, window, alphas and death rul
 their per-token KL bands and Kaplan-Meier curves side by side. Regenerates
 figures/method_comparison.png and figures/method_comparison.md:
 
-    python analyses/method_comparison.py          # about 7 minutes on 2 CPU cores
+    python analyses/method_comparison.py          # about 5 minutes on 2 CPU cores
 
 Run directories go to runs/methods/<method>; a rerun reuses finished stages.
 """

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import click
 import pytest
 from click.testing import CliRunner
 from isokl_tl_cli.main import main
@@ -19,7 +20,10 @@ def test_every_command_has_help():
     for name, cmd in main.commands.items():
         assert cmd.help, f"command {name} has no help text"
         for p in cmd.params:
-            assert getattr(p, "help", None), f"option {p.name} of {name} has no help"
+            if isinstance(p, click.Argument):     # click arguments take no help: the command's names them
+                assert p.name.upper() in cmd.help, f"the help of {name} does not say what {p.name.upper()} is"
+            else:
+                assert p.help, f"option {p.name} of {name} has no help"
     assert _invoke(["--help"]).exit_code == 0
 
 
