@@ -72,9 +72,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def make_checkpoint(family: str, where: str | Path, *, seed: int = 0, **fields) -> Path:
-    """Save a random-init `family` model (small unless `fields` say otherwise) and the tiny
-    tokenizer into `where`; returns `where`."""
+def make_checkpoint(family: str, where: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **fields) -> Path:
+    """Save a random-init `family` model (small unless `fields` say otherwise), in `dtype`, and
+    the tiny tokenizer into `where`; returns `where`."""
     import transformers
 
     from isokl_tl.models.tiny import tiny_tokenizer
@@ -88,6 +89,6 @@ def make_checkpoint(family: str, where: str | Path, *, seed: int = 0, **fields) 
     cfg.architectures = [model_cls]
     torch.manual_seed(seed)
     where = Path(where)
-    getattr(transformers, model_cls)(cfg).eval().save_pretrained(where)
+    getattr(transformers, model_cls)(cfg).to(dtype).eval().save_pretrained(where)
     tok.save_pretrained(where)
     return where
