@@ -11,8 +11,8 @@ from isokl_tl.models import load_model
 from isokl_tl.models.checkpoints import FAMILIES, make_checkpoint
 
 # the families the fast decoders cover; every other one decodes on TransformerLens's forward, with a reason
-FAST = ("llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3",
-        "olmo2")
+FAST = ("gptj", "gpt_neox", "llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3", "phi", "phi3", "gemma",
+        "gemma2", "gemma3", "olmo", "olmo2")
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,11 @@ def test_check_model_command_prints_json(checkpoints):
     from click.testing import CliRunner
     from isokl_tl_cli.main import main
 
-    res = CliRunner().invoke(main, ["check-model", str(checkpoints("gpt_neox")), "--json"])
+    res = CliRunner().invoke(main, ["check-model", str(checkpoints("opt")), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert {"architecture", "decode_path", "reason", "parity_max_abs_logit_diff"} <= set(report)
-    assert report["architecture"] == "GPTNeoXForCausalLM" and report["reason"] == "normalisation is not RMSNorm"
+    assert report["architecture"] == "OPTForCausalLM" and report["reason"] == "positional embeddings are not rotary"
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama"])

@@ -44,10 +44,8 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     c = model.cfg
     checks = [
         (c.positional_embedding_type == "rotary", "positional embeddings are not rotary"),
-        (c.normalization_type == "RMS", "normalisation is not RMSNorm"),
-        (c.gated_mlp, "the MLP is not gated"),
+        (c.normalization_type in ("RMS", "LN", "LNPre", "RMSPre"), f"normalisation {c.normalization_type}"),
         (not (c.use_attn_in or c.use_split_qkv_input), "split Q/K/V inputs"),
-        (not c.parallel_attn_mlp, "parallel attention and MLP"),
         (getattr(c, "clip_qkv", None) is None, "clipped Q/K/V"),
         (not getattr(c, "use_logn_attn", False), "log-n attention scaling"),
         (not getattr(c, "use_dynamic_ntk_rope", False), "dynamic NTK rotary"),
@@ -103,6 +101,7 @@ class FastDecoder(Decoder):
         self.post_norm = cfg.original_architecture in POST_NORM
         self.head_norm = bool(getattr(cfg, "use_qk_norm", False)) and not self.post_norm   # Qwen3's QK norm
         self.sandwich = bool(cfg.use_normalization_before_and_after)    # Gemma 2/3: norms after sublayers too
+        self.parallel = bool(cfg.parallel_attn_mlp)         # GPT-J, GPT-NeoX, Phi: both read resid_pre
         self.cap = attention.cap_of(getattr(cfg, "attn_scores_soft_cap", None))
         self.logit_cap = attention.cap_of(getattr(cfg, "output_logits_soft_cap", None))
         # per layer: the sliding window (local layers), or None
@@ -169,6 +168,11 @@ class FastDecoder(Decoder):
         attn_out = self.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
         if self.sandwich:
             attn_out = self.norm(block.ln1_post, attn_out)
+        if self.parallel:                   # resid_post = resid_pre + attn(ln1(.)) + mlp(ln2(.)), as TL adds them
+            attn_out = block.hook_attn_out(attn_out)
+            mlp_in = self.norm(block.ln2, resid)
+            mlp_out = block.hook_mlp_out(fusion.mlp(block.mlp, self.joined[i], mlp_in, self.kernels, self.linear))
+            return block.hook_resid_post(resid + attn_out + mlp_out), None
         if self.post_norm:
             attn_out = self.norm(block.ln1, attn_out)
             resid_mid = block.hook_resid_mid(resid + block.hook_attn_out(attn_out))
