@@ -1,8 +1,8 @@
 import json
 
+import click
 import numpy as np
 import pandas as pd
-import click
 import pytest
 from click.testing import CliRunner
 from isokl_tl_cli.main import main
