@@ -11,8 +11,8 @@ from isokl_tl.models import load_model
 from isokl_tl.models.checkpoints import FAMILIES, make_checkpoint
 
 # the families the fast decoders cover; every other one decodes on TransformerLens's forward, with a reason
-FAST = ("gptj", "gpt_neox", "llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3", "phi", "phi3", "gemma",
-        "gemma2", "gemma3", "olmo", "olmo2")
+FAST = ("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3",
+        "phi", "phi3", "gemma", "gemma2", "gemma3", "olmo", "olmo2")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_check_model_reports_path_reason_and_parity(checkpoints, tiny):
     fast = check_model(str(checkpoints("llama")))
     assert (fast.architecture, fast.decode_path, fast.reason) == ("LlamaForCausalLM", "fast", None)
     assert fast.default_hook == "blocks.1.hook_resid_post" and fast.parity_max_abs_logit_diff < 1e-4
-    ref = check_model(str(checkpoints("gpt2")))
-    assert ref.decode_path == "reference" and ref.reason == "positional embeddings are not rotary"
+    ref = check_model(str(checkpoints("olmo3")))
+    assert ref.decode_path == "reference" and ref.reason.startswith("OLMo-3 / OLMoE blocks")
     # every decoder, the fixed-shape one too (it hands back one logits buffer, step after step)
     for decoder in (FastDecoder, GraphDecoder, ReferenceDecoder):
         assert decode_parity(tiny, "blocks.2.hook_resid_post", decoder=decoder) < 1e-4
@@ -82,11 +82,11 @@ def test_check_model_command_prints_json(checkpoints):
     from click.testing import CliRunner
     from isokl_tl_cli.main import main
 
-    res = CliRunner().invoke(main, ["check-model", str(checkpoints("opt")), "--json"])
+    res = CliRunner().invoke(main, ["check-model", str(checkpoints("olmo3")), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert {"architecture", "decode_path", "reason", "parity_max_abs_logit_diff"} <= set(report)
-    assert report["architecture"] == "OPTForCausalLM" and report["reason"] == "positional embeddings are not rotary"
+    assert report["architecture"] == "Olmo3ForCausalLM" and report["reason"].startswith("OLMo-3")
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama"])

@@ -72,8 +72,8 @@ def test_unsupported_architecture_is_named():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(d_model=16, d_head=4, n_heads=4, n_layers=1, n_ctx=32, d_vocab=50,
-                                  act_fn="gelu", normalization_type="LN")
-    assert unsupported_reason(HookedTransformer(cfg)) == "positional embeddings are not rotary"
+                                  act_fn="gelu", normalization_type="LN", positional_embedding_type="shortformer")
+    assert unsupported_reason(HookedTransformer(cfg)) == "shortformer positional embeddings"
 
 
 def test_capacity_is_enforced(tiny):

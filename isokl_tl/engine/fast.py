@@ -1,4 +1,6 @@
-"""A faster decode path for pre-norm rotary (Llama-like) HookedTransformers.
+"""A faster decode path for HookedTransformers: Llama-like pre-norm blocks and the variants
+`unsupported_reason` does not name (post-norm OLMo-2, Gemma's sandwich norms and soft caps,
+LayerNorm, parallel attention + MLP, learned positions, sliding windows).
 
 Same weights, and the residual-stream hook points (`hook_embed`, `blocks.L.hook_resid_pre/mid/post`,
 `hook_attn_out`, `hook_mlp_out`, `attn.hook_q/k/v/rot_q/z`, the norms' and MLP's hooks) fire on the
@@ -43,7 +45,8 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     """Why the fast path cannot run `model` exactly, or None when it can."""
     c = model.cfg
     checks = [
-        (c.positional_embedding_type == "rotary", "positional embeddings are not rotary"),
+        (c.positional_embedding_type in ("rotary", "standard"),
+         f"{c.positional_embedding_type} positional embeddings"),
         (c.normalization_type in ("RMS", "LN", "LNPre", "RMSPre"), f"normalisation {c.normalization_type}"),
         (not (c.use_attn_in or c.use_split_qkv_input), "split Q/K/V inputs"),
         (getattr(c, "clip_qkv", None) is None, "clipped Q/K/V"),
@@ -78,11 +81,12 @@ class FastDecoder(Decoder):
                  fuse: bool = True):
         super().__init__(model, steering, capacity)
         cfg = model.cfg
-        for block in model.blocks:                     # rotary tables long enough, as TL extends them
+        rotary = cfg.positional_embedding_type == "rotary"   # else learned positions, added to the embedding
+        for block in model.blocks if rotary else []:   # rotary tables long enough, as TL extends them
             attn = block.attn
             if attn.rotary_cos.shape[0] < capacity:
                 attn._extend_rotary_embeddings(min(cfg.n_ctx, max(capacity, 2 * attn.rotary_cos.shape[0])))
-        self.rotary, self.fuse = fusion.Rotary(model), fuse
+        self.rotary, self.fuse = fusion.Rotary(model) if rotary else None, fuse
         self.joined = [fusion.join(b) if fuse else fusion.Joined() for b in model.blocks]
         self.norm = fusion.norm if fuse else (lambda ln, x: ln(x))
         packer = cpu_linear.packer(model) if fuse else None     # float32 CPU: oneDNN, weights packed once
@@ -207,11 +211,12 @@ class FastDecoder(Decoder):
         """Whether layer i attends in `engine.attention` (soft-capped or windowed), not SDPA."""
         return self.cap is not None or self.windows[i] is not None
 
-    def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor, sin: Tensor
-               ) -> tuple[Tensor, Tensor | None]:
+    def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor | None,
+               sin: Tensor | None) -> tuple[Tensor, Tensor | None]:
         resid, q, k, v = self._qkv(i, resid, x)
-        q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
-        q = self.model.blocks[i].attn.hook_rot_q(q)
+        if self.rotary is not None:
+            q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
+            q = self.model.blocks[i].attn.hook_rot_q(q)
         keys, values = self.cache.write(i, k, v)
         if self.exact(i):
             mask = attn_mask
@@ -250,8 +255,10 @@ class FastDecoder(Decoder):
             self.steering.offset = start
         # rotary positions as TransformerLens counts them: unmasked tokens before, from 0
         pos = (mask_now.cumsum(1) - 1).clamp(min=0)[:, start:]
-        tables = self.rotary.rows(pos)
+        tables = self.rotary.rows(pos) if self.rotary is not None else [(None, None)] * m.cfg.n_layers
         resid, x = m.hook_embed(m.embed(tokens[:self._rows(0)])), None
+        if self.rotary is None:             # learned positions: TransformerLens's own module, same positions
+            resid = resid + m.hook_pos_embed(m.pos_embed(tokens[:self._rows(0)], start, mask_now[:self._rows(0)]))
         for i in range(m.cfg.n_layers):
             resid = self._widen(i, resid)
             resid, x = self._layer(i, resid, x, keys[:self._rows(i)], *tables[i])

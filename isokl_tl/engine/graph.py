@@ -50,14 +50,15 @@ class GraphDecoder(FastDecoder):
         self.use_graph = (dev.type == "cuda") if use_graph is None else use_graph
         d = model.cfg.d_head
         # rotary and KV-cache writes in a Triton kernel (`kernels.block`, or the attention's), where it fits
-        self.rotate_in_kernel = (self.kernels is not None and self.rotary.dim == d and not self.rotary.adjacent
+        self.rotate_in_kernel = (self.kernels is not None and self.rotary is not None and self.rotary.dim == d
+                                 and not self.rotary.adjacent
                                  and d & (d - 1) == 0 and model.cfg.dtype in (torch.bfloat16, torch.float32))
         # attention over the keys in use only (`engine.kernels.attn`), else SDPA over the whole cache
         self.attention = None
         if self.kernels is not None:
             from isokl_tl.engine.kernels import attn
             self.attention = attn
-        self.rotate_in_attention = self.attention is not None   # `kernels.attn.rotate_attend`, where it fits
+        self.rotate_in_attention = self.attention is not None and self.rotary is not None   # `kernels.attn.rotate_attend`
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed = False           # an eager step has run (compiled kernels) before any capture
         self.captured: Steering | SteeringGroup | None = None   # the steering the graph reads
@@ -113,10 +114,11 @@ class GraphDecoder(FastDecoder):
         self.logits.copy_(logits)
         return self.logits
 
-    def _static_layer(self, i: int, resid: Tensor, x: Tensor | None, cos: Tensor, sin: Tensor
+    def _static_layer(self, i: int, resid: Tensor, x: Tensor | None, cos: Tensor | None, sin: Tensor | None
                       ) -> tuple[Tensor, Tensor | None]:
         resid, q, k, v = self._qkv(i, resid, x)
-        cos, sin = cos[:len(q)], sin[:len(q)]                # fewer rows below a shared split
+        if self.rotary is not None:
+            cos, sin = cos[:len(q)], sin[:len(q)]            # fewer rows below a shared split
         rows = self._rows(i)
         joined = self.rotate_in_kernel and self.kernels.joined_views(q, k, v)
         fits = self.attention is not None and not self.exact(i) and self.attention.supports(q, self.cache.k[i])
@@ -128,10 +130,12 @@ class GraphDecoder(FastDecoder):
         if joined:
             q = self.kernels.rotate_store(q, k, v, cos, sin, self.cache.k[i], self.cache.v[i], self.write_at)
         else:
-            q, k = self.rotary.rotate_qk(q, k, cos, sin)
+            if self.rotary is not None:
+                q, k = self.rotary.rotate_qk(q, k, cos, sin)
             self.cache.k[i].index_copy_(2, self.write_at, k.transpose(1, 2))
             self.cache.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
-        q = self.model.blocks[i].attn.hook_rot_q(q)
+        if self.rotary is not None:
+            q = self.model.blocks[i].attn.hook_rot_q(q)
         if self.exact(i):                   # soft-capped or windowed: as TransformerLens computes it
             mask = self.cache.mask[:rows].bool()[:, None, None, :]
             if self.windows[i] is not None:
@@ -161,8 +165,15 @@ class GraphDecoder(FastDecoder):
         m = self.model
         self.cache.mask.index_fill_(1, self.write_at, 1)
         self.bias = None
-        tables = self.rotary.rows(self.pos_ids[:, None])
-        resid, x = m.hook_embed(m.embed(self.tok_buf[:self._rows(0), None])), None
+        rows = self._rows(0)
+        if self.rotary is not None:
+            tables = self.rotary.rows(self.pos_ids[:, None])
+            resid = m.hook_embed(m.embed(self.tok_buf[:rows, None]))
+        else:                               # learned positions: the new token's row of W_pos
+            tables = [(None, None)] * m.cfg.n_layers
+            resid = m.hook_embed(m.embed(self.tok_buf[:rows, None])) + m.hook_pos_embed(
+                m.pos_embed.W_pos[self.pos_ids[:rows]][:, None])
+        x = None
         for i in range(m.cfg.n_layers):
             resid = self._widen(i, resid)
             resid, x = self._static_layer(i, resid, x, *tables[i])
