@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def steered_model(shape: str, rows: int = 128, layer: int = 14, coeff: float = 3.0):
-    """(model, prompts, steering): a random-init bf16 model of `shape` (`bench_gpu.SHAPES`) on CUDA,
+    """(model, prompts, steering): a random-init bf16 model of `shape` (`isokl_tl.models.checkpoints.SHAPES`) on CUDA,
     `rows` random 48-token prompts, and the steering context manager (a random unit direction at
     `blocks.{layer}.hook_resid_post`, coefficient `coeff` on every row), not yet entered."""
     from bench_gpu import build_checkpoint

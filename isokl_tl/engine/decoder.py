@@ -48,7 +48,14 @@ class Decoder(ABC):
                 ) -> Float[Tensor, "batch d_vocab"]: ...
 
     @abstractmethod
-    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]: ...
+    def _forward(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
+                 ) -> Float[Tensor, "batch d_vocab"]:
+        """Run new columns (after the cached ones) through the model; the logits at the last."""
+
+    @torch.no_grad()
+    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+        """Feed one token per row; the next logits."""
+        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         """Keep only these batch rows (decoders that `shrink`)."""
@@ -100,10 +107,6 @@ class ReferenceDecoder(Decoder):
         )
         self.length = 0
         return self._forward(tokens, mask)
-
-    @torch.no_grad()
-    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
-        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         assert self.cache is not None

@@ -266,10 +266,6 @@ class FastDecoder(Decoder):
         return self._logits(resid, x)
 
     @torch.no_grad()
-    def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
-        return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
-
-    @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
                 ) -> Float[Tensor, "batch d_vocab"]:
         cfg = self.model.cfg

@@ -72,6 +72,33 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
+# Full-size shapes of released models (random weights), for benchmarks: `make_checkpoint(family,
+# where, **fields)` with the family and fields of one of these.
+SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(family="qwen2", hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         vocab_size=151936, rope_theta=1e6, tie_word_embeddings=True),
+    "smollm2-135m": dict(family="llama", hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True),
+    "qwen3-0.6b": dict(family="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       rope_theta=1e6, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(family="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         tie_word_embeddings=True),
+    "gemma-2-2b": dict(family="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+                       sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0, tie_word_embeddings=True),
+    "olmo2-1b": dict(family="olmo2", hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                     vocab_size=100352, rope_theta=5e5, tie_word_embeddings=False),
+}
+
+
 def make_checkpoint(family: str, where: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                     **fields) -> Path:
     """Save a random-init `family` model (small unless `fields` say otherwise), in `dtype`, and
