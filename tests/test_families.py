@@ -12,13 +12,20 @@ from isokl_tl.models.checkpoints import FAMILIES, make_checkpoint
 
 # the families the fast decoders cover; every other one decodes on TransformerLens's forward, with a reason
 FAST = ("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3",
-        "phi", "phi3", "gemma", "gemma2", "gemma3", "olmo", "olmo2")
+        "phi", "phi3", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmo3")
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return lambda family: make_checkpoint(family, root / family) if not (root / family).exists() else root / family
+    def get(family: str):
+        if not (root / family).exists():
+            if family == "gpt2_scaled":     # a variant the fast path does not cover: the reference decoder's case
+                make_checkpoint("gpt2", root / family, scale_attn_by_inverse_layer_idx=True)
+            else:
+                make_checkpoint(family, root / family)
+        return root / family
+    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -59,8 +66,8 @@ def test_check_model_reports_path_reason_and_parity(checkpoints, tiny):
     fast = check_model(str(checkpoints("llama")))
     assert (fast.architecture, fast.decode_path, fast.reason) == ("LlamaForCausalLM", "fast", None)
     assert fast.default_hook == "blocks.1.hook_resid_post" and fast.parity_max_abs_logit_diff < 1e-4
-    ref = check_model(str(checkpoints("olmo3")))
-    assert ref.decode_path == "reference" and ref.reason.startswith("OLMo-3 / OLMoE blocks")
+    ref = check_model(str(checkpoints("gpt2_scaled")))
+    assert ref.decode_path == "reference" and ref.reason == "per-layer attention scaling"
     # every decoder, the fixed-shape one too (it hands back one logits buffer, step after step)
     for decoder in (FastDecoder, GraphDecoder, ReferenceDecoder):
         assert decode_parity(tiny, "blocks.2.hook_resid_post", decoder=decoder) < 1e-4
@@ -82,11 +89,13 @@ def test_check_model_command_prints_json(checkpoints):
     from click.testing import CliRunner
     from isokl_tl_cli.main import main
 
-    res = CliRunner().invoke(main, ["check-model", str(checkpoints("olmo3")), "--json"])
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
-    assert {"architecture", "decode_path", "reason", "parity_max_abs_logit_diff"} <= set(report)
-    assert report["architecture"] == "Olmo3ForCausalLM" and report["reason"].startswith("OLMo-3")
+    for family, path, reason in [("olmo3", "fast", None), ("gpt2_scaled", "reference", "per-layer attention scaling")]:
+        res = CliRunner().invoke(main, ["check-model", str(checkpoints(family)), "--json"])
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        assert {"architecture", "decode_path", "reason", "parity_max_abs_logit_diff"} <= set(report)
+        assert (report["decode_path"], report["reason"]) == (path, reason)
+        assert report["parity_max_abs_logit_diff"] < 1e-4
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama"])

@@ -36,7 +36,7 @@ from isokl_tl.engine.kv_cache import KVCache
 from isokl_tl.engine.scoring import triton_available
 from isokl_tl.hooks import Steering, SteeringGroup
 
-POST_NORM = ("Olmo2ForCausalLM",)   # blocks normalise sublayer outputs, and Q/K as whole vectors
+POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")   # blocks normalise sublayer outputs, and Q/K as whole vectors
 UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
                  "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "hook_tokens")
 
@@ -57,8 +57,7 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
          "local attention without a window size"),
         (c.n_devices == 1, "a model split over devices"),
         (not c.load_in_4bit, "4-bit weights"),
-        (c.original_architecture not in ("Olmo3ForCausalLM", "OlmoeForCausalLM"),
-         "OLMo-3 / OLMoE blocks (only OLMo-2's post-norm blocks are covered)"),
+        (c.original_architecture != "OlmoeForCausalLM", "OLMoE's mixture-of-experts blocks"),
         (not getattr(c, "scale_attn_by_inverse_layer_idx", False), "per-layer attention scaling"),
     ]
     for ok, why in checks:

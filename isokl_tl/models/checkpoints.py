@@ -68,7 +68,12 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                    num_key_value_heads=4, initializer_range=0.2, **_SMALL)),
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4, sliding_window=8, initializer_range=0.2, **_SMALL)),
+                   num_key_value_heads=4, sliding_window=8, initializer_range=0.2,
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "full_attention": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0,
+                                                       "original_max_position_embeddings": 32,
+                                                       "attention_factor": 1.2}},
+                   **_SMALL)),
 }
 
 
