@@ -63,7 +63,7 @@ class Splice:
         """The splice as text, rendered through the chat template."""
         if self.mode == "inline":
             return self.close + self.prefill_text
-        tok = require_tokenizer(tokenizer)
+        tok = require_tokenizer(tokenizer, chat=True)
         msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _MARKER},
                 {"role": "user", "content": self.question}]
         rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

@@ -1,18 +1,25 @@
-"""Token ids: turns rendered through the model's own chat template, end-of-turn ids, and
-left-padded batches of token sequences."""
+"""Token ids: turns rendered through the model's own chat template (or, for a base model, a plain
+question/answer text), end-of-turn ids, and left-padded batches of token sequences."""
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+# A base model (no chat template) reads each prompt as this text, after its BOS token if it uses one.
+PLAIN_PROMPT = "Question: {user}\nAnswer:"
 
-def require_tokenizer(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+
+def require_tokenizer(tokenizer: PreTrainedTokenizerBase | None, *, chat: bool = False) -> PreTrainedTokenizerBase:
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; load it with a spec that has one")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template")
+    if chat and not has_chat_template(tokenizer):
+        raise ValueError("this model's tokenizer has no chat template (a base model): use --splice inline")
     return tokenizer
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _ids(out) -> list[int]:
@@ -22,8 +29,11 @@ def _ids(out) -> list[int]:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
-    """A single user turn, followed by the opening of the assistant turn."""
+    """A single user turn, followed by the opening of the assistant turn; for a base model (no
+    chat template), `PLAIN_PROMPT` with the tokenizer's own special tokens (its BOS)."""
     tokenizer = require_tokenizer(tokenizer)
+    if not has_chat_template(tokenizer):
+        return _ids(tokenizer(PLAIN_PROMPT.format(user=user)))
     msgs = [{"role": "user", "content": user}]
     return _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
 

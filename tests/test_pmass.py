@@ -69,3 +69,21 @@ def test_answer_sets(tiny):
 def test_interrupt_splice_goes_through_the_chat_template(tiny):
     text = Splice().text(tiny.tokenizer)
     assert text.startswith("<|im_end|>\n<|im_start|>user\n") and text.endswith('assistant\n{"choice": ')
+
+
+def test_a_base_model_reads_plain_prompts_and_needs_the_inline_splice(tiny):
+    """A tokenizer without a chat template (a base model): prompts are `PLAIN_PROMPT`, the
+    interrupt splice (which needs chat turns) is refused with the fix, the inline one works."""
+    import copy
+
+    from isokl_tl.pmass import Splice
+    from isokl_tl.tokens import PLAIN_PROMPT, prompt_ids
+
+    base = copy.deepcopy(tiny.tokenizer)
+    base.chat_template = None
+    ids = prompt_ids(base, "Is the Sun a star?")
+    assert base.decode(ids) == PLAIN_PROMPT.format(user="Is the Sun a star?")
+    assert prompt_ids(tiny.tokenizer, "Is the Sun a star?") != ids
+    with pytest.raises(ValueError, match="no chat template.*--splice inline"):
+        Splice(mode="interrupt").token_ids(base)
+    assert base.decode(Splice(mode="inline").token_ids(base)) == '\n{"choice": '

@@ -124,3 +124,101 @@ def make_checkpoint(family: str, where: str | Path, *, seed: int = 0, dtype: tor
     getattr(transformers, model_cls)(cfg).to(dtype).eval().save_pretrained(where)
     tok.save_pretrained(where)
     return where
+
+
+# GGUF files of these architectures, from the family of the same name: what llama.cpp's converter
+# writes (its names, metadata and conventions), so that tests can load one with no download.
+GGUF_FAMILIES = {"llama": "llama", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                 "gemma3": "gemma3"}
+_GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                     "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm"}
+_GGUF_NORMS = {"llama": {"post_attention_layernorm": "ffn_norm"},
+               "gemma": {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                         "post_feedforward_layernorm": "post_ffw_norm"}}
+
+
+def make_gguf(family: str, where: str | Path, *, seed: int = 0, quantize: bool = True, **fields) -> Path:
+    """Write a random-init `family` model (see `make_checkpoint`) as the GGUF file llama.cpp's
+    converter would: llama's Q/K rows permuted, Gemma's norm weights stored as 1 + w, matrices in
+    Q8_0 when `quantize` (so reading it dequantises), the tiny tokenizer as a GPT-2 BPE vocabulary.
+    Returns the file's path."""
+    import json
+    import tempfile
+
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize as to_q8
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    arch = GGUF_FAMILIES[family]
+    gemma = arch.startswith("gemma")
+    with tempfile.TemporaryDirectory() as tmp:
+        make_checkpoint(family, tmp, seed=seed, **fields)
+        hf = AutoConfig.from_pretrained(tmp)
+        sd = {k: v.numpy() for k, v in load_file(str(Path(tmp) / "model.safetensors")).items()}
+        vocab = json.loads((Path(tmp) / "tokenizer.json").read_text())["model"]
+    where = Path(where)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(where), arch)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    w.add_block_count(hf.num_hidden_layers)
+    w.add_context_length(hf.max_position_embeddings)
+    w.add_embedding_length(hf.hidden_size)
+    w.add_feed_forward_length(hf.intermediate_size)
+    w.add_head_count(hf.num_attention_heads)
+    w.add_head_count_kv(hf.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(hf.rms_norm_eps)
+    rope = hf.rope_parameters.get("full_attention", hf.rope_parameters) if gemma else hf.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    if gemma:
+        w.add_sliding_window(hf.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(hf.attn_logit_softcapping)
+        w.add_final_logit_softcapping(hf.final_logit_softcapping)
+    if rope.get("rope_type") == "llama3":       # llama.cpp keeps Llama 3 scaling as per-frequency divisors
+        from isokl_tl.models.gguf import _llama3_divisors
+        divisors = _llama3_divisors(*(float(rope[k]) for k in ("rope_theta",)), head_dim,
+                                    *(float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                               "original_max_position_embeddings")))
+        w.add_tensor("rope_freqs.weight", divisors.astype(np.float32))
+    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_pad_token_id(tokens.index("<|endoftext|>"))
+    w.add_unk_token_id(tokens.index("<|endoftext|>"))     # Gemma's tokenizer converter asks for one
+    w.add_token_scores([0.0] * len(tokens))
+    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_NORMS["gemma" if gemma else "llama"]}
+    for name, t in sd.items():
+        stem, kind = name.rsplit(".", 1)
+        if stem == "lm_head" and hf.tie_word_embeddings:
+            continue
+        if stem.startswith("model.layers."):
+            _, _, layer, part = stem.split(".", 3)
+            gname = f"blk.{layer}.{layer_names[part]}"
+            if arch == "llama" and part in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = hf.num_attention_heads if part == "self_attn.q_proj" else hf.num_key_value_heads
+                t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        else:
+            gname = top[stem]
+        if gemma and gname.endswith("norm"):
+            t = t + 1.0
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if quantize and t.ndim == 2 and t.shape[1] % 32 == 0:
+            w.add_tensor(f"{gname}.{kind}", to_q8(t, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(f"{gname}.{kind}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return where

