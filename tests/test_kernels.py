@@ -126,6 +126,27 @@ for dtype in (torch.float32, torch.bfloat16):
         tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -7)
         torch.testing.assert_close(z.float(), ref, **tol)
 
+# soft-capped scores and a sliding window (Gemma 2's local layers), against engine.attention
+from isokl_tl.engine.attention import exact_attention, in_window
+for dtype in (torch.float32, torch.bfloat16):
+    b, hq, hkv, d, cap = 3, 6, 2, 16, 70
+    q = (3 * torch.randn(b, 1, hq, d, generator=g)).to(dtype)
+    kc, vc = (torch.randn(b, hkv, cap, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(b, cap, dtype=torch.long)
+    mask[:, 41:] = 0
+    mask[1, :5] = 0
+    for soft_cap, window in ((2.0, None), (None, 7), (2.0, 20), (None, 60)):
+        z = attn_triton.decode_attention(q, kc, vc, mask, torch.tensor([40]), 0.25, cap=soft_cap, window=window)
+        allowed = mask.bool()[:, None, None, :]
+        if window is not None:
+            allowed = allowed & in_window(torch.tensor([40]), cap, window)
+        ref = exact_attention(q.float(), kc.float(), vc.float(), allowed, attn_scale=4.0, cap=soft_cap)
+        tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -7)
+        torch.testing.assert_close(z.float(), ref, **tol)
+        plain = attn_triton.decode_attention(q, kc, vc, mask, torch.tensor([40]), 0.25)
+        changes = soft_cap is not None or window < 41              # (a window over all 41 keys is none)
+        assert ((z.float() - plain.float()).abs().max() > 1e-2) == changes, (soft_cap, window)
+
 # rotation inside the attention kernel: the same numbers as rotate_store, then decode_attention
 attn_triton.SLICE = 16                                    # the new key (40) in the third of 5 slices
 for dtype in (torch.float32, torch.bfloat16):
@@ -195,6 +216,17 @@ for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q"):
         got = rollout(model, prompts, c, decoder=with_kernels(GraphDecoder), **kw)
     assert len(seen) > n and torch.equal(got.tokens, ref.tokens), point
     torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
+# Gemma 2: soft-capped attention (a small cap, so that it matters) and sliding-window layers, in the kernel
+import tempfile
+from isokl_tl.models.checkpoints import make_checkpoint
+with tempfile.TemporaryDirectory() as where:
+    gemma = load_model(str(make_checkpoint("gemma2", where, attn_logit_softcapping=1.0)))
+w = torch.randn(gemma.cfg.d_model)
+kw = dict(direction=w / w.norm(), hook="blocks.0.hook_resid_post", window=12, eos=[])      # past the 8-key window
+ref = rollout(gemma, prompts, c, decoder=ReferenceDecoder, **kw)
+got = rollout(gemma, prompts, c, decoder=with_kernels(GraphDecoder), **kw)
+assert torch.equal(got.tokens, ref.tokens), (got.tokens, ref.tokens)
+torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
 print("decoders ok")
 """
 

@@ -121,11 +121,12 @@ class GraphDecoder(FastDecoder):
             cos, sin = cos[:len(q)], sin[:len(q)]            # fewer rows below a shared split
         rows = self._rows(i)
         joined = self.rotate_in_kernel and self.kernels.joined_views(q, k, v)
-        fits = self.attention is not None and not self.exact(i) and self.attention.supports(q, self.cache.k[i])
+        fits = self.attention is not None and self.attention.supports(q, self.cache.k[i])
+        options = dict(cap=self.cap, window=self.windows[i])      # soft cap, sliding window: in the kernel too
         if (joined and fits and self.rotate_in_attention
                 and not fusion.has_hook(self.model.blocks[i].attn.hook_rot_q)):
             z = self.attention.rotate_attend(q, k, v, cos, sin, self.cache.k[i], self.cache.v[i], self.cache.mask[:rows],
-                                             self.write_at, self.scale)      # rotation inside attention
+                                             self.write_at, self.scale, **options)      # rotation inside attention
             return self._finish(i, resid, z)
         if joined:
             q = self.kernels.rotate_store(q, k, v, cos, sin, self.cache.k[i], self.cache.v[i], self.write_at)
@@ -136,16 +137,15 @@ class GraphDecoder(FastDecoder):
             self.cache.v[i].index_copy_(2, self.write_at, v.transpose(1, 2))
         if self.rotary is not None:
             q = self.model.blocks[i].attn.hook_rot_q(q)
-        if self.exact(i):                   # soft-capped or windowed: as TransformerLens computes it
+        if self.attention is not None and self.attention.supports(q, self.cache.k[i]):    # q as the hook left it
+            z = self.attention.decode_attention(q, self.cache.k[i], self.cache.v[i], self.cache.mask[:rows], self.write_at,
+                                                self.scale, **options)
+        elif self.exact(i):                 # soft-capped or windowed: as TransformerLens computes it
             mask = self.cache.mask[:rows].bool()[:, None, None, :]
             if self.windows[i] is not None:
                 mask = mask & attention.in_window(self.write_at, self.cache.capacity, self.windows[i])
             z = attention.exact_attention(q, self.cache.k[i], self.cache.v[i], mask,
                                           attn_scale=self.model.blocks[i].attn.attn_scale, cap=self.cap)
-            return self._finish(i, resid, z)
-        if self.attention is not None and self.attention.supports(q, self.cache.k[i]):    # q as the hook left it
-            z = self.attention.decode_attention(q, self.cache.k[i], self.cache.v[i], self.cache.mask[:rows], self.write_at,
-                                                self.scale)
         else:
             z = self._attend(q, self.cache.k[i], self.cache.v[i], self._key_bias()[:rows])
         return self._finish(i, resid, z)

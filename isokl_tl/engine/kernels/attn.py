@@ -12,6 +12,9 @@ early in a rollout when most of it is empty. Here the number of keys in use is r
   partial output with its running maximum and sum; slices past the last key return at once;
 - `_combine`: one program per (row, query head) merges the slices (flash-decoding).
 
+Soft-capped scores (Gemma 2) and sliding-window layers (the last `window` keys up to the newest;
+slices wholly before it return at once) are options of the same kernels.
+
 The number of slices is a run-time argument, so a new cache capacity compiles `_partial` again only
 where Triton's specialisation of its integer arguments changes (values of 1, multiples of 16), and
 `_combine` at each new power of two of the slice count (its compile-time bound).
@@ -61,14 +64,26 @@ def _rotated(src, cos, sin, row, j, D: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
+def _tanh(y):
+    """tanh to float32's relative precision from exp alone (the interpreter has no libdevice):
+    a Taylor series near 0, where `(1 - t) / (1 + t)` would lose digits."""
+    t = tl.exp(-2.0 * tl.abs(y))
+    far = (1.0 - t) / (1.0 + t)
+    far = tl.where(y < 0, -far, far)
+    y2 = y * y
+    return tl.where(tl.abs(y) < 0.05, y * (1.0 - y2 / 3.0 + 2.0 * y2 * y2 / 15.0), far)
+
+
+@triton.jit
 def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_out, ml_out, scale, cos, sin,
-             HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+             cap, window, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
              SLICE: tl.constexpr, BLOCK: tl.constexpr, S, LOW: tl.constexpr,
-             ROTATE: tl.constexpr, BF16: tl.constexpr):
+             ROTATE: tl.constexpr, BF16: tl.constexpr, CAP: tl.constexpr):
     pid = tl.program_id(0)
     row, g = pid // HKV, pid % HKV
     s = tl.program_id(1)
     n = tl.load(at) + 1                         # keys in use: up to and including the newest
+    first = tl.maximum(n - window, 0)           # a sliding window's oldest key (no window: a huge one)
     start = s * SLICE
     heads = tl.arange(0, GP)
     in_group = heads < G
@@ -78,7 +93,7 @@ def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_ou
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     base = row.to(tl.int64) * kv_row + g * kv_head
-    if start < n:
+    if (start < n) & (start + SLICE > first):    # slices past the newest key or before the window: nothing
         if ROTATE:      # q, k, v: one row of the joined projection, unrotated; k and v not yet stored
             heads_q = tl.minimum(heads, G - 1)                 # padding heads repeat a real one
             qs = _rotated(q + row.to(tl.int64) * q_row + (g * G + heads_q)[:, None] * D, cos, sin, row,
@@ -97,12 +112,14 @@ def _partial(q, q_row, q_head, k, v, kv_row, kv_head, mask, mask_row, at, acc_ou
         for off in range(0, SLICE, BLOCK):
             keys = start + off + tl.arange(0, BLOCK)
             used = keys < n
-            live = tl.load(mask + row.to(tl.int64) * mask_row + keys, mask=used, other=0) != 0
+            live = (tl.load(mask + row.to(tl.int64) * mask_row + keys, mask=used, other=0) != 0) & (keys >= first)
             kt = tl.load(k + base + keys[:, None] * D + j[None, :], mask=used[:, None], other=0.0)
             if LOW:
                 sc = tl.dot(qs, tl.trans(kt)) * scale
             else:
                 sc = tl.dot(qs, tl.trans(kt.to(tl.float32)), input_precision="ieee") * scale
+            if CAP:             # soft cap
+                sc = cap * _tanh(sc / cap)
             sc = tl.where(live[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -146,17 +163,21 @@ def supports(q: Tensor, k_cache: Tensor) -> bool:
 
 def decode_attention(q: Float[Tensor, "batch 1 head d_head"], k_cache: Float[Tensor, "batch kv_head cap d_head"],
                      v_cache: Float[Tensor, "batch kv_head cap d_head"], key_mask: Int[Tensor, "batch cap"],
-                     at: Int[Tensor, " 1"], scale: float) -> Float[Tensor, "batch 1 head d_head"]:
+                     at: Int[Tensor, " 1"], scale: float, *, cap: float | None = None,
+                     window: int | None = None) -> Float[Tensor, "batch 1 head d_head"]:
     """softmax(q k^T * scale) v over the keys at positions 0..at (inclusive) whose `key_mask` is
-    non-zero; `at` is read on the device. The caller checks `supports(q, k_cache)`."""
-    return _attend(q, k_cache, v_cache, key_mask, at, scale, None)
+    non-zero; `at` is read on the device. With `cap`, scores are soft-capped (`cap * tanh(s /
+    cap)`, Gemma 2); with `window`, only the last `window` positions up to `at` are read (a
+    sliding-window layer). The caller checks `supports(q, k_cache)`."""
+    return _attend(q, k_cache, v_cache, key_mask, at, scale, None, cap, window)
 
 
 def rotate_attend(q: Float[Tensor, "batch 1 head d_head"], k: Float[Tensor, "batch 1 kv_head d_head"],
                   v: Float[Tensor, "batch 1 kv_head d_head"], cos: Float[Tensor, "batch 1 1 d_head"],
                   sin: Float[Tensor, "batch 1 1 d_head"], k_cache: Float[Tensor, "batch kv_head cap d_head"],
                   v_cache: Float[Tensor, "batch kv_head cap d_head"], key_mask: Int[Tensor, "batch cap"],
-                  at: Int[Tensor, " 1"], scale: float) -> Float[Tensor, "batch 1 head d_head"]:
+                  at: Int[Tensor, " 1"], scale: float, *, cap: float | None = None,
+                  window: int | None = None) -> Float[Tensor, "batch 1 head d_head"]:
     """`kernels.block.rotate_store` and `decode_attention` in one launch fewer: the unrotated q, k, v
     (consecutive heads of one projection's output: the caller checks `kernels.block.joined_views`
     and `supports`) are rotated inside the attention kernel, which also stores the new key and
@@ -164,24 +185,24 @@ def rotate_attend(q: Float[Tensor, "batch 1 head d_head"], k: Float[Tensor, "bat
     hook on `hook_rot_q` needs the two calls)."""
     d = q.shape[-1]
     cos, sin = cos.reshape(-1, d)[:len(q)].contiguous(), sin.reshape(-1, d)[:len(q)].contiguous()
-    return _attend(q, k_cache, v_cache, key_mask, at, scale, (cos, sin))
+    return _attend(q, k_cache, v_cache, key_mask, at, scale, (cos, sin), cap, window)
 
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor, at: Tensor, scale: float,
-            rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+            rotary: tuple[Tensor, Tensor] | None, cap: float | None, window: int | None) -> Tensor:
     b, _, hq, d = q.shape
-    hkv, cap = k_cache.shape[1], k_cache.shape[2]
+    hkv, capacity = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
-    slices = triton.cdiv(cap, SLICE)
+    slices = triton.cdiv(capacity, SLICE)
     acc = torch.empty((b, hq, slices, d), dtype=torch.float32, device=q.device)
     ml = torch.empty((b, hq, slices, 2), dtype=torch.float32, device=q.device)
     cos, sin = rotary if rotary is not None else (q, q)
     _partial[(b * hkv, slices)](q, q.stride(0), q.stride(2), k_cache, v_cache, k_cache.stride(0),
                                 k_cache.stride(1), key_mask, key_mask.stride(0), at, acc, ml, scale, cos, sin,
-                                HKV=hkv, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, SLICE=SLICE,
-                                BLOCK=BLOCK, S=slices, num_warps=WARPS, num_stages=STAGES,
+                                float(cap or 1.0), int(window or 1 << 30), HKV=hkv, G=g,
+                                GP=max(16, triton.next_power_of_2(g)), D=d, SLICE=SLICE, BLOCK=BLOCK, S=slices, num_warps=WARPS, num_stages=STAGES,
                                 LOW=q.dtype in (torch.bfloat16, torch.float16) and not INTERPRETED,
-                                ROTATE=rotary is not None, BF16=q.dtype == torch.bfloat16)
+                                ROTATE=rotary is not None, BF16=q.dtype == torch.bfloat16, CAP=cap is not None)
     z = torch.empty((b, 1, hq, d), dtype=q.dtype, device=q.device)
     _combine[(b * hq,)](acc, ml, z, S=slices, SP=max(2, triton.next_power_of_2(slices)), D=d, num_warps=1)
     return z
