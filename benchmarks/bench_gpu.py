@@ -104,7 +104,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--baseline-new", type=int, default=None,
                     help="tokens for the TL/HF baselines (default: --new, the engine's workload)")
-    ap.add_argument("--layer", type=int, default=14)
+    ap.add_argument("--layer", type=int, default=None, help="steered block [default: the middle one]")
+    ap.add_argument("--engines", default="graph,graph_unfused,fast",
+                    help="which engines to time (graph: the CUDA-graph decoder the pipeline uses)")
     ap.add_argument("--cell", action="store_true", help="also time a full run cell")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement (median reported)")
     ap.add_argument("--out", default="/tmp/bench", help="where bench.json (and the cell summary) go")
@@ -136,6 +138,8 @@ def main() -> None:
     engines = ([("graph", GraphDecoder), ("graph_unfused", unfused), ("fast", FastDecoder)]
                if why is None else [("tl", ReferenceDecoder)])
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    a.layer = model.cfg.n_layers // 2 if a.layer is None else a.layer
+    engines = [e for e in engines if e[0] in a.engines.split(",") or e[0] == "tl"]
     hook = hook_name(a.layer)
     g = torch.Generator().manual_seed(1)
     v = torch.randn(model.cfg.d_model, generator=g)
@@ -159,8 +163,10 @@ def main() -> None:
     report("floor_ms_per_step", 1000 * nbytes / bw, "ms (weights read once at that bandwidth)")
 
     # the Triton kernels against the PyTorch arithmetic they replace, on this GPU, in bf16
-    for key, value in kernel_parity(model, a.batch).items():
-        report(key, value)
+    c = model.cfg            # (the checks take a Llama-like block: rotary, gated MLP, RMSNorm)
+    if c.positional_embedding_type == "rotary" and c.gated_mlp and c.normalization_type == "RMS":
+        for key, value in kernel_parity(model, a.batch).items():
+            report(key, value)
 
     # parity in bf16: fast paths against TransformerLens's own forward
     c8 = torch.full((8,), coeff)
@@ -237,7 +243,9 @@ def main() -> None:
         return output + coeff * vv
 
     def hf_gen(n):
-        h = hf.model.layers[a.layer].register_forward_hook(hf_hook)
+        base = hf.base_model         # its blocks: .layers (Llama, Gemma, GPT-NeoX, ...), .h (GPT-2)
+        blocks = getattr(base, "layers", None) or getattr(base, "h", None) or base.decoder.layers
+        h = blocks[a.layer].register_forward_hook(hf_hook)
         try:
             with torch.no_grad():
                 hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=n,
