@@ -61,14 +61,15 @@ def test_additive_and_ablation_act_as_defined(tiny):
 
 def test_per_row_coefficients(tiny):
     v = _v(tiny)
-    tokens = torch.randint(0, tiny.cfg.d_vocab, (1, 8)).repeat(3, 1)
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (1, 8), generator=torch.Generator().manual_seed(0)).repeat(3, 1)
     coeffs = torch.tensor([0.0, 2.0, 5.0])
     with torch.no_grad():
         with steer(tiny, "blocks.0.hook_resid_post", v, coeffs):
             batched = tiny(tokens)
         for i, c in enumerate(coeffs):
             with steer(tiny, "blocks.0.hook_resid_post", v, float(c)):
-                torch.testing.assert_close(batched[i], tiny(tokens[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+                # (a batch of 3 and a batch of 1 multiply in other orders: rounding, not a wrong coefficient)
+                torch.testing.assert_close(batched[i], tiny(tokens[i:i + 1])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_generated_only_leaves_prompt_positions_alone(tiny):
