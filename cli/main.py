@@ -181,13 +181,20 @@ def pmass_cmd(out, **kw) -> None:
 @main.command("survival")
 @out_option
 @survival_options
+@click.option("--threshold-sweep", is_flag=True,
+              help="Also tabulate S(end) and the median death token per alpha under other death rules (absolute "
+                   "thresholds 0.5-0.95, relative 0.25-0.75, death runs 1-3): threshold_sweep.csv/.md/.png.")
 @user_errors
-def survival_cmd(out, **kw) -> None:
+def survival_cmd(out, threshold_sweep, **kw) -> None:
     """Deaths and Kaplan-Meier survival from the saved pmass (never reruns rollouts)."""
     run = open_run(out, given(**kw), existing=True)
     run.check()
     click.echo(run.survival().to_markdown(), nl=False)
     _refresh_report(run)
+    if threshold_sweep:
+        from isokl_tl.survival import sweep_markdown
+        click.echo("\nUnder other death rules: S(end) / median death token\n")
+        click.echo(sweep_markdown(run.threshold_sweep()), nl=False)
 
 
 def _refresh_report(run) -> None:

@@ -60,6 +60,15 @@ def direction_options(f):
                      help="Direction method [default: mean_diff]."),
         click.option("--pairs", default=None, help="Contrastive pairs: shipped set name or JSONL file [default: pairs]."),
         click.option("--seed", type=int, default=None, help="Seed (random direction, sampling, bootstrap) [default: 0]."),
+        click.option("--direction", "direction_file", default=None, type=click.Path(),
+                     help="Steer along a vector from a file instead: .safetensors, .pt, .npy, or a llama.cpp "
+                          "control vector (.gguf, the hook's block); added, or projected out with "
+                          "--method directional_ablation."),
+        click.option("--direction-key", default=None, help="The tensor to read from a --direction file that holds several."),
+        click.option("--sae", default=None, type=click.Path(),
+                     help="Steer along a feature's decoder row of a SAELens-format SAE directory (with --feature); "
+                          "the hook is the SAE's."),
+        click.option("--feature", type=int, default=None, help="The SAE feature (row of W_dec) for --sae."),
     ])
 
 

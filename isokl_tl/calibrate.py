@@ -21,7 +21,7 @@ from transformer_lens import HookedTransformer
 from isokl_tl.directions import Direction
 from isokl_tl.hooks import Site
 from isokl_tl.manifest import CALIBRATION, write_json
-from isokl_tl.rollout import rollout
+from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.search import CalibrationError, CalibrationSettings, Search, _Eval, kl_statistic, steps  # noqa: F401
 
 
@@ -133,6 +133,45 @@ def _result(search: Search, rounds: int, jump: tuple | None, n_prompts: int) -> 
     if s.bootstrap:
         cal.interval = bootstrap_interval(search.evals, s, n_prompts)
     return cal
+
+
+def transfer(rollouts: Rollouts, cal: Calibration, *, alpha: float = 1.0, bootstrap: int = 1000, seed: int = 0,
+             level: float = 0.90) -> dict:
+    """How the calibration carries over to the held-out rollouts: its own statistic (same kind,
+    quantile and target) recomputed on the rollouts at `alpha` (the calibrated dose when 1), over
+    their first `cal.window` tokens and over their whole window, each with a percentile bootstrap
+    interval over held-out prompts, and the statistic of each prompt alone (min, median, max)."""
+    rows = (rollouts.alpha == alpha).nonzero().flatten().tolist()
+    if not rows:
+        raise ValueError(f"the rollouts have no rows at alpha {alpha}")
+    kl, mask = rollouts.kl.numpy(), rollouts.mask.numpy()
+    rng = np.random.default_rng(seed)
+    out = {"alpha": alpha, "statistic": cal.statistic, "quantile": cal.quantile, "target": cal.target,
+           "n_prompts": len(rows), "level": level}
+    for name, width in (("calibration_window", cal.window), ("whole_window", rollouts.window)):
+        per_row = [kl[i, :width][mask[i, :width]] for i in rows]
+        draws = [kl_statistic([per_row[j] for j in rng.integers(0, len(rows), len(rows))], cal.statistic, cal.quantile)
+                 for _ in range(bootstrap)]
+        alone = [kl_statistic([r], cal.statistic, cal.quantile) for r in per_row if len(r)]
+        tail = (1 - level) / 2
+        out[name] = {"tokens": min(width, rollouts.window), "n_tokens": int(sum(len(r) for r in per_row)),
+                     "value": kl_statistic(per_row, cal.statistic, cal.quantile),
+                     "interval": [float(np.nanquantile(draws, tail)), float(np.nanquantile(draws, 1 - tail))],
+                     "per_prompt": [float(np.min(alone)), float(np.median(alone)), float(np.max(alone))]}
+    return out
+
+
+def transfer_line(t: dict) -> str:
+    """`transfer`'s result as one line of a summary."""
+    stat = f"q={t['quantile']:g} quantile" if t["statistic"] == "quantile" else t["statistic"]
+    parts = [f"{d['value']:.3g} over {span} ({t['level']:.0%} bootstrap over prompts "
+             f"{d['interval'][0]:.3g}-{d['interval'][1]:.3g})"
+             for d, span in ((t["calibration_window"], f"the first {t['calibration_window']['tokens']} tokens"),
+                             (t["whole_window"], f"the whole {t['whole_window']['tokens']}-token window"))]
+    lo, med, hi = t["whole_window"]["per_prompt"]
+    return (f"calibration transfer: at alpha {t['alpha']:g} the {t['n_prompts']} held-out rollouts' {stat} of "
+            f"per-token KL is {parts[0]} and {parts[1]}, against the {t['target']:g}-nat target; per prompt "
+            f"{lo:.3g}-{hi:.3g} (median {med:.3g})")
 
 
 def bootstrap_interval(evals: list[_Eval], s: CalibrationSettings, n_prompts: int,

@@ -27,6 +27,10 @@ class RunConfig:
     layer: int | None = None
     pairs: str = "pairs"
     seed: int = 0
+    direction_file: str | None = None
+    direction_key: str | None = None
+    sae: str | None = None
+    feature: int | None = None
     calib_prompts: str = "calibration"
     n_calib: int = 8
     calib_window: int = 32
@@ -68,6 +72,13 @@ class RunConfig:
         if self.method == "directional_ablation" and min(self.alphas) < 0:
             raise ValueError(f"directional ablation needs alphas >= 0, got {min(self.alphas)} "
                              "(negative alphas only make sense for additive methods)")
+        if self.direction_file is not None and self.sae is not None:
+            raise ValueError("give a direction file or an SAE feature, not both")
+        if (self.sae is None) != (self.feature is None):
+            raise ValueError("an SAE direction needs both --sae DIR and --feature N")
+        if self.external and self.method not in ("mean_diff", "directional_ablation"):
+            raise ValueError(f"--method {self.method} builds a direction from the pairs; with a direction "
+                             "file or an SAE feature give no method (added) or directional_ablation")
         if self.fork_every is not None and self.fork_log is not None:
             raise ValueError(f"give one of fork-every ({self.fork_every}) and fork-log ({self.fork_log}), not both")
         if self.fork_every is None and self.fork_log is None:
@@ -79,6 +90,11 @@ class RunConfig:
         Sampling(self.temperature, self.top_p, self.seed)
 
     # --- derived settings -----------------------------------------------------------------
+    @property
+    def external(self) -> bool:
+        """The direction is a vector made elsewhere (a file or an SAE feature), not built from pairs."""
+        return self.direction_file is not None or self.sae is not None
+
     def death_rule(self) -> DeathRule:
         rel = None if self.threshold is not None else self.relative_threshold
         return DeathRule(threshold=self.threshold, relative_threshold=rel, death_run=self.death_run,
@@ -102,7 +118,8 @@ class RunConfig:
         return fork_schedule(self.window, every=self.fork_every, n_log=self.fork_log)
 
     _STAGE_KEYS = {
-        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed"),
+        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed", "direction_file",
+                      "direction_key", "sae", "feature"),
         "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
                       "tol", "bootstrap", "generated_only"),
         "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p", "record_acts"),
@@ -111,6 +128,8 @@ class RunConfig:
         "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),
         "plot": (),
     }
+    # Settings added after runs were made, keyed only when set, so that older run directories stay current
+    _LATER_KEYS = ("direction_file", "direction_key", "sae", "feature")
     # Settings that decide how the work is executed, not what it computes: greedy results agree
     # up to floating-point rounding whatever their values, so they key no stage. They do key the
     # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw
@@ -121,7 +140,12 @@ class RunConfig:
         """This stage's settings plus every upstream stage's (so a change invalidates downstream)."""
         out = {}
         for s in STAGES[: STAGES.index(stage) + 1]:
-            out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]})
+            out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]
+                        if not (k in self._LATER_KEYS and getattr(self, k) is None)})
+        source = self.direction_file or (self.sae and f"{self.sae}/sae_weights.safetensors")
+        if source and Path(source).expanduser().is_file():     # a new file at the same path is a new direction
+            from isokl_tl.vectors import file_sha256
+            out["direction_sha256"] = file_sha256(Path(source).expanduser())
         return out
 
     def to_dict(self) -> dict:

@@ -11,6 +11,9 @@ Methods:
   would remove the mean contrast, the signal we want), oriented so that <v, mean_diff> > 0.
 - `directional_ablation`: the mean_diff vector, applied by projection (`h - c (h.v) v`).
 - `random`: a seeded random unit vector: the matched-dose control ("same KL, no meaning").
+
+A vector made elsewhere (a file, an SAE feature: `isokl_tl.vectors`) becomes a direction through
+`Direction.from_vector`, with method `external` (added) or `external_ablation`.
 """
 
 import json
@@ -32,10 +35,14 @@ from isokl_tl.prompts import ContrastPair
 from isokl_tl.tokens import chunks, left_pad, pad_id, prompt_ids, text_ids
 
 METHODS = ("mean_diff", "pca", "directional_ablation", "random")
+# a vector made elsewhere (`Direction.from_vector`), added or ablated along
+EXTERNAL = {"external": "add", "external_ablation": "ablate"}
 
 
 def intervention(method: str) -> str:
     """How a direction method acts on the residual: `ablate` or `add`."""
+    if method in EXTERNAL:
+        return EXTERNAL[method]
     check_method(method)
     return "ablate" if method == "directional_ablation" else "add"
 
@@ -75,6 +82,32 @@ class Direction:
         ...     logits = model(tokens)
         """
         return steer(model, self.hook, self.vector, coeff, method=self.intervention, start=start)
+
+    @classmethod
+    def from_vector(cls, vector: Float[Tensor, " d_model"], hook: str, model: HookedTransformer, *,
+                    pairs: list[ContrastPair] | None = None, ablate: bool = False,
+                    source: dict | None = None) -> "Direction":
+        """A direction from a vector made elsewhere (an SAE feature, a probe, another library's
+        control vector): checked against `model` (size, finite, non-zero), normalised, and
+        measured like a built-in one over the contrastive `pairs` (default: the shipped set):
+        the median residual norm at the hook (the search's first coefficient is a tenth of it)
+        and how far the vector separates the pairs' positive and negative completions.
+        `ablate`: project it out (`h - c (h.v) v`) instead of adding it. `source` (for example
+        the file and its SHA-256, `isokl_tl.vectors`) is kept in `extra`."""
+        from isokl_tl.hooks import check_direction
+        from isokl_tl.prompts import load_pairs
+
+        hook = check_residual_hook(model, hook)
+        v = check_direction(model, vector).float().cpu()
+        norm = float(v.norm())
+        if norm == 0.0:
+            raise ValueError("direction is the zero vector")
+        v = v / norm
+        pos, neg = pair_activations(model, pairs or load_pairs(), hook)
+        resid_norm = float(torch.cat([pos, neg]).norm(dim=-1).median())
+        return cls(vector=v, method="external_ablation" if ablate else "external", hook=hook, raw_norm=norm,
+                   projection_gap=_gap(pos, neg, v), resid_norm=resid_norm, n_pairs=len(pos),
+                   model=str(model.cfg.model_name), extra=dict(source or {}))
 
     def meta(self) -> dict:
         d = asdict(self)

@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
@@ -24,14 +25,15 @@ from isokl_tl.calibrate import Calibration, calibrate
 from isokl_tl.config import RunConfig
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling
-from isokl_tl.hooks import check_direction, resolve_hook
-from isokl_tl.manifest import Manifest, check_writable, model_identity, settings_hash, versions
+from isokl_tl.hooks import check_direction, hook_layer, resolve_hook
+from isokl_tl.manifest import Manifest, check_writable, model_identity, settings_hash, versions, write_atomic, write_csv
 from isokl_tl.models import check_spec, load_model
 from isokl_tl.pmass import ForkPMass, answer_token_sets, fork_pmass
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
-from isokl_tl.survival import SurvivalTable, deaths, survival_table
+from isokl_tl.survival import SurvivalTable, deaths, survival_table, sweep_markdown, threshold_sweep
 from isokl_tl.tokens import chunks, prompt_ids
+from isokl_tl.vectors import read_sae_feature, read_vector
 
 KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
 PMASS_ROWS_PER_PART = 16
@@ -95,7 +97,10 @@ class Run:
         if "rollout" in todo:
             _enough(load_prompts(c.prompts), c.n_prompts, c.prompts, "--n-prompts")
         if "direction" in todo:
-            resolve_hook(self.model, c.hook, c.layer)
+            if c.external:       # read the file or SAE and check it against the model, before any write
+                self._external_direction()
+            else:
+                resolve_hook(self.model, c.hook, c.layer)
         if "calibrate" in todo:
             self._fits(load_prompts(c.calib_prompts)[:c.n_calib], c.calib_window, c.calib_prompts)
         if "rollout" in todo:          # forks add the splice after the rollout
@@ -174,9 +179,26 @@ class Run:
         """The saved direction, checked against the model (size, dtype, finite)."""
         return check_direction(self.model, d.vector)
 
+    def _external_direction(self) -> Direction:
+        """The direction from `--direction FILE` or `--sae DIR --feature N` (`isokl_tl.vectors`)."""
+        c = self.cfg
+        if c.sae is not None:
+            vector, hook, source = read_sae_feature(c.sae, c.feature)
+            if (c.hook or c.layer is not None) and resolve_hook(self.model, c.hook, c.layer) != hook:
+                raise ValueError(f"the SAE reads {hook}; drop --hook/--layer or give that hook")
+        else:
+            hook = resolve_hook(self.model, c.hook, c.layer)
+            layer = hook_layer(hook) if hook.endswith("hook_resid_post") else None
+            vector, source = read_vector(c.direction_file, key=c.direction_key, layer=layer)
+        return Direction.from_vector(vector, hook, self.model, pairs=load_pairs(c.pairs),
+                                     ablate=c.method == "directional_ablation", source=source)
+
     # --- stages ------------------------------------------------------------------------------
     def direction(self, force: bool = False) -> Direction:
         def go(key):
+            if self.cfg.external:
+                self._external_direction().save(self.dir)
+                return
             hook = resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
             compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method,
                               seed=self.cfg.seed).save(self.dir)
@@ -257,6 +279,19 @@ class Run:
                            rule=rule).save(self.dir)
         self._stage("survival", go, force)
         return SurvivalTable.load(self.dir)
+
+    def threshold_sweep(self) -> pd.DataFrame:
+        """The survival table under other death rules (`survival.threshold_sweep`), from the saved
+        pmass; written as a CSV, a Markdown table and a figure."""
+        from isokl_tl.plots.cell import plot_threshold_sweep
+        from isokl_tl.plots.style import save_figure
+
+        sweep = threshold_sweep(self.pmass().frame, self.cfg.window, min_base_pmass=self.cfg.min_base_pmass,
+                                keep_weak=self.cfg.keep_weak)
+        write_csv(self.dir / files.THRESHOLD_SWEEP, sweep)
+        write_atomic(self.dir / files.THRESHOLD_SWEEP_MD, lambda p: p.write_text(sweep_markdown(sweep)))
+        save_figure(plot_threshold_sweep(sweep), self.dir / files.THRESHOLD_SWEEP_FIG)
+        return sweep
 
     def plot(self, force: bool = False) -> None:
         self.survival()

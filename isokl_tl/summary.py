@@ -4,9 +4,9 @@ figure that compare the runs of several methods."""
 from pathlib import Path
 
 from isokl_tl import manifest as files  # the run directory's file names
-from isokl_tl.calibrate import Calibration
+from isokl_tl.calibrate import Calibration, transfer, transfer_line
 from isokl_tl.directions import Direction
-from isokl_tl.manifest import write_atomic
+from isokl_tl.manifest import write_atomic, write_json
 from isokl_tl.pmass import ForkPMass
 from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalTable, format_token
@@ -42,11 +42,16 @@ def write_summary(run_dir: Path, cfg) -> None:
     st = SurvivalTable.load(run_dir)
     weak = st.weak_prompts
     interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
+    rollouts = Rollouts.load(run_dir)
+    moved = transfer(rollouts, cal, seed=cfg.seed) if bool((rollouts.alpha == 1.0).any()) else None
+    if moved:
+        write_json(run_dir / files.TRANSFER, moved)
     lines = [
         f"# isokl-tl run: {d.method} at {d.hook} on {cfg.model}", "",
         f"- c* = {cal.c_star:.4g}{interval}: {cal.statistic} q={cal.quantile:g} of per-token KL = "
         f"{cal.value:.4g} (target {cal.target:g} nat, window {cal.window}, {cal.n_tokens} tokens, "
         f"{cal.rounds} rounds, converged: {cal.converged})",
+        *([f"- {transfer_line(moved)}"] if moved else []),
         f"- sweep: {cfg.n_prompts} `{cfg.prompts}` prompts x alphas {cfg.sweep_alphas()}, window "
         f"{cfg.window}, forks {cfg.forks()}",
         "- death: " + (f"pmass < {cfg.threshold}" if cfg.threshold is not None else

@@ -196,6 +196,53 @@ def survival_table(per_row: pd.DataFrame, window: int, *, keep_weak: bool = Fals
                          window=window, keep_weak=keep_weak)
 
 
+ABSOLUTE_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+RELATIVE_SWEEP = (0.25, 0.375, 0.5, 0.625, 0.75)
+DEATH_RUNS = (1, 2, 3)
+
+
+def threshold_sweep(pmass: pd.DataFrame, window: int, *, min_base_pmass: float = 0.3, keep_weak: bool = False,
+                    absolute: tuple[float, ...] = ABSOLUTE_SWEEP, relative: tuple[float, ...] = RELATIVE_SWEEP,
+                    death_runs: tuple[int, ...] = DEATH_RUNS) -> pd.DataFrame:
+    """How the survival table moves with the death rule, from pmass already measured: per rule
+    (absolute and relative thresholds, each with every `death_runs`) and alpha, the rollouts kept,
+    deaths, S at the window's end and the median death token. A rule under which every prompt is
+    weak (an absolute threshold above every unsteered pmass) gets n = 0 and NaNs."""
+    out = []
+    for kind, values in (("absolute", absolute), ("relative", relative)):
+        for value in values:
+            for run in death_runs:
+                rule = DeathRule(threshold=value if kind == "absolute" else None,
+                                 relative_threshold=value if kind == "relative" else None, death_run=run,
+                                 min_base_pmass=min_base_pmass, keep_weak=keep_weak)
+                per_row = deaths(pmass, rule)
+                kept = per_row if keep_weak else per_row[~per_row.weak]
+                for alpha in sorted(per_row.alpha.unique()):
+                    g = kept[kept.alpha == alpha]
+                    row = {"rule": kind, "threshold": value, "death_run": run, "alpha": float(alpha), "n": len(g),
+                           "died": int(g.event.sum()), "S_end": np.nan, "median": np.nan}
+                    if len(g):
+                        km = kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy())
+                        row.update(S_end=km.at(window), median=km.median)
+                    out.append(row)
+    return pd.DataFrame(out)
+
+
+def sweep_markdown(sweep: pd.DataFrame) -> str:
+    """The sweep as a table a reader scans: a row per rule, per alpha `S(end) / median token`."""
+    alphas = sorted(sweep.alpha.unique())
+    lines = ["| rule | death run | n | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |",
+             "|---|---:|---:|" + "---:|" * len(alphas)]
+    for (kind, value, run), g in sweep.groupby(["rule", "threshold", "death_run"], sort=False):
+        cells = []
+        for a in alphas:
+            r = g[g.alpha == a].iloc[0]
+            cells.append("no prompt" if r.n == 0 else f"{r.S_end:.2f} / {format_token(r['median'])}")
+        name = f"pmass < {value:g}" if kind == "absolute" else f"pmass < {value:g} x base"
+        lines.append(f"| {name} | {run} | {int(g.n.iloc[0])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curves_frame(curves: dict[float, SurvivalCurve]) -> pd.DataFrame:
     """KM step curves in long format (alpha, time, survival, ci_low, ci_high)."""
     parts = [pd.DataFrame({"alpha": a, "time": c.time, "survival": c.survival, "ci_low": c.ci_low,

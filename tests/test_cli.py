@@ -78,6 +78,15 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
     assert man["stages"]["survival"]["settings"]["relative_threshold"] == 0.9
     per_row = pd.read_csv(out / "survival.csv")
     assert np.allclose(per_row.threshold, 0.9 * per_row.base_pmass0)
+    # the threshold sweep reads the same pmass and runs no stage; its row for this rule is the table
+    res = _invoke(["survival", "--run", str(out), "--relative-threshold", "0.9", "--threshold-sweep"])
+    assert res.exit_code == 0, res.output
+    assert "running" not in res.output and "Under other death rules" in res.output
+    sweep = pd.read_csv(out / "threshold_sweep.csv")
+    assert set(sweep.rule) == {"absolute", "relative"} and set(sweep.death_run) == {1, 2, 3}
+    assert (out / "threshold_sweep.md").exists() and (out / "threshold_sweep.png").exists()
+    assert "calibration transfer: at alpha 1" in (out / "summary.md").read_text()
+    assert json.loads((out / "calibration_transfer.json").read_text())["n_prompts"] > 0
     # the full command with the new threshold finds every stage current
     res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -40,3 +40,20 @@ def test_the_defaults_shown_in_help_are_run_config_defaults(command):
             assert shown == str(value), (p.name, shown, value)
         seen += 1
     assert seen >= 2
+
+
+def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
+    """Run directories made before the external-direction settings existed stay current: those
+    settings enter a stage's key only when they are set (and then with the file's hash)."""
+    import numpy as np
+
+    from isokl_tl.config import RunConfig
+    from isokl_tl.manifest import settings_hash
+
+    later = set(RunConfig._LATER_KEYS)
+    for stage in ("direction", "calibrate", "plot"):
+        assert not later & set(RunConfig().stage_settings(stage))
+    np.save(tmp_path / "v.npy", np.ones(4))
+    given = RunConfig(direction_file=str(tmp_path / "v.npy")).stage_settings("plot")
+    assert given["direction_file"] == str(tmp_path / "v.npy") and len(given["direction_sha256"]) == 64
+    assert settings_hash(given) != settings_hash(RunConfig().stage_settings("plot"))

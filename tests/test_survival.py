@@ -86,3 +86,70 @@ def test_death_rules():
 def test_bad_rules(kw, msg):
     with pytest.raises(ValueError, match=msg):
         DeathRule(**kw)
+
+
+def test_threshold_sweep_agrees_with_the_survival_table_at_each_rule():
+    """Each row of the sweep is the survival table that rule gives (same deaths, same KM), and
+    the markdown and figure are drawn from it."""
+    from isokl_tl.plots.cell import plot_threshold_sweep
+    from isokl_tl.survival import sweep_markdown, threshold_sweep
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for prompt in range(6):
+        for k, alpha in enumerate((0.0, 1.0, 2.0)):
+            row = prompt * 3 + k
+            for fork in (0, 8, 16, 24):
+                rows.append((row, prompt, alpha, alpha * 10, fork, float(np.clip(0.85 - alpha * fork / 60
+                                                                                   + rng.normal(0, 0.05), 0, 1))))
+    pm = _pmass(rows)
+    sweep = threshold_sweep(pm, 24, absolute=(0.5, 0.99), relative=(0.25, 0.5), death_runs=(1, 2))
+    assert len(sweep) == (2 + 2) * 2 * 3
+    for kind, value, run in [("relative", 0.5, 1), ("relative", 0.25, 2), ("absolute", 0.5, 2)]:
+        rule = DeathRule(threshold=value if kind == "absolute" else None,
+                         relative_threshold=value if kind == "relative" else None, death_run=run)
+        table = survival_table(deaths(pm, rule), 24, rule=rule).table.set_index("alpha")
+        got = sweep[(sweep.rule == kind) & (sweep.threshold == value) & (sweep.death_run == run)].set_index("alpha")
+        assert list(got.n) == list(table.n) and list(got.died) == list(table.died)
+        np.testing.assert_allclose(got.S_end, table.S_end)
+        np.testing.assert_array_equal(got["median"], table["median"])
+    assert sweep[sweep.rule == "relative"].died.sum() > 0          # the synthetic doses kill
+    assert (sweep[sweep.threshold == 0.99].n == 0).all()           # every prompt weak at 0.99
+    text = sweep_markdown(sweep)
+    assert "| pmass < 0.99 | 1 | 0 | no prompt | no prompt | no prompt |" in text
+    assert len(plot_threshold_sweep(sweep)) == 2
+
+
+def test_calibration_transfer_recomputes_the_statistic_on_held_out_rollouts():
+    import torch
+
+    from isokl_tl.calibrate import Calibration, transfer, transfer_line
+    from isokl_tl.rollout import Rollouts
+    from isokl_tl.search import kl_statistic
+
+    g = torch.Generator().manual_seed(0)
+    n, w = 6, 20
+    kl = torch.rand(2 * n, w, generator=g) * torch.linspace(0.5, 2.0, w)
+    gen_len = torch.tensor([w] * (2 * n - 1) + [5])
+    kl[-1, 5:] = float("nan")
+
+    rows = 2 * n
+    R = Rollouts(prompt=torch.ones(rows, 3, dtype=torch.long), prompt_mask=torch.ones(rows, 3, dtype=torch.long),
+                 tokens=torch.ones(rows, w, dtype=torch.long), kl=kl, logprob=torch.zeros(rows, w),
+                 base_agree=torch.ones(rows, w, dtype=torch.bool), gen_len=gen_len, eos=gen_len < w,
+                 coeff=torch.zeros(rows), prompt_index=torch.arange(rows) % n,
+                 alpha=torch.tensor([0.0] * n + [1.0] * n))
+    cal = Calibration(c_star=3.0, converged=True, statistic="quantile", quantile=0.95, target=1.0, window=8,
+                      n_tokens=0, rounds=1, history=[])
+    t = transfer(R, cal, bootstrap=200)
+    first = [kl[i, :8][R.mask[i, :8]].numpy() for i in range(n, 2 * n)]
+    whole = [kl[i][R.mask[i]].numpy() for i in range(n, 2 * n)]
+    assert t["calibration_window"]["value"] == pytest.approx(kl_statistic(first, "quantile", 0.95))
+    assert t["whole_window"]["value"] == pytest.approx(kl_statistic(whole, "quantile", 0.95))
+    assert t["whole_window"]["n_tokens"] == (n - 1) * w + 5 and t["n_prompts"] == n
+    lo, hi = t["whole_window"]["interval"]
+    assert lo <= t["whole_window"]["value"] <= hi and lo < hi
+    assert t["whole_window"]["value"] > t["calibration_window"]["value"]   # KL grows along these rollouts
+    assert "against the 1-nat target" in transfer_line(t) and "the whole 20-token window" in transfer_line(t)
+    with pytest.raises(ValueError, match="no rows at alpha 4"):
+        transfer(R, cal, alpha=4.0)

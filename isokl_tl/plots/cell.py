@@ -240,3 +240,35 @@ def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = N
                  legend=False, errorbar=("pi", 50), marker="o", markersize=3)
     axes[1].set(ylabel="pmass (mean, 25-75%)", xlabel="generated token (fork)", ylim=(0, 1))
     return axes
+
+
+@styled
+def plot_threshold_sweep(sweep: pd.DataFrame, *, fig=None) -> np.ndarray:
+    """S at the window's end against the death threshold, one line per alpha: absolute thresholds
+    (left) and thresholds relative to each prompt's unsteered pmass (right); solid lines for a
+    death at the first fork below, dashed for the longest run of forks in the sweep."""
+    if fig is None:
+        fig = plt.figure(figsize=(8, 3.2))
+    axes = fig.subplots(1, 2, squeeze=False, sharey=True)[0]
+    alphas = sorted(sweep.alpha.unique())
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(alphas)))
+    runs = (sweep.death_run.min(), sweep.death_run.max())
+    for ax, kind in zip(axes, ("absolute", "relative")):
+        part = sweep[sweep.rule == kind]
+        for color, a in zip(colors, alphas):
+            for run, style in zip(runs, ("-", "--")):
+                g = part[(part.alpha == a) & (part.death_run == run)].sort_values("threshold")
+                ax.plot(g.threshold, g.S_end, style, marker="o", ms=3, color=color,
+                        label=f"alpha {a:g}" if run == runs[0] else None)
+        ax.set(xlabel="pmass threshold" if kind == "absolute" else "threshold, x the prompt's unsteered pmass",
+               title=f"{kind} thresholds", ylim=(-0.05, 1.05))
+        empty = sorted(part.groupby("threshold").n.max().loc[lambda n: n == 0].index)
+        if empty:      # thresholds above every prompt's unsteered pmass: nothing to draw
+            ax.set_xlabel(f"{ax.get_xlabel()}\n(none drawn at {', '.join(f'{t:g}' for t in empty)}: "
+                          "above every prompt's unsteered pmass)", fontsize=8)
+    axes[0].set_ylabel("S at the window's end")
+    axes[1].plot([], [], "k-", label=f"death at {runs[0]} fork below")
+    axes[1].plot([], [], "k--", label=f"death at {runs[1]} forks below in a row")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return axes
+
