@@ -37,6 +37,7 @@ THRESHOLD_SWEEP = "threshold_sweep.csv"  # `isokl-tl survival --threshold-sweep`
 THRESHOLD_SWEEP_MD = "threshold_sweep.md"
 THRESHOLD_SWEEP_FIG = "threshold_sweep.png"
 SUMMARY = "summary.md"
+ANSWERS = "answers.csv"                 # per alpha: is the preferred answer right (known answers only)
 TRANSFER = "calibration_transfer.json"  # the calibration statistic on the held-out rollouts at alpha 1
 LAYERS_TABLE = "layers.csv"             # `isokl-tl layers`: one row per layer
 LAYERS_PROPAGATION = "layers_propagation.csv"

@@ -82,6 +82,15 @@ def eval_prompt(question: Question) -> str:
     return f"{question.question} {EVAL_INSTRUCTION}"
 
 
+def known_answers(source: str | Path = "eval") -> list[bool | None]:
+    """Per row of a set, in `load_prompts`'s order: the question's known answer, or None (a plain
+    `prompt` row, or a question without a boolean `answer`)."""
+    rows = _read_jsonl(source, {})
+    def plain(r):        # load_prompts reads a `prompt` field first
+        return isinstance(r.get("prompt"), str) and bool(r["prompt"].strip())
+    return [r["answer"] if not plain(r) and isinstance(r.get("answer"), bool) else None for r in rows]
+
+
 def load_prompts(source: str | Path = "calibration") -> list[str]:
     """User turns from a set: `prompt` rows as they are, `question` rows with the eval instruction."""
     if source == "eval":

@@ -4,10 +4,12 @@ figure that compare the runs of several methods."""
 from pathlib import Path
 
 from isokl_tl import manifest as files  # the run directory's file names
+from isokl_tl.answers import answer_table, answers_markdown
 from isokl_tl.calibrate import Calibration, transfer, transfer_line
 from isokl_tl.directions import Direction
-from isokl_tl.manifest import write_atomic, write_json
+from isokl_tl.manifest import write_atomic, write_csv, write_json
 from isokl_tl.pmass import ForkPMass
+from isokl_tl.prompts import known_answers
 from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalTable, format_token
 
@@ -46,6 +48,11 @@ def write_summary(run_dir: Path, cfg) -> None:
     moved = transfer(rollouts, cal, seed=cfg.seed) if bool((rollouts.alpha == 1.0).any()) else None
     if moved:
         write_json(run_dir / files.TRANSFER, moved)
+    answers = known_answers(cfg.prompts)[: cfg.n_prompts]
+    table = answer_table(ForkPMass.load(run_dir).frame, answers)
+    scored = answers_markdown(table, answers) if len(table) else ""
+    if scored:
+        write_csv(run_dir / files.ANSWERS, table)
     lines = [
         f"# isokl-tl run: {d.method} at {d.hook} on {cfg.model}", "",
         f"- c* = {cal.c_star:.4g}{interval}: {cal.statistic} q={cal.quantile:g} of per-token KL = "
@@ -59,6 +66,7 @@ def write_summary(run_dir: Path, cfg) -> None:
         + f", {cfg.death_run} consecutive fork(s)",
         f"- weak prompts ({'kept' if cfg.keep_weak else 'excluded'}): {weak if weak else 'none'}",
         "", st.to_markdown().rstrip("\n"),
+        *(["", scored.rstrip("\n")] if scored else []),
         "", "Figures:", "",
     ] + [f"![{k}]({v})" for k, v in files.FIGURES.items()]
     write_atomic(run_dir / files.SUMMARY, lambda p: p.write_text("\n".join(lines) + "\n"))
