@@ -12,6 +12,7 @@ EMBEDDED = "smollm2-135m-instruct"
 METHODS = ("mean_diff", "pca", "directional_ablation", "random")
 STATISTICS = ("quantile", "mean", "max", "prompt_quantile")
 SPLICES = ("interrupt", "inline")
+DEATH_SIGNALS = ("pmass", "repetition", "compression", "any")
 
 
 def _alphas(ctx, param, value):
@@ -131,6 +132,13 @@ def survival_options(f):
                      help="Relative mode: prompts with a lower unsteered pmass are weak [default: 0.3]."),
         click.option("--keep-weak/--drop-weak", default=None,
                      help="Keep weak prompts in survival [default: drop-weak]."),
+        click.option("--death-signal", type=click.Choice(DEATH_SIGNALS), default=None,
+                     help="What kills a rollout in the survival table: pmass below the threshold, repetition or "
+                          "compression of the text at or above theirs, or any of them [default: pmass]."),
+        click.option("--repetition-threshold", type=float, default=None,
+                     help="Death when this share of the last 32 tokens ends an 8-gram seen before [default: 0.9]."),
+        click.option("--compression-threshold", type=float, default=None,
+                     help="Death when zlib compresses the last 32 tokens' text this many times [default: 2.5]."),
     ])
 
 

@@ -156,7 +156,8 @@ def transfer(rollouts: Rollouts, cal: Calibration, *, alpha: float = 1.0, bootst
         tail = (1 - level) / 2
         out[name] = {"tokens": min(width, rollouts.window), "n_tokens": int(sum(len(r) for r in per_row)),
                      "value": kl_statistic(per_row, cal.statistic, cal.quantile),
-                     "interval": [float(np.nanquantile(draws, tail)), float(np.nanquantile(draws, 1 - tail))],
+                     "interval": ([float(np.nanquantile(draws, tail)), float(np.nanquantile(draws, 1 - tail))]
+                                  if draws else None),
                      "per_prompt": [float(np.min(alone)), float(np.median(alone)), float(np.max(alone))]}
     return out
 
@@ -164,8 +165,8 @@ def transfer(rollouts: Rollouts, cal: Calibration, *, alpha: float = 1.0, bootst
 def transfer_line(t: dict) -> str:
     """`transfer`'s result as one line of a summary."""
     stat = f"q={t['quantile']:g} quantile" if t["statistic"] == "quantile" else t["statistic"]
-    parts = [f"{d['value']:.3g} over {span} ({t['level']:.0%} bootstrap over prompts "
-             f"{d['interval'][0]:.3g}-{d['interval'][1]:.3g})"
+    parts = [f"{d['value']:.3g} over {span}" + (f" ({t['level']:.0%} bootstrap over prompts "
+                                               f"{d['interval'][0]:.3g}-{d['interval'][1]:.3g})" if d["interval"] else "")
              for d, span in ((t["calibration_window"], f"the first {t['calibration_window']['tokens']} tokens"),
                              (t["whole_window"], f"the whole {t['whole_window']['tokens']}-token window"))]
     lo, med, hi = t["whole_window"]["per_prompt"]

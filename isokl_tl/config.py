@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from isokl_tl.calibrate import CalibrationSettings
+from isokl_tl.coherence import DEATH_SIGNALS, THRESHOLDS
 from isokl_tl.directions import check_method
 from isokl_tl.engine import Sampling
 from isokl_tl.models import EMBEDDED
@@ -60,6 +61,9 @@ class RunConfig:
     death_run: int = 1
     min_base_pmass: float = 0.3
     keep_weak: bool = False
+    death_signal: str = "pmass"
+    repetition_threshold: float = THRESHOLDS["repetition"]
+    compression_threshold: float = THRESHOLDS["compression"]
     rows_per_batch: int = 64
 
     def __post_init__(self):
@@ -72,6 +76,12 @@ class RunConfig:
         if self.method == "directional_ablation" and min(self.alphas) < 0:
             raise ValueError(f"directional ablation needs alphas >= 0, got {min(self.alphas)} "
                              "(negative alphas only make sense for additive methods)")
+        if self.death_signal not in DEATH_SIGNALS:
+            raise ValueError(f"death signal {self.death_signal!r} is not one of {', '.join(DEATH_SIGNALS)}")
+        if not 0 < self.repetition_threshold <= 1:
+            raise ValueError(f"repetition-threshold is a share of tokens, in (0, 1]; got {self.repetition_threshold}")
+        if self.compression_threshold <= 1:
+            raise ValueError(f"compression-threshold is a ratio of bytes, > 1; got {self.compression_threshold}")
         if self.direction_file is not None and self.sae is not None:
             raise ValueError("give a direction file or an SAE feature, not both")
         if (self.sae is None) != (self.feature is None):
@@ -100,6 +110,9 @@ class RunConfig:
         return DeathRule(threshold=self.threshold, relative_threshold=rel, death_run=self.death_run,
                          min_base_pmass=self.min_base_pmass, keep_weak=self.keep_weak)
 
+    def coherence_thresholds(self) -> dict[str, float]:
+        return {"repetition": self.repetition_threshold, "compression": self.compression_threshold}
+
     def splice_spec(self) -> Splice:
         kw = {"question": self.splice_question} if self.splice_question else {}
         return Splice(mode=self.splice, close=self.splice_close, prefill=self.splice_prefill,
@@ -125,11 +138,15 @@ class RunConfig:
         "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p", "record_acts"),
         "pmass": ("fork_every", "fork_log", "splice", "splice_question", "splice_close",
                   "splice_prefill", "answer_true", "answer_false"),
-        "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak"),
+        "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak", "death_signal",
+                     "repetition_threshold", "compression_threshold"),
         "plot": (),
     }
-    # Settings added after runs were made, keyed only when set, so that older run directories stay current
-    _LATER_KEYS = ("direction_file", "direction_key", "sae", "feature")
+    # Settings added after runs were made, keyed only when not at these defaults, so that older run
+    # directories stay current
+    _LATER_KEYS = {"direction_file": None, "direction_key": None, "sae": None, "feature": None,
+                   "death_signal": "pmass", "repetition_threshold": THRESHOLDS["repetition"],
+                   "compression_threshold": THRESHOLDS["compression"]}
     # Settings that decide how the work is executed, not what it computes: greedy results agree
     # up to floating-point rounding whatever their values, so they key no stage. They do key the
     # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw
@@ -141,12 +158,13 @@ class RunConfig:
         out = {}
         for s in STAGES[: STAGES.index(stage) + 1]:
             out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]
-                        if not (k in self._LATER_KEYS and getattr(self, k) is None)})
-        source = self.direction_file or (self.sae and f"{self.sae}/sae_weights.safetensors")
-        if source and Path(source).expanduser().is_file():     # a new file at the same path is a new direction
-            from isokl_tl.vectors import file_sha256
-            out["direction_sha256"] = file_sha256(Path(source).expanduser())
+                        if not (k in self._LATER_KEYS and getattr(self, k) == self._LATER_KEYS[k])})
         return out
+
+    def direction_source(self) -> Path | None:
+        """The file an external direction is read from (the SAE's weights), if any."""
+        source = self.direction_file or (self.sae and f"{self.sae}/sae_weights.safetensors")
+        return Path(source).expanduser() if source else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -176,7 +194,9 @@ class RunConfig:
 
 ALIASES = {"target_kl": "target"}          # option names whose RunConfig field is spelled otherwise
 # Settings that exclude each other: giving one turns the other off.
-EXCLUSIVE = (("threshold", "relative_threshold"), ("fork_every", "fork_log"))
+EXCLUSIVE = (("threshold", "relative_threshold"), ("fork_every", "fork_log"), ("direction_file", "sae"))
+# ... and what else giving one of them turns off
+CLEARS = {"direction_file": ("feature",), "sae": ("direction_key",)}
 
 
 def settle(given: dict) -> dict:
@@ -190,6 +210,8 @@ def settle(given: dict) -> dict:
         for mine, other in ((a, b), (b, a)):
             if out.get(mine) is not None:
                 out[other] = None
+                for extra in CLEARS.get(mine, ()):
+                    out.setdefault(extra, None)
     return out
 
 

@@ -9,6 +9,7 @@ that cut them (`RunConfig.EXECUTION`), so a resumed stage reuses only parts cut 
 `check()` reads every input a run will need before any stage runs.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from transformer_lens import HookedTransformer
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.activations import Record
 from isokl_tl.calibrate import Calibration, calibrate
+from isokl_tl.coherence import deaths_by_signal, signal_frame
 from isokl_tl.config import RunConfig
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling
@@ -33,7 +35,7 @@ from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, sweep_markdown, threshold_sweep
 from isokl_tl.tokens import chunks, prompt_ids
-from isokl_tl.vectors import read_sae_feature, read_vector
+from isokl_tl.vectors import file_sha256, read_sae_feature, read_vector
 
 KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
 PMASS_ROWS_PER_PART = 16
@@ -98,7 +100,8 @@ class Run:
             _enough(load_prompts(c.prompts), c.n_prompts, c.prompts, "--n-prompts")
         if "direction" in todo:
             if c.external:       # read the file or SAE and check it against the model, before any write
-                self._external_direction()
+                vector, hook, _ = self._external_vector()
+                check_direction(self.model, vector)
             else:
                 resolve_hook(self.model, c.hook, c.layer)
         if "calibrate" in todo:
@@ -134,13 +137,22 @@ class Run:
                "calibrate": [files.CALIBRATION, files.CALIBRATION_FIG],
                "rollout": [files.ROLLOUTS, files.ROLLOUTS_CSV, files.TEXTS],
                "pmass": [files.PMASS, files.SPLICE],
-               "survival": [files.SURVIVAL, files.SURVIVAL_TABLE, files.KM_CURVES, files.SURVIVAL_META],
+               "survival": [files.SURVIVAL, files.SURVIVAL_TABLE, files.KM_CURVES, files.SURVIVAL_META,
+                            files.COHERENCE, files.SIGNALS],
                "plot": list(files.FIGURES.values()) + [files.SUMMARY]}
 
     def current(self, stage: str) -> bool:
-        """Whether `stage` finished with these settings and its files are all there."""
+        """Whether `stage` finished with these settings and its files are all there (and, for a
+        direction read from a file that is still there, the file is the one it was read from)."""
         return self.manifest.stage_current(stage, settings_hash(self.cfg.stage_settings(stage)),
-                                           self.OUTPUTS[stage])
+                                           self.OUTPUTS[stage]) and not self._direction_file_changed()
+
+    def _direction_file_changed(self) -> bool:
+        source = self.cfg.direction_source()
+        if source is None or not source.is_file() or not (self.dir / files.DIRECTION_META).exists():
+            return False
+        saved = json.loads((self.dir / files.DIRECTION_META).read_text()).get("extra", {}).get("sha256")
+        return saved is not None and saved != file_sha256(source)
 
     def _stage(self, stage: str, fn, force: bool = False) -> bool:
         settings = self.cfg.stage_settings(stage)
@@ -179,19 +191,24 @@ class Run:
         """The saved direction, checked against the model (size, dtype, finite)."""
         return check_direction(self.model, d.vector)
 
-    def _external_direction(self) -> Direction:
-        """The direction from `--direction FILE` or `--sae DIR --feature N` (`isokl_tl.vectors`)."""
+    def _external_vector(self) -> tuple[torch.Tensor, str, dict]:
+        """The vector of `--direction FILE` or `--sae DIR --feature N` (`isokl_tl.vectors`), its
+        hook, and where it came from."""
         c = self.cfg
         if c.sae is not None:
             vector, hook, source = read_sae_feature(c.sae, c.feature)
             if (c.hook or c.layer is not None) and resolve_hook(self.model, c.hook, c.layer) != hook:
                 raise ValueError(f"the SAE reads {hook}; drop --hook/--layer or give that hook")
-        else:
-            hook = resolve_hook(self.model, c.hook, c.layer)
-            layer = hook_layer(hook) if hook.endswith("hook_resid_post") else None
-            vector, source = read_vector(c.direction_file, key=c.direction_key, layer=layer)
-        return Direction.from_vector(vector, hook, self.model, pairs=load_pairs(c.pairs),
-                                     ablate=c.method == "directional_ablation", source=source)
+            return vector, hook, source
+        hook = resolve_hook(self.model, c.hook, c.layer)
+        layer = hook_layer(hook) if hook.endswith("hook_resid_post") else None
+        vector, source = read_vector(c.direction_file, key=c.direction_key, layer=layer)
+        return vector, hook, source
+
+    def _external_direction(self) -> Direction:
+        vector, hook, source = self._external_vector()
+        return Direction.from_vector(vector, hook, self.model, pairs=load_pairs(self.cfg.pairs),
+                                     ablate=self.cfg.method == "directional_ablation", source=source)
 
     # --- stages ------------------------------------------------------------------------------
     def direction(self, force: bool = False) -> Direction:
@@ -275,8 +292,17 @@ class Run:
 
         def go(key):
             rule = self.cfg.death_rule()
-            survival_table(deaths(pm.frame, rule), self.cfg.window, keep_weak=rule.keep_weak,
-                           rule=rule).save(self.dir)
+            by_pmass = deaths(pm.frame, rule)
+            r = self.rollout()
+            signals = signal_frame(r.tokens.numpy(), r.gen_len.numpy(), self.model.tokenizer.decode)
+            by_signal = deaths_by_signal(signals, by_pmass, self.cfg.coherence_thresholds())
+            write_csv(self.dir / files.COHERENCE, signals)
+            write_csv(self.dir / files.SIGNALS, by_signal)
+            per_row = by_pmass
+            if self.cfg.death_signal != "pmass":       # the same rollouts, dying by the chosen signal
+                chosen = by_signal[by_signal.signal == self.cfg.death_signal].set_index("row")
+                per_row = by_pmass.assign(time=by_pmass.row.map(chosen.time), event=by_pmass.row.map(chosen.event))
+            survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak, rule=rule).save(self.dir)
         self._stage("survival", go, force)
         return SurvivalTable.load(self.dir)
 

@@ -3,9 +3,12 @@ figure that compare the runs of several methods."""
 
 from pathlib import Path
 
+import pandas as pd
+
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.answers import answer_table, answers_markdown
 from isokl_tl.calibrate import Calibration, transfer, transfer_line
+from isokl_tl.coherence import first_signal, signal_table, signals_markdown
 from isokl_tl.directions import Direction
 from isokl_tl.manifest import write_atomic, write_csv, write_json
 from isokl_tl.pmass import ForkPMass
@@ -45,9 +48,15 @@ def write_summary(run_dir: Path, cfg) -> None:
     weak = st.weak_prompts
     interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
     rollouts = Rollouts.load(run_dir)
-    moved = transfer(rollouts, cal, seed=cfg.seed) if bool((rollouts.alpha == 1.0).any()) else None
+    moved = (transfer(rollouts, cal, bootstrap=cfg.bootstrap, seed=cfg.seed)
+             if bool((rollouts.alpha == 1.0).any()) else None)
     if moved:
         write_json(run_dir / files.TRANSFER, moved)
+    else:
+        (run_dir / files.TRANSFER).unlink(missing_ok=True)     # a sweep without alpha 1 has none
+    by_signal = pd.read_csv(run_dir / files.SIGNALS)
+    coherence = signals_markdown(signal_table(by_signal, cfg.window, keep_weak=cfg.keep_weak),
+                                 first_signal(by_signal), cfg.coherence_thresholds())
     answers = known_answers(cfg.prompts)[: cfg.n_prompts]
     table = answer_table(ForkPMass.load(run_dir).frame, answers)
     scored = answers_markdown(table, answers) if len(table) else ""
@@ -63,9 +72,12 @@ def write_summary(run_dir: Path, cfg) -> None:
         f"{cfg.window}, forks {cfg.forks()}",
         "- death: " + (f"pmass < {cfg.threshold}" if cfg.threshold is not None else
                         f"pmass < {cfg.relative_threshold} x the prompt's unsteered pmass at fork 0")
-        + f", {cfg.death_run} consecutive fork(s)",
+        + f", {cfg.death_run} consecutive fork(s)"
+        + ("" if cfg.death_signal == "pmass" else
+           f"; the table below counts deaths by {cfg.death_signal} (`--death-signal`), see 'Death by signal'"),
         f"- weak prompts ({'kept' if cfg.keep_weak else 'excluded'}): {weak if weak else 'none'}",
         "", st.to_markdown().rstrip("\n"),
+        "", coherence.rstrip("\n"),
         *(["", scored.rstrip("\n")] if scored else []),
         "", "Figures:", "",
     ] + [f"![{k}]({v})" for k, v in files.FIGURES.items()]

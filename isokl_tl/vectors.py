@@ -2,9 +2,9 @@
 
 - `.safetensors`, `.pt`/`.pth`, `.npy`: one vector (a 1-D tensor, or a 2-D one with a single row);
   a file holding several tensors needs `key`.
-- `.gguf`: a llama.cpp control vector (tensors `direction.N`, one per layer, N counted from 1:
-  `direction.N` is added to the output of block N - 1), so the vector is the one for the hook's
-  block.
+- `.gguf`: a llama.cpp control vector (tensors `direction.N`: llama.cpp adds `direction.N` to
+  the output of block N, counted from 0, and never has one for block 0), so the vector is the
+  one for the hook's block (`blocks.N.hook_resid_post`).
 - an SAE directory in SAELens's format (`cfg.json` + `sae_weights.safetensors`): row `feature` of
   the decoder `W_dec` (`d_sae x d_in`), at the hook its config names.
 
@@ -65,9 +65,9 @@ def _control_vector(path: Path, layer: int | None) -> tuple[Tensor, str]:
     if layer is None:
         raise ValueError(f"{path} is a control vector: steer at a block's output (--layer or a "
                          "blocks.L.hook_resid_post hook) to choose its layer")
-    name = f"direction.{layer + 1}"
+    name = f"direction.{layer}"
     if name not in tensors:
-        held = sorted(int(n.split(".")[1]) - 1 for n in tensors if n.startswith("direction."))
+        held = sorted(int(n.split(".")[1]) for n in tensors if n.startswith("direction."))
         raise ValueError(f"{path} has no vector for block {layer} ({name}); it has blocks {held}")
     return torch.from_numpy(np.array(tensors[name].data, dtype=np.float32)), name
 

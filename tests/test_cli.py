@@ -78,7 +78,7 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
     assert man["stages"]["survival"]["settings"]["relative_threshold"] == 0.9
     per_row = pd.read_csv(out / "survival.csv")
     assert np.allclose(per_row.threshold, 0.9 * per_row.base_pmass0)
-    # the threshold sweep reads the same pmass and runs no stage; its row for this rule is the table
+    # the threshold sweep reads the same pmass and runs no stage
     res = _invoke(["survival", "--run", str(out), "--relative-threshold", "0.9", "--threshold-sweep"])
     assert res.exit_code == 0, res.output
     assert "running" not in res.output and "Under other death rules" in res.output
@@ -87,8 +87,20 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
     assert (out / "threshold_sweep.md").exists() and (out / "threshold_sweep.png").exists()
     assert "calibration transfer: at alpha 1" in (out / "summary.md").read_text()
     assert json.loads((out / "calibration_transfer.json").read_text())["n_prompts"] > 0
+    # coherence signals: tabulated in every run; --death-signal any lets the first of them kill
+    summary = (out / "summary.md").read_text()
+    assert "Death by signal" in summary and "Which signal killed first" in summary
+    by_pmass = pd.read_csv(out / "survival.csv")
+    res = _invoke(["survival", "--run", str(out), "--relative-threshold", "0.9", "--death-signal", "any"])
+    assert res.exit_code == 0, res.output
+    by_any = pd.read_csv(out / "survival.csv")
+    assert (by_any.event >= by_pmass.event).all()
+    assert (by_any.time <= by_pmass.time)[by_pmass.event].all()        # a pmass death, or an earlier one
+    assert "counts deaths by any" in (out / "summary.md").read_text()
+    signals = pd.read_csv(out / "signals.csv")
+    assert set(signals.signal) == {"pmass", "repetition", "compression", "any"}
     # the full command with the new threshold finds every stage current
-    res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--out", str(out)])
+    res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--death-signal", "any", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "running" not in res.output
     # --record-acts reruns the sweep only, and the activations load with the rollouts

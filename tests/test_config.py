@@ -55,5 +55,15 @@ def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
         assert not later & set(RunConfig().stage_settings(stage))
     np.save(tmp_path / "v.npy", np.ones(4))
     given = RunConfig(direction_file=str(tmp_path / "v.npy")).stage_settings("plot")
-    assert given["direction_file"] == str(tmp_path / "v.npy") and len(given["direction_sha256"]) == 64
+    assert given["direction_file"] == str(tmp_path / "v.npy")       # (its content: `Run.current` compares hashes)
     assert settings_hash(given) != settings_hash(RunConfig().stage_settings("plot"))
+
+
+def test_a_direction_file_and_an_sae_replace_each_other():
+    from isokl_tl.config import RunConfig, settle
+
+    saved = RunConfig(sae="sae_dir", feature=3).to_dict()
+    switched = RunConfig.from_dict({**saved, **settle({"direction_file": "v.npy"})})
+    assert (switched.direction_file, switched.sae, switched.feature) == ("v.npy", None, None)
+    back = RunConfig.from_dict({**switched.to_dict(), **settle({"sae": "other", "feature": 1})})
+    assert (back.direction_file, back.sae, back.feature) == (None, "other", 1)

@@ -105,3 +105,24 @@ def test_a_bfloat16_load_holds_every_weight_in_bfloat16(family, checkpoints):
     model = load_model(str(checkpoints(family)), dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(torch.tensor([list(range(5, 15))])).dtype == torch.bfloat16
+
+
+def test_rope_scaling_is_applied_or_refused(tmp_path):
+    """Gemma 3's linear scaling of its global layers (the 4B+ models) is applied; a scaling
+    TransformerLens would drop (here linear on Llama) is refused rather than loaded wrong."""
+    from transformers import AutoModelForCausalLM
+
+    rope = {"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    where = make_checkpoint("gemma3", tmp_path / "gemma3", rope_parameters=rope)
+    model = load_model(str(where))
+    assert model.cfg.rotary_scaling_factor == 8.0
+    hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+    linear = make_checkpoint("llama", tmp_path / "llama", rope_parameters={"rope_type": "linear", "rope_theta": 1e4,
+                                                                          "factor": 4.0})
+    with pytest.raises(ValueError, match="uses linear rope scaling, which TransformerLens 3.9 does not apply"):
+        load_model(str(linear))
+

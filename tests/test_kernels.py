@@ -167,6 +167,13 @@ for dtype in (torch.float32, torch.bfloat16):
     for got, want in ((z, ref), (kc, rk), (vc, rv)):       # bit for bit (NaN: the unused slots)
         torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
     assert not z.isnan().any() and not kc[:, :, 40].isnan().any()
+    # with a soft cap and a window too (Gemma 2's local layers)
+    kc2, vc2, rk2, rv2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    kc2[:, :, 40], vc2[:, :, 40] = float("nan"), float("nan")
+    ref = attn_triton.decode_attention(block_triton.rotate_store(q, k, v, cos, sin, rk2, rv2, at), rk2, rv2, mask, at,
+                                       0.25, cap=2.0, window=7)
+    z = attn_triton.rotate_attend(q, k, v, cos, sin, kc2, vc2, mask, at, 0.25, cap=2.0, window=7)
+    torch.testing.assert_close(z, ref, atol=0, rtol=0)
 
 print("kernels ok")
 """

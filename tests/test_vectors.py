@@ -20,14 +20,15 @@ def vec():
 
 
 def write_control_vector(path, vectors: dict[int, torch.Tensor]):
-    """A llama.cpp control vector: `direction.N` is added to the output of block N - 1."""
+    """A llama.cpp control vector: `direction.N` is added to the output of block N (from 0; llama.cpp's
+    `llama_adapter_cvec` puts it on layer N's output and has none for block 0)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "controlvector")
     w.add_string("controlvector.model_hint", "llama")
     w.add_uint32("controlvector.layer_count", len(vectors))
     for block, v in vectors.items():
-        w.add_tensor(f"direction.{block + 1}", v.numpy().astype(np.float32))
+        w.add_tensor(f"direction.{block}", v.numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -50,7 +51,7 @@ def test_every_format_reads_the_vector_it_holds(vec, tmp_path):
     torch.save(vec, tmp_path / "v.pt")
     torch.save({"layer_3": vec[None]}, tmp_path / "d.pt")
     np.save(tmp_path / "v.npy", vec.numpy())
-    write_control_vector(tmp_path / "cv.gguf", {0: -vec, 2: vec})
+    write_control_vector(tmp_path / "cv.gguf", {1: -vec, 2: vec})
     cases = [("one.safetensors", {}), ("two.safetensors", {"key": "b"}), ("v.pt", {}), ("d.pt", {}),
              ("v.npy", {}), ("cv.gguf", {"layer": 2})]
     for name, kw in cases:
@@ -58,7 +59,8 @@ def test_every_format_reads_the_vector_it_holds(vec, tmp_path):
         want = -vec if kw.get("key") == "b" else vec
         assert torch.equal(got, want), name
         assert source["sha256"] and source["source"].endswith(name)
-    assert read_vector(tmp_path / "cv.gguf", layer=0)[1]["key"] == "direction.1"
+    assert read_vector(tmp_path / "cv.gguf", layer=1)[1]["key"] == "direction.1"
+    assert torch.equal(read_vector(tmp_path / "cv.gguf", layer=1)[0], -vec)
 
 
 def test_bad_files_say_what_is_wrong_in_one_line(vec, tmp_path):
@@ -73,7 +75,7 @@ def test_bad_files_say_what_is_wrong_in_one_line(vec, tmp_path):
              ("m.npy", {}, r"expected one vector, got a tensor of shape \(3, 64\)"),
              ("v.txt", {}, "unknown format"),
              ("missing.npy", {}, "does not exist"),
-             ("cv.gguf", {"layer": 1}, r"no vector for block 1 \(direction.2\); it has blocks \[2\]"),
+             ("cv.gguf", {"layer": 1}, r"no vector for block 1 \(direction.1\); it has blocks \[2\]"),
              ("cv.gguf", {}, "control vector: steer at a block's output")]
     for name, kw, message in cases:
         with pytest.raises(ValueError, match=message):

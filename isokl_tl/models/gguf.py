@@ -98,6 +98,10 @@ def _llama3_scaling(divisors: np.ndarray, base: float, dim: int) -> dict:
 def hf_config(reader, arch: str, tensor_names: set[str]) -> dict:
     """The `config.json` of the checkpoint this GGUF was converted from, as far as loading needs."""
     m = _Metadata(reader, arch)
+    missing = [k for k in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length",
+                           "attention.layer_norm_rms_epsilon") if m.get(k) is None]
+    if missing:
+        raise ValueError(f"GGUF file lacks {', '.join(f'{arch}.{k}' for k in missing)}: not a complete {arch} model")
     n_heads = int(m.get("attention.head_count"))
     d_model = int(m.get("embedding_length"))
     head_dim = int(m.get("attention.key_length") or m.get("rope.dimension_count") or d_model // n_heads)
@@ -118,8 +122,9 @@ def hf_config(reader, arch: str, tensor_names: set[str]) -> dict:
         if "rope_freqs.weight" in tensor_names:
             freqs = _tensor(reader, "rope_freqs.weight")
             cfg["rope_scaling"] = _llama3_scaling(freqs, theta, head_dim)
-        elif m.get("rope.scaling.type") == "linear":
-            cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(m.get("rope.scaling.factor"))}
+        elif m.get("rope.scaling.type") not in (None, "none"):     # (loading refuses what TransformerLens drops)
+            cfg["rope_scaling"] = {"rope_type": m.get("rope.scaling.type"),
+                                   "factor": float(m.get("rope.scaling.factor") or 1.0)}
         if arch == "qwen2":
             cfg["use_sliding_window"] = False
         return cfg
@@ -130,10 +135,14 @@ def hf_config(reader, arch: str, tensor_names: set[str]) -> dict:
         cfg.update(rope_theta=theta, attn_logit_softcapping=float(m.get("attn_logit_softcapping") or 50.0),
                    final_logit_softcapping=float(m.get("final_logit_softcapping") or 30.0))
         return cfg
-    every = int(m.get("attention.sliding_window_pattern") or _GEMMA3_GLOBAL_EVERY)
+    every = m.get("attention.sliding_window_pattern") or _GEMMA3_GLOBAL_EVERY
+    if not isinstance(every, int | float):
+        raise ValueError(f"GGUF gemma3.attention.sliding_window_pattern {every!r}: only a period is supported")
+    every = int(every)
     full = {"rope_type": "default", "rope_theta": theta}
-    if m.get("rope.scaling.type") == "linear":
-        full = {"rope_type": "linear", "rope_theta": theta, "factor": float(m.get("rope.scaling.factor"))}
+    if m.get("rope.scaling.type") not in (None, "none"):
+        full = {"rope_type": m.get("rope.scaling.type"), "rope_theta": theta,
+                "factor": float(m.get("rope.scaling.factor") or 1.0)}
     cfg.update(layer_types=["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)],
                rope_parameters={"full_attention": full, "sliding_attention": {
                    "rope_type": "default", "rope_theta": float(m.get("rope.freq_base_swa") or _GEMMA3_LOCAL_BASE)}},

@@ -96,6 +96,9 @@ def gemma3(hf) -> dict:
            "rotary_base": _rope_theta(hf, "full_attention"),
            "rotary_base_local": _rope_theta(hf, "sliding_attention"),
            "use_normalization_before_and_after": True, "use_qk_norm": True}
+    full = (getattr(hf, "rope_parameters", None) or {}).get("full_attention") or {}
+    if full.get("rope_type") == "linear":     # Gemma 3 4B+: the global layers' positions scaled
+        out["rotary_scaling_factor"] = float(full["factor"])
     if hf.attn_logit_softcapping:
         out["attn_scores_soft_cap"] = hf.attn_logit_softcapping
     if hf.final_logit_softcapping:
@@ -153,6 +156,17 @@ def neutral_alias(path: Path) -> Iterator[Path]:
         os.rmdir(tmp)
 
 
+# rope scalings TransformerLens 3.9 applies, per architecture; any other would be dropped silently
+ROPE_SCALINGS = {"LlamaForCausalLM": {"llama3"}, "Olmo3ForCausalLM": {"yarn"}, "Gemma3ForCausalLM": {"linear"}}
+
+
+def rope_scalings(hf) -> set[str]:
+    """The rope scaling types a transformers config asks for (per layer type where it has them)."""
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    dicts = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    return {d.get("rope_type") or d.get("type") for d in dicts if d} - {None, "default"}
+
+
 def config_dict(path: Path) -> dict:
     """`HookedTransformerConfig` fields for the local checkpoint at `path` (see the module
     docstring); `original_architecture` and `tokenizer_name` included."""
@@ -166,6 +180,10 @@ def config_dict(path: Path) -> dict:
                          "decoder-only models")
     if arch in NOT_DECODERS:
         raise ValueError(f"checkpoint {str(path)!r} is not a decoder-only language model ({arch})")
+    unapplied = rope_scalings(hf) - ROPE_SCALINGS.get(arch, set())
+    if unapplied:
+        raise ValueError(f"checkpoint {str(path)!r} ({arch}) uses {', '.join(sorted(unapplied))} rope scaling, which "
+                         "TransformerLens 3.9 does not apply to this architecture: its logits would be wrong")
     if arch in BUILDERS:
         out = BUILDERS[arch](hf)
     else:

@@ -226,7 +226,8 @@ def _is_tl_name(spec: str) -> bool:
 
 
 def check_spec(spec: str) -> str:
-    """Check, without loading anything, that `spec` names a model `load_model` can load; returns
+    """Check, without loading a model, that `spec` names one `load_model` can load (a packaged GGUF
+    split over chunk packages is reassembled here, once); returns
     its kind: "tiny", "packaged", "gguf", "hf-dir" or "transformer-lens"."""
     path = Path(spec).expanduser()
     if spec == TINY:

@@ -1,0 +1,151 @@
+"""Coherence along a rollout: signals of collapse that pmass cannot see, from the saved tokens.
+
+A steered model can keep answering (pmass high) while its text loops or degenerates into emoji
+runs. Two signals per generated token `t`, each over a trailing window and undefined (NaN) until
+the window is full:
+
+- **repetition**: the share of the last `REPETITION_WINDOW` tokens that end an n-gram
+  (`REPETITION_NGRAM` tokens) already generated earlier in the rollout. Prose repeats an 8-gram
+  now and then; a loop repeats them all.
+- **compression**: how far zlib compresses the decoded text of the last `COMPRESSION_WINDOW`
+  tokens (raw bytes / compressed bytes). Prose of that length hardly compresses; loops and runs
+  of one emoji compress several-fold.
+
+Each defines a death: the first token where the signal reaches its threshold. The defaults sit
+above what the embedded SmolLM2-135M-Instruct's unsteered rollouts reach (`THRESHOLDS`; how they
+were chosen: docs/science.md). `deaths_by_signal` turns signals (and pmass deaths) into one
+time/event per rollout and signal, `first_signal` says which kills first.
+"""
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+REPETITION_NGRAM = 8
+REPETITION_WINDOW = 32
+COMPRESSION_WINDOW = 32
+THRESHOLDS = {"repetition": 0.9, "compression": 2.5}
+SIGNALS = ("pmass", "repetition", "compression")
+DEATH_SIGNALS = SIGNALS + ("any",)
+
+
+def repetition(tokens: Sequence[int], *, n: int = REPETITION_NGRAM, k: int = REPETITION_WINDOW) -> np.ndarray:
+    """Per position: the share of the last `k` tokens that end an n-gram seen earlier (NaN before `k`)."""
+    seen: set[tuple[int, ...]] = set()
+    repeated = np.zeros(len(tokens))
+    for j in range(n - 1, len(tokens)):
+        gram = tuple(tokens[j - n + 1:j + 1])
+        repeated[j] = gram in seen
+        seen.add(gram)
+    out = np.full(len(tokens), np.nan)
+    if len(tokens) >= k:
+        sums = np.convolve(repeated, np.ones(k), mode="valid")
+        out[k - 1:] = sums / k
+    return out
+
+
+def compression(pieces: Sequence[str], *, k: int = COMPRESSION_WINDOW) -> np.ndarray:
+    """Per position: raw / zlib-compressed bytes of the text of the last `k` tokens (NaN before `k`)."""
+    out = np.full(len(pieces), np.nan)
+    for t in range(k - 1, len(pieces)):
+        raw = "".join(pieces[t - k + 1:t + 1]).encode()
+        out[t] = len(raw) / len(zlib.compress(raw, 9)) if raw else np.nan
+    return out
+
+
+def signal_frame(tokens: np.ndarray, gen_len: np.ndarray, decode) -> pd.DataFrame:
+    """Long format, one row per (rollout row, generated token): `repetition`, `compression`.
+    `decode(ids)` turns one token id list into text (each token alone: its own piece)."""
+    rows = []
+    for r in range(len(tokens)):
+        ids = [int(t) for t in tokens[r, :int(gen_len[r])]]
+        rep, comp = repetition(ids), compression([decode([i]) for i in ids])
+        rows.append(pd.DataFrame({"row": r, "t": np.arange(1, len(ids) + 1), "repetition": rep,
+                                  "compression": comp}))
+    cols = ["row", "t", "repetition", "compression"]
+    return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
+
+
+def deaths_by_signal(signals: pd.DataFrame, pmass_deaths: pd.DataFrame, thresholds: dict[str, float]
+                     ) -> pd.DataFrame:
+    """One row per (rollout, signal): time (the token of death, or of censoring), event. pmass
+    deaths come from `survival.deaths`; a coherence signal dies at the first token where it
+    reaches its threshold and is censored at the rollout's last token. `any`: the first death of
+    all, or, with none, censored at the earliest censoring (where one signal stopped being seen)."""
+    out = []
+    for d in pmass_deaths.itertuples():
+        out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": "pmass",
+                    "time": d.time, "event": d.event})
+    by_row = dict(tuple(signals.groupby("row")))
+    for d in pmass_deaths.itertuples():
+        s = by_row.get(d.row)
+        last = int(s.t.max()) if s is not None and len(s) else int(d.time)
+        for name in ("repetition", "compression"):
+            hit = s[s[name] >= thresholds[name]].t if s is not None else pd.Series([], dtype=int)
+            out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": name,
+                        "time": int(hit.iloc[0]) if len(hit) else last, "event": bool(len(hit))})
+    frame = pd.DataFrame(out)
+    first = []
+    for row, g in frame.groupby("row", sort=True):
+        dead = g[g.event]     # the first death; else censored where the first signal stopped being observed
+        pick = dead.loc[dead.time.idxmin()] if len(dead) else g.loc[g.time.idxmin()]
+        first.append({**{k: pick[k] for k in ("row", "prompt", "alpha", "weak")}, "signal": "any",
+                      "time": int(pick.time), "event": bool(len(dead))})
+    return pd.concat([frame, pd.DataFrame(first)], ignore_index=True)
+
+
+def first_signal(by_signal: pd.DataFrame) -> pd.DataFrame:
+    """Per alpha: how many rollouts each signal killed first (ties count for each), and how many
+    no signal killed."""
+    rows = []
+    for alpha, g in by_signal[by_signal.signal != "any"].groupby("alpha", sort=True):
+        counts = dict.fromkeys(SIGNALS, 0)
+        alive = 0
+        for _, r in g.groupby("row"):
+            dead = r[r.event]
+            if dead.empty:
+                alive += 1
+                continue
+            for name in dead[dead.time == dead.time.min()].signal:
+                counts[name] += 1
+        rows.append({"alpha": float(alpha), **{f"first_{k}": v for k, v in counts.items()}, "none": alive})
+    return pd.DataFrame(rows)
+
+
+def signal_table(by_signal: pd.DataFrame, window: int, *, keep_weak: bool = False) -> pd.DataFrame:
+    """Kaplan-Meier per (signal, alpha): n, deaths, S at the window's end, the median death token."""
+    from isokl_tl.survival import kaplan_meier
+
+    use = by_signal if keep_weak else by_signal[~by_signal.weak.astype(bool)]
+    rows = []
+    for (signal, alpha), g in use.groupby(["signal", "alpha"], sort=False):
+        km = kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy(dtype=bool))
+        rows.append({"signal": signal, "alpha": float(alpha), "n": km.n, "died": km.died,
+                     "S_end": km.at(window), "median": km.median})
+    order = {name: i for i, name in enumerate(DEATH_SIGNALS)}
+    return pd.DataFrame(rows).sort_values(["signal", "alpha"], key=lambda c: c.map(order) if c.name == "signal"
+                                          else c).reset_index(drop=True)
+
+
+def signals_markdown(table: pd.DataFrame, first: pd.DataFrame, thresholds: dict[str, float]) -> str:
+    """Survival per death signal (S(end) / median death token) and which signal killed first."""
+    from isokl_tl.survival import format_token
+
+    alphas = sorted(table.alpha.unique())
+    names = {"pmass": "pmass (the death rule above)",
+             "repetition": f"repetition >= {thresholds['repetition']:g}",
+             "compression": f"compression >= {thresholds['compression']:g}", "any": "any of them"}
+    lines = ["Death by signal (S(end) / median death token):", "",
+             "| signal | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |",
+             "|---|" + "---:|" * len(alphas)]
+    for signal, g in table.groupby("signal", sort=False):
+        cells = [f"{r.S_end:.2f} / {format_token(r['median'])}" for _, r in g.sort_values("alpha").iterrows()]
+        lines.append(f"| {names[signal]} | " + " | ".join(cells) + " |")
+    lines += ["", "Which signal killed first (rollouts; ties count for each):", "",
+              "| alpha | pmass | repetition | compression | none |", "|---:|---:|---:|---:|---:|"]
+    for r in first.itertuples():
+        lines.append(f"| {r.alpha:g} | {r.first_pmass} | {r.first_repetition} | {r.first_compression} | {r.none} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,72 @@
+"""Coherence signals (repetition, compression), deaths by signal and which signal kills first."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from isokl_tl.coherence import (
+    compression,
+    deaths_by_signal,
+    first_signal,
+    repetition,
+    signal_frame,
+    signal_table,
+    signals_markdown,
+)
+
+
+def test_repetition_counts_tokens_that_end_an_ngram_seen_before():
+    fresh = list(range(40))
+    loop = list(range(10)) * 4
+    assert np.isnan(repetition(fresh)[:31]).all() and (repetition(fresh)[31:] == 0).all()     # the defaults
+    assert np.isnan(repetition(fresh, n=4, k=16)[:15]).all()
+    r = repetition(loop, n=4, k=16)
+    # the loop's 4-grams come back from its 14th token on (the second lap's 4th): by token 30 all 16 repeat
+    assert r[29] == 1.0 and r[15] == pytest.approx(3 / 16)
+    assert len(repetition([1, 2, 3])) == 3 and np.isnan(repetition([1, 2, 3])).all()
+
+
+def test_compression_separates_a_loop_from_prose():
+    prose = ("The Sun is a star because it is a huge ball of hot gas that makes its own light by fusing "
+             "hydrogen into helium deep inside its core, which is why we see it shine during the day while "
+             "other stars appear only at night, far smaller").split(" ")
+    looped = ["The Earth is round"] * 32
+    assert compression([w + " " for w in prose])[-1] < 1.5 < 3.0 < compression(looped)[-1]
+    assert np.isnan(compression(["a"] * 31)).all()
+
+
+def _pmass_deaths():
+    return pd.DataFrame({"row": [0, 1, 2], "prompt": [0, 0, 1], "alpha": [0.0, 2.0, 2.0], "coeff": [0.0, 5.0, 5.0],
+                         "time": [32, 16, 32], "event": [False, True, False], "threshold": 0.3,
+                         "base_pmass0": 0.7, "weak": False})
+
+
+def test_deaths_by_signal_and_first_signal():
+    t = np.arange(1, 41)
+    signals = pd.concat([
+        pd.DataFrame({"row": 0, "t": t, "repetition": 0.1, "compression": 1.2}),
+        pd.DataFrame({"row": 1, "t": t, "repetition": np.where(t >= 20, 0.9, 0.1), "compression": 1.2}),
+        pd.DataFrame({"row": 2, "t": t, "repetition": np.where(t >= 25, 0.9, 0.1),
+                      "compression": np.where(t >= 12, 4.0, 1.2)}),
+    ])
+    thresholds = {"repetition": 0.75, "compression": 2.5}
+    by = deaths_by_signal(signals, _pmass_deaths(), thresholds).set_index(["row", "signal"])
+    assert (by.loc[(0, "repetition"), "event"], by.loc[(0, "repetition"), "time"]) == (False, 40)   # censored at its end
+    assert (by.loc[(1, "repetition"), "time"], by.loc[(1, "pmass"), "time"]) == (20, 16)
+    assert (by.loc[(1, "any"), "time"], by.loc[(2, "any"), "time"]) == (16, 12)
+    assert not by.loc[(0, "any"), "event"]
+    first = first_signal(by.reset_index())
+    assert first.set_index("alpha").loc[0.0, "none"] == 1
+    assert tuple(first.set_index("alpha").loc[2.0, ["first_pmass", "first_compression"]]) == (1, 1)
+    table = signal_table(by.reset_index(), 40)
+    assert list(table.signal.unique()) == ["pmass", "repetition", "compression", "any"]
+    assert table.set_index(["signal", "alpha"]).loc[("any", 2.0), "died"] == 2
+    text = signals_markdown(table, first, {"repetition": 0.75, "compression": 2.5})
+    assert "| repetition >= 0.75 | 1.00 / not reached | 0.00 / 20 |" in text
+
+
+def test_signal_frame_reads_each_rollout_up_to_its_length():
+    tokens = np.array([[1, 2, 3, 4] * 10, [5, 6, 7, 8] * 10])
+    frame = signal_frame(tokens, np.array([40, 36]), lambda ids: f"<{ids[0]}>")
+    assert list(frame.groupby("row").t.max()) == [40, 36]
+    assert frame[frame.row == 0].repetition.iloc[-1] == pytest.approx(29 / 32)    # 8-grams repeat from the 12th token
