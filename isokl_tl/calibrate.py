@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -159,6 +160,29 @@ def transfer(rollouts: Rollouts, cal: Calibration, *, alpha: float = 1.0, bootst
                      "interval": ([float(np.nanquantile(draws, tail)), float(np.nanquantile(draws, 1 - tail))]
                                   if draws else None),
                      "per_prompt": [float(np.min(alone)), float(np.median(alone)), float(np.max(alone))]}
+    return out
+
+
+def heldout_kl(rollouts: Rollouts, cal: Calibration, *, bootstrap: int = 200, seed: int = 0,
+               level: float = 0.90) -> pd.DataFrame:
+    """Per alpha: the calibration's statistic over the held-out rollouts' whole window, with a
+    percentile bootstrap interval over prompts (the dose-response figure's KL panel)."""
+    kl, mask = rollouts.kl.numpy(), rollouts.mask.numpy()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for alpha in sorted(set(rollouts.alpha.tolist())):
+        if alpha == 0:                 # the unsteered model's KL is 0 everywhere
+            continue
+        per_row = [kl[i][mask[i]] for i in (rollouts.alpha == alpha).nonzero().flatten().tolist()]
+        draws = [kl_statistic([per_row[j] for j in rng.integers(0, len(per_row), len(per_row))], cal.statistic,
+                              cal.quantile) for _ in range(bootstrap)]
+        value = kl_statistic(per_row, cal.statistic, cal.quantile)
+        tail = (1 - level) / 2
+        lo, hi = (np.nanquantile(draws, tail), np.nanquantile(draws, 1 - tail)) if draws else (value, value)
+        rows.append({"alpha": alpha, "value": value, "lo": float(lo), "hi": float(hi), "target": cal.target})
+    out = pd.DataFrame(rows, columns=["alpha", "value", "lo", "hi", "target"])
+    out.attrs["label"] = (f"q={cal.quantile:g} quantile of per-token KL, nats" if cal.statistic == "quantile"
+                          else f"{cal.statistic} of per-token KL, nats")
     return out
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.answers import answer_table, answers_markdown
-from isokl_tl.calibrate import Calibration, transfer, transfer_line
+from isokl_tl.calibrate import Calibration, heldout_kl, transfer, transfer_line
 from isokl_tl.coherence import first_signal, signal_table, signals_markdown
 from isokl_tl.directions import Direction
 from isokl_tl.manifest import write_atomic, write_csv, write_json
@@ -36,7 +36,9 @@ def write_figures(run_dir: Path, cfg) -> None:
     save_figure(plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True),
                 run_dir / fig["normalised"])
     save_figure(plot_survival(st.curves, window=st.window), run_dir / fig["survival"])
-    save_figure(plot_dose_response(st), run_dir / fig["dose_response"])
+    by_signal = pd.read_csv(run_dir / files.SIGNALS) if (run_dir / files.SIGNALS).exists() else None
+    kl = heldout_kl(r, cal, bootstrap=min(cfg.bootstrap, 200), seed=cfg.seed)
+    save_figure(plot_dose_response(st, by_signal=by_signal, kl=kl if len(kl) else None), run_dir / fig["dose_response"])
     save_figure(plot_aggregate(r, pm.frame, target=cal.target), run_dir / fig["aggregate"])
     save_figure(plot_calibration(cal), run_dir / fig["calibration"])
 

@@ -153,3 +153,41 @@ def test_calibration_transfer_recomputes_the_statistic_on_held_out_rollouts():
     assert "against the 1-nat target" in transfer_line(t) and "the whole 20-token window" in transfer_line(t)
     with pytest.raises(ValueError, match="no rows at alpha 4"):
         transfer(R, cal, alpha=4.0)
+
+
+def test_heldout_kl_and_the_dose_response_by_signal():
+    import torch
+
+    from isokl_tl.calibrate import Calibration, heldout_kl
+    from isokl_tl.coherence import deaths_by_signal
+    from isokl_tl.plots.cell import plot_dose_response
+    from isokl_tl.rollout import Rollouts
+    from isokl_tl.search import kl_statistic
+
+    g = torch.Generator().manual_seed(1)
+    n, w = 4, 24
+    alpha = torch.tensor([0.0] * n + [1.0] * n + [2.0] * n)
+    kl = torch.rand(3 * n, w, generator=g) * alpha[:, None]
+    rows = 3 * n
+    r = Rollouts(prompt=torch.ones(rows, 3, dtype=torch.long), prompt_mask=torch.ones(rows, 3, dtype=torch.long),
+                 tokens=torch.ones(rows, w, dtype=torch.long), kl=kl, logprob=torch.zeros(rows, w),
+                 base_agree=torch.ones(rows, w, dtype=torch.bool), gen_len=torch.full((rows,), w),
+                 eos=torch.zeros(rows, dtype=torch.bool), coeff=alpha * 3, prompt_index=torch.arange(rows) % n,
+                 alpha=alpha)
+    cal = Calibration(c_star=3.0, converged=True, statistic="quantile", quantile=0.9, target=1.0, window=8,
+                      n_tokens=0, rounds=1, history=[])
+    k = heldout_kl(r, cal, bootstrap=50).set_index("alpha")
+    assert list(k.index) == [1.0, 2.0]                      # alpha 0: KL 0, no panel point
+    assert k.loc[2.0, "value"] == pytest.approx(kl_statistic([kl[i].numpy() for i in range(2 * n, 3 * n)],
+                                                             "quantile", 0.9))
+    assert (k.lo <= k.value).all() and (k.value <= k.hi).all()
+    pm = pd.DataFrame({"row": range(rows), "prompt": [i % n for i in range(rows)], "alpha": alpha.tolist(),
+                       "coeff": 0.0, "time": 16, "event": [False] * n + [True] * (2 * n), "threshold": 0.3,
+                       "base_pmass0": 0.7, "weak": False})
+    signals = pd.DataFrame({"row": np.repeat(range(rows), w), "t": np.tile(np.arange(1, w + 1), rows),
+                            "repetition": 0.0, "compression": 1.0})
+    by_signal = deaths_by_signal(signals, pm, {"repetition": 0.9, "compression": 2.5})
+    table = survival_table(pm, w)
+    axes = plot_dose_response(table, by_signal=by_signal, kl=k.reset_index())
+    assert len(axes) == 3 and len(axes[0].get_legend().get_texts()) == 4
+    assert len(plot_dose_response(table)) == 2

@@ -159,37 +159,66 @@ def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None,
     return ax
 
 
+SIGNAL_STYLE = {"pmass": ("C3", "o", "pmass"), "repetition": ("C0", "s", "repetition"),
+                "compression": ("C2", "^", "compression"), "any": ("0.3", "x", "any signal")}
+
+
 @styled
-def plot_dose_response(table: SurvivalTable, *, fig=None) -> np.ndarray:
-    """Against alpha: S at the end of the window with its 95% band (left), and the median survival
-    token with its 95% interval (right; a median not reached is drawn as an arrow at the window's
-    end). Readable where survival curves coincide."""
+def plot_dose_response(table: SurvivalTable, *, by_signal: pd.DataFrame | None = None,
+                       kl: pd.DataFrame | None = None, fig=None) -> np.ndarray:
+    """Against alpha: S at the end of the window with its 95% band (left) and the median death
+    token with its 95% interval (middle; a median not reached is drawn at the window's end, with an
+    arrow), for the survival table's deaths or, with `by_signal` (`coherence.deaths_by_signal`),
+    for each death signal; and (right, with `kl`: alpha, value, lo, hi) the held-out rollouts' KL
+    statistic with its interval. Readable where survival curves coincide."""
+    from isokl_tl.survival import kaplan_meier
+
+    panels = 2 + (kl is not None)
     if fig is None:
-        fig = plt.figure(figsize=(8, 3.2))
-    axes = fig.subplots(1, 2, squeeze=False)[0]
+        fig = plt.figure(figsize=(4 * panels, 3.4))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     alphas = sorted(table.curves)
     x = np.arange(len(alphas))
-    end = [table.curves[a].at(table.window) for a in alphas]
-    band = np.array([table.curves[a].band_at(table.window) for a in alphas])
-    ax = axes[0]
-    ax.fill_between(x, band[:, 0], band[:, 1], color=DEAD, alpha=0.15, lw=0, label="95% band")
-    ax.plot(x, end, color=DEAD, marker="o", label=f"S(t = {table.window})")
-    ax.set(ylim=(-0.05, 1.05), ylabel="S at the window's end", title="survival at the end of the window")
-    ax.legend(fontsize=7, loc="best")
-    ax = axes[1]
-    for i, a in enumerate(alphas):
-        c = table.curves[a]
-        lo, hi = c.median_ci
-        top = table.window
-        if math.isfinite(c.median):
-            ax.errorbar([i], [c.median], yerr=[[c.median - lo], [(hi if math.isfinite(hi) else top) - c.median]],
-                        color="k", marker="o", capsize=3)
-        else:
-            ax.annotate("", xy=(i, top * 1.04), xytext=(i, top * 0.86),
-                        arrowprops={"arrowstyle": "->", "color": "0.4"})
-            ax.text(i, top * 0.82, "not\nreached", ha="center", va="top", fontsize=7, color="0.4")
-    ax.set(ylim=(-0.04 * table.window, 1.1 * table.window), ylabel="median survival token",
-           title="median death token (95% interval)")
+    top = table.window
+    if by_signal is None:
+        curves = {"pmass": table.curves}
+    else:
+        use = by_signal if table.keep_weak else by_signal[~by_signal.weak.astype(bool)]
+        curves = {s: {float(a): kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy(dtype=bool))
+                      for a, g in use[use.signal == s].groupby("alpha")} for s in SIGNAL_STYLE
+                  if (use.signal == s).any()}
+    shift = np.linspace(-0.15, 0.15, len(curves)) if len(curves) > 1 else [0.0]
+    for dx, (signal, per_alpha) in zip(shift, curves.items()):
+        color, marker, label = SIGNAL_STYLE[signal]
+        end = [per_alpha[a].at(top) for a in alphas]
+        band = np.array([per_alpha[a].band_at(top) for a in alphas])
+        axes[0].errorbar(x + dx, end, yerr=[np.subtract(end, band[:, 0]), np.subtract(band[:, 1], end)],
+                         color=color, marker=marker, capsize=2, lw=1.2, label=label)
+        for i, a in enumerate(alphas):
+            c = per_alpha[a]
+            if math.isfinite(c.median):
+                lo, hi = c.median_ci
+                axes[1].errorbar([i + dx], [c.median], yerr=[[c.median - lo], [(hi if math.isfinite(hi) else top)
+                                                                               - c.median]],
+                                 color=color, marker=marker, capsize=2)
+            else:
+                axes[1].annotate("", xy=(i + dx, top * 1.04), xytext=(i + dx, top * 0.88),
+                                 arrowprops={"arrowstyle": "->", "color": color})
+    axes[0].set(ylim=(-0.05, 1.05), ylabel=f"S(t = {top})", title="survival at the end of the window (95% band)")
+    axes[0].legend(fontsize=7, loc="best", title="death by" if by_signal is not None else None, title_fontsize=7)
+    axes[1].set(ylim=(-0.04 * top, 1.1 * top), ylabel="median death token",
+                title="median death token (95% interval;\narrow: not reached)")
+    if kl is not None:
+        ax = axes[2]
+        k = kl.set_index("alpha").reindex(alphas)
+        ax.errorbar(x, k.value, yerr=[k.value - k.lo, k.hi - k.value], color="k", marker="o", capsize=3)
+        if "target" in kl:
+            ax.axhline(float(kl.target.iloc[0]), color=DEAD, ls="--", lw=1, label="calibration target")
+            ax.legend(fontsize=7, loc="upper left")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.set(ylabel=str(kl.attrs.get("label", "held-out KL statistic, nats")),
+               title="held-out KL (90% bootstrap over prompts)")
     for ax in axes:
         ax.set_xticks(x, [f"{a:g}" for a in alphas])
         ax.set_xlim(-0.4, len(alphas) - 0.6)
