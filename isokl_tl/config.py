@@ -28,6 +28,7 @@ class RunConfig:
     layer: int | None = None
     pairs: str = "pairs"
     seed: int = 0
+    gate: bool = False
     direction_file: str | None = None
     direction_key: str | None = None
     sae: str | None = None
@@ -76,6 +77,8 @@ class RunConfig:
         if self.method == "directional_ablation" and min(self.alphas) < 0:
             raise ValueError(f"directional ablation needs alphas >= 0, got {min(self.alphas)} "
                              "(negative alphas only make sense for additive methods)")
+        if self.gate and self.method == "directional_ablation":
+            raise ValueError("--gate scales an added direction; directional ablation projects one out")
         if self.death_signal not in DEATH_SIGNALS:
             raise ValueError(f"death signal {self.death_signal!r} is not one of {', '.join(DEATH_SIGNALS)}")
         if not 0 < self.repetition_threshold <= 1:
@@ -131,7 +134,7 @@ class RunConfig:
         return fork_schedule(self.window, every=self.fork_every, n_log=self.fork_log)
 
     _STAGE_KEYS = {
-        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed", "direction_file",
+        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed", "gate", "direction_file",
                       "direction_key", "sae", "feature"),
         "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
                       "tol", "bootstrap", "generated_only"),
@@ -144,7 +147,7 @@ class RunConfig:
     }
     # Settings added after runs were made, keyed only when not at these defaults, so that older run
     # directories stay current
-    _LATER_KEYS = {"direction_file": None, "direction_key": None, "sae": None, "feature": None,
+    _LATER_KEYS = {"gate": False, "direction_file": None, "direction_key": None, "sae": None, "feature": None,
                    "death_signal": "pmass", "repetition_threshold": THRESHOLDS["repetition"],
                    "compression_threshold": THRESHOLDS["compression"]}
     # Settings that decide how the work is executed, not what it computes: greedy results agree

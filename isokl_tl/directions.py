@@ -18,7 +18,7 @@ A vector made elsewhere (a file, an SAE feature: `isokl_tl.vectors`) becomes a d
 
 import json
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -72,7 +72,16 @@ class Direction:
 
     @property
     def intervention(self) -> str:
-        return intervention(self.method)
+        """`add`, `ablate`, or `gated` (an additive direction added through the cosine gate,
+        `isokl_tl.hooks.gate`: chosen per run, kept in `extra`)."""
+        return self.extra.get("intervention") or intervention(self.method)
+
+    def gated(self) -> "Direction":
+        """This additive direction, applied through the cosine gate (`h + c max(cos(h, v), 0) v`)."""
+        if intervention(self.method) != "add":
+            raise ValueError(f"the cosine gate scales an added direction; {self.method} is "
+                             f"{intervention(self.method)}ed")
+        return replace(self, extra={**self.extra, "intervention": "gated"})
 
     def steer(self, model: HookedTransformer, coeff: float | Float[Tensor, " batch"], *, start: int = 0
               ) -> AbstractContextManager[Steering]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-INTERVENTIONS = ("add", "ablate")
+INTERVENTIONS = ("add", "ablate", "gated")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
 # Hook points whose activation is [batch, pos, d_model]: where a d_model direction can act.
 RESIDUAL_HOOKS = ("hook_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
@@ -86,6 +86,14 @@ def check_direction(model: HookedTransformer, direction: Tensor) -> Float[Tensor
     return direction.to(device=model.cfg.device, dtype=model.cfg.dtype)
 
 
+def gate(resid: Float[Tensor, "batch pos d_model"], v: Float[Tensor, " d_model"]) -> Float[Tensor, "batch pos 1"]:
+    """The cosine-gated intervention's gate: `max(cos(h, v), 0)` per position (0 for a zero
+    residual), so `h + c g v` pushes along v only where h already leans that way, and more the
+    more it does; `v` is a unit vector."""
+    cos = (resid @ v)[..., None] / resid.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(resid.dtype).tiny)
+    return cos.clamp_min(0)
+
+
 class Steering:
     """The live state of one `steer()` block; the hook function itself.
 
@@ -125,6 +133,8 @@ class Steering:
         v = self.direction
         if self.method == "add":
             return resid + c * v
+        if self.method == "gated":          # add where the residual already points along v, as much as it does
+            return resid + c * gate(resid, v) * v
         return resid - c * (resid @ v)[..., None] * v
 
     def select(self, rows: Tensor) -> None:

@@ -214,11 +214,11 @@ class Run:
     def direction(self, force: bool = False) -> Direction:
         def go(key):
             if self.cfg.external:
-                self._external_direction().save(self.dir)
-                return
-            hook = resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
-            compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method,
-                              seed=self.cfg.seed).save(self.dir)
+                d = self._external_direction()
+            else:
+                hook = resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
+                d = compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method, seed=self.cfg.seed)
+            (d.gated() if self.cfg.gate else d).save(self.dir)
         self._stage("direction", go, force)
         return Direction.load(self.dir)
 

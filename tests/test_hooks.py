@@ -11,7 +11,7 @@ def _v(model, seed=1):
     return v / v.norm()
 
 
-@pytest.mark.parametrize("method", ["add", "ablate"])
+@pytest.mark.parametrize("method", ["add", "ablate", "gated"])
 def test_coefficient_zero_is_bit_identical(tiny, method):
     tokens = torch.randint(0, tiny.cfg.d_vocab, (4, 12))
     with torch.no_grad():
@@ -146,3 +146,44 @@ def test_coefficient_rows_must_match_batch(tiny):
     with pytest.raises(ValueError, match="coefficient has shape \\(3,\\) but the batch has 2 rows"):
         with torch.no_grad(), steer(tiny, "blocks.1.hook_resid_post", _v(tiny), torch.ones(3)):
             tiny(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_the_cosine_gate_acts_as_defined(tiny):
+    """`h + c max(cos(h, v), 0) v`: positions leaning against v untouched, the rest pushed in
+    proportion to their cosine; the fast decoders steer exactly as TransformerLens's forward."""
+    from parity import same_as_reference
+
+    from isokl_tl.engine import FastDecoder, GraphDecoder
+    from isokl_tl.hooks import gate
+
+    h = torch.tensor([[[3.0, 0.0], [-1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]])
+    v = torch.tensor([1.0, 0.0])
+    torch.testing.assert_close(gate(h, v)[0, :, 0], torch.tensor([1.0, 0.0, 2 ** -0.5, 0.0]))
+    v = _v(tiny)
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
+        h = cache["blocks.1.hook_resid_post"]
+        with steer(tiny, "blocks.1.hook_resid_post", v, 4.0, method="gated"):
+            with tiny.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", lambda t, hook: seen.update(h=t))]):
+                tiny(tokens)
+    cos = (h @ v) / h.norm(dim=-1)
+    torch.testing.assert_close(seen["h"], h + 4.0 * cos.clamp_min(0)[..., None] * v)
+    assert (cos < 0).any() and (cos > 0).any()          # both kinds of position were there
+    kw = dict(direction=v, hook="blocks.1.hook_resid_post", window=8, eos=[], method="gated")
+    for decoder in (FastDecoder, GraphDecoder):
+        same_as_reference(tiny, decoder, [list(range(5, 15)), list(range(40, 46))], torch.tensor([30.0, 0.0]), **kw)
+
+
+def test_gated_directions_from_a_run(tiny, tmp_path):
+    from isokl_tl.config import RunConfig
+    from isokl_tl.run import Run
+
+    run = Run(tmp_path / "run", RunConfig(model="tiny-random", gate=True, layer=2), model=tiny, progress=False,
+              log=lambda m: None)
+    d = run.direction()
+    assert d.intervention == "gated" and d.method == "mean_diff"
+    with pytest.raises(ValueError, match="--gate scales an added direction"):
+        RunConfig(gate=True, method="directional_ablation")
+
