@@ -24,3 +24,23 @@ def test_torch_scores_match_the_definitions():
     assert float(kl[1]) == 0 and float(kl[2]) == 0
     torch.testing.assert_close(lp, torch.log_softmax(x[:4], -1).gather(-1, tok[:, None])[:, 0])
     assert torch.equal(agree, x[BASE].argmax(-1) == tok)
+
+
+def test_sampling_inverts_each_rows_distribution_at_its_own_draw():
+    """`choose` maps a row's uniform number through its (tempered, nucleus-cut) CDF: over evenly
+    spread draws the tokens come in the model's proportions, and a row's token does not depend on
+    the other rows."""
+    import torch
+
+    from isokl_tl.engine.scoring import Sampling, choose
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    u = (torch.arange(10_000) + 0.5) / 10_000
+    got = choose(probs.log().expand(len(u), -1), Sampling(temperature=1.0), u)
+    freq = torch.bincount(got, minlength=4) / len(u)
+    torch.testing.assert_close(freq, probs, atol=1e-3, rtol=0)
+    nucleus = choose(probs.log().expand(len(u), -1), Sampling(temperature=1.0, top_p=0.65), u)
+    assert set(nucleus.tolist()) == {2, 3}                 # 0.6 and 0.3 reach 0.65: 0.1 is cut
+    both = choose(torch.stack([probs.log(), probs.flip(0).log()]), Sampling(temperature=1.0), torch.tensor([0.05, 0.95]))
+    alone = choose(probs.log()[None], Sampling(temperature=1.0), torch.tensor([0.05]))
+    assert both[0] == alone[0] == 0 and both[1] == 3

@@ -138,8 +138,10 @@ def _decode(dec: Decoder, logits: Tensor, paired: Tensor, coeff: Tensor, *, wind
     def score(logits: Tensor) -> Tensor:
         if sampling.greedy:
             nxt = greedy_record(logits, scores.base_row, scores.buffers)
-        else:
-            nxt = record_torch(*row_scores(logits, scores.base_row, lambda lp: choose(lp, sampling, gen)),
+        else:      # one uniform number per row of the chunk every step, whether or not it is still decoding
+            u = torch.rand(b, generator=gen, device=gen.device if gen is not None else "cpu")[rows.to(
+                gen.device if gen is not None else "cpu")]
+            nxt = record_torch(*row_scores(logits, scores.base_row, lambda lp: choose(lp, sampling, u)),
                                scores.buffers)
         scores.col.add_(1)
         return nxt

@@ -50,16 +50,20 @@ GREEDY = Sampling()
 
 
 def choose(logp: Float[Tensor, "batch d_vocab"], sampling: Sampling,
-           gen: torch.Generator | None) -> Int[Tensor, " batch"]:
-    """The next token of each row: the argmax, or a sample (temperature, nucleus) drawn with `gen`."""
+           u: Float[Tensor, " batch"] | None) -> Int[Tensor, " batch"]:
+    """The next token of each row: the argmax, or a sample (temperature, nucleus) by inverting
+    each row's cumulative distribution at its own uniform number `u` (so a row's token depends on
+    its own draw only, not on which other rows are still in the batch)."""
     if sampling.greedy:
         return logp.argmax(-1)
-    probs = torch.softmax(logp / sampling.temperature, dim=-1)
+    probs = torch.softmax(logp.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    cdf = probs.cumsum(-1)
+    at = (u.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, at, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
 def row_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"],
