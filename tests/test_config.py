@@ -24,7 +24,8 @@ def test_the_defaults_shown_in_help_are_run_config_defaults(command):
     defaults, seen = RunConfig().to_dict(), 0
     flags = {"generated_only": {False: "all-positions", True: "generated-only"},
              "record_acts": {False: "no-record-acts", True: "record-acts"},
-             "keep_weak": {False: "drop-weak", True: "keep-weak"}}
+             "keep_weak": {False: "drop-weak", True: "keep-weak"},
+             "gate": {False: "no-gate", True: "gate"}}
     for p in main.commands[command].params:
         m = re.search(r"\[default: (.*)\]\.?$", p.help or "") if isinstance(p, click.Option) else None
         if not m or p.name not in defaults or defaults[p.name] is None:   # None: a rule, e.g. the hook
@@ -43,8 +44,8 @@ def test_the_defaults_shown_in_help_are_run_config_defaults(command):
 
 
 def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
-    """Run directories made before the external-direction settings existed stay current: those
-    settings enter a stage's key only when they are set (and then with the file's hash)."""
+    """Run directories made before the external-direction, gate and death-signal settings existed
+    stay current: those settings enter a stage's key only when they differ from their defaults."""
     import numpy as np
 
     from isokl_tl.config import RunConfig
