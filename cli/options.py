@@ -101,7 +101,7 @@ def sweep_options(f):
         click.option("--alphas", callback=_alphas, multiple=True,
                      help='Dose multiples of c*: "0 0.5 1", 0,0.5,1 or repeated; 0 is always added '
                           "[default: 0 0.5 1 2 4]."),
-        click.option("--prompts", default=None, help="Held-out prompts: shipped set name or JSONL file [default: eval]."),
+        click.option("--prompts", default=None, help="Held-out prompts: shipped set name (longform, eval) or JSONL file [default: longform]."),
         click.option("--n-prompts", type=int, default=None, help="Held-out prompts used [default: 12]."),
         click.option("--window", type=int, default=None, help="Tokens per held-out rollout [default: 96]."),
         click.option("--temperature", type=float, default=None, help="Sampling temperature; 0 is greedy [default: 0.0]."),

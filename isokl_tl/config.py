@@ -41,7 +41,7 @@ class RunConfig:
     statistic: str = "quantile"
     tol: float = 0.02
     bootstrap: int = 200
-    prompts: str = "eval"
+    prompts: str = "longform"
     n_prompts: int = 12
     window: int = 96
     alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)

@@ -4,9 +4,12 @@ Schemas (one JSON object per line):
 - contrastive pairs (`pairs`): {"user": str, "positive": str, "negative": str}
   The shipped set contrasts a casual, enthusiastic register (positive) with a formal one (negative).
 - calibration prompts (`calibration`): {"prompt": str}, open-ended requests.
-- evaluation questions (`eval`): {"question": str, "answer": bool}, each with a known answer.
-  `eval_prompt()` appends an instruction so that the reply reasons first and then ends in a
-  JSON boolean: {"choice": true} or {"choice": false}.
+- evaluation questions (`eval`, `longform`): {"question": str, "answer": bool, "instruction": str
+  (optional)}, each with a known answer. `eval_prompt()` appends the row's instruction (default
+  `EVAL_INSTRUCTION`: reason in a few sentences) so that the reply reasons first and then ends in
+  a JSON boolean: {"choice": true} or {"choice": false}. `longform` (64 questions) asks for at
+  least four paragraphs first, so that unsteered replies run long; `eval` (48) for a few
+  sentences. Both alternate true and false questions, so any even prefix is balanced.
 The calibration and evaluation sets are disjoint (a test checks it).
 """
 
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-SETS = {"pairs": "pairs.jsonl", "calibration": "calibration.jsonl", "eval": "eval.jsonl"}
+SETS = {"pairs": "pairs.jsonl", "calibration": "calibration.jsonl", "eval": "eval.jsonl",
+        "longform": "longform.jsonl"}
 EVAL_INSTRUCTION = (
     "Explain step by step why, in a few sentences, and only at the very end write your answer as "
     'JSON: {"choice": true} or {"choice": false}.'
@@ -33,6 +37,7 @@ class ContrastPair:
 class Question:
     question: str
     answer: bool
+    instruction: str = EVAL_INSTRUCTION
 
 
 def _read_jsonl(source: str | Path, keys: dict[str, type]) -> list[dict]:
@@ -75,11 +80,11 @@ def load_pairs(source: str | Path = "pairs") -> list[ContrastPair]:
 
 def load_questions(source: str | Path = "eval") -> list[Question]:
     rows = _read_jsonl(source, {"question": str, "answer": bool})
-    return [Question(r["question"], r["answer"]) for r in rows]
+    return [Question(r["question"], r["answer"], r.get("instruction") or EVAL_INSTRUCTION) for r in rows]
 
 
 def eval_prompt(question: Question) -> str:
-    return f"{question.question} {EVAL_INSTRUCTION}"
+    return f"{question.question} {question.instruction}"
 
 
 def known_answers(source: str | Path = "eval") -> list[bool | None]:
@@ -93,7 +98,7 @@ def known_answers(source: str | Path = "eval") -> list[bool | None]:
 
 def load_prompts(source: str | Path = "calibration") -> list[str]:
     """User turns from a set: `prompt` rows as they are, `question` rows with the eval instruction."""
-    if source == "eval":
+    if source in ("eval", "longform"):
         return [eval_prompt(q) for q in load_questions(source)]
     rows = _read_jsonl(source, {})
     out = []
@@ -101,7 +106,8 @@ def load_prompts(source: str | Path = "calibration") -> list[str]:
         if isinstance(r.get("prompt"), str) and r["prompt"].strip():
             out.append(r["prompt"])
         elif isinstance(r.get("question"), str) and r["question"].strip():
-            out.append(eval_prompt(Question(r["question"], bool(r.get("answer")))))
+            out.append(eval_prompt(Question(r["question"], bool(r.get("answer")),
+                                            r.get("instruction") or EVAL_INSTRUCTION)))
         else:
             raise ValueError(f"{source} row {n}: needs a non-empty 'prompt' or 'question' field")
     return out

@@ -50,6 +50,8 @@ def write_summary(run_dir: Path, cfg) -> None:
     weak = st.weak_prompts
     interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
     rollouts = Rollouts.load(run_dir)
+    reached = [(a, int((rollouts.gen_len[rollouts.alpha == a] >= rollouts.window).sum()),
+                int((rollouts.alpha == a).sum())) for a in sorted(set(rollouts.alpha.tolist()))]
     moved = (transfer(rollouts, cal, bootstrap=cfg.bootstrap, seed=cfg.seed)
              if bool((rollouts.alpha == 1.0).any()) else None)
     if moved:
@@ -72,6 +74,8 @@ def write_summary(run_dir: Path, cfg) -> None:
         *([f"- {transfer_line(moved)}"] if moved else []),
         f"- sweep: {cfg.n_prompts} `{cfg.prompts}` prompts x alphas {cfg.sweep_alphas()}, window "
         f"{cfg.window}, forks {cfg.forks()}",
+        f"- reached the {rollouts.window}-token window (no end of turn before it): " + ", ".join(
+            f"alpha {a:g} {int(n)}/{int(k)}" for a, n, k in reached),
         "- death: " + (f"pmass < {cfg.threshold}" if cfg.threshold is not None else
                         f"pmass < {cfg.relative_threshold} x the prompt's unsteered pmass at fork 0")
         + f", {cfg.death_run} consecutive fork(s)"

@@ -2,6 +2,7 @@
 and the shipped held-out set's balance."""
 
 import pandas as pd
+import pytest
 
 from isokl_tl.answers import answer_table, answers_markdown, score_forks
 from isokl_tl.prompts import known_answers, load_prompts
@@ -42,9 +43,18 @@ def test_known_answers_follow_the_prompt_order(tmp_path):
     assert known_answers(f) == [True, None, False] and len(load_prompts(f)) == 3
 
 
-def test_every_even_prefix_of_the_shipped_eval_set_is_balanced():
+@pytest.mark.parametrize("name,size", [("eval", 48), ("longform", 64)])
+def test_every_even_prefix_of_a_shipped_question_set_is_balanced(name, size):
     """--n-prompts takes a prefix: any even one holds as many true questions as false ones."""
-    answers = known_answers("eval")
-    assert len(answers) == 48 and None not in answers
+    answers = known_answers(name)
+    assert len(answers) == size and None not in answers
     for n in range(2, len(answers) + 1, 2):
         assert sum(answers[:n]) == n // 2, n
+
+
+def test_longform_prompts_carry_their_own_instruction():
+    from isokl_tl.prompts import EVAL_INSTRUCTION
+
+    long, short = load_prompts("longform"), load_prompts("eval")
+    assert all("at least four paragraphs" in p for p in long) and not any("four paragraphs" in p for p in short)
+    assert all(p.endswith(EVAL_INSTRUCTION) for p in short)

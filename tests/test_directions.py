@@ -44,6 +44,7 @@ def test_shipped_sets_sizes_and_disjointness():
     assert {True, False} <= {q.answer for q in ev}
     assert not set(calib) & {q.question for q in ev}
     assert not set(calib) & set(load_prompts("eval"))
+    assert not set(calib) & set(load_prompts("longform"))
 
 
 def test_prompt_file_errors(tmp_path):
