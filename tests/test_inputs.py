@@ -31,7 +31,7 @@ def _cases(tmp):
                                      r"nope\.jsonl' does not exist; shipped sets: pairs, calibration, eval"),
         "fork-every 0": (["--fork-every", "0"], r"fork-every must be a positive number of tokens, got 0"),
         "more prompts than the file holds": (["--n-prompts", "500"],
-                                             r"'eval' holds 48 prompts but --n-prompts 500 asks for more"),
+                                             r"'longform' holds 64 prompts but --n-prompts 500 asks for more"),
         "unknown model": (["--model", "no-such-model"], r"unknown model spec 'no-such-model'"),
         "unknown hook": (["--hook", "blocks.1.hook_resid_pots"], r"unknown hook name"),
         "run directory is a file": (["--out", str(tmp / "blocker")], r"blocker' is a file, not a directory"),

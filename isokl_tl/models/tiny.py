@@ -25,8 +25,10 @@ _ANSWER_WORDS = ["true", "false", "True", "False", " true", " false", " True", "
 
 def _corpus() -> list[str]:
     texts = list(_ANSWER_WORDS) * 50
+    # a fixed set of files: a new shipped set must not change the tiny model's tokens (and every
+    # number the tests pinned with it)
     for path in sorted(resources.files("isokl_tl.data").iterdir(), key=lambda p: p.name):
-        if path.name.endswith(".jsonl"):
+        if path.name in ("calibration.jsonl", "eval.jsonl", "pairs.jsonl"):
             for line in path.read_text().splitlines():
                 if line.strip():
                     texts.extend(str(v) for v in json.loads(line).values())
