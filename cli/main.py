@@ -107,9 +107,9 @@ def check_model_cmd(spec, device, dtype, as_json) -> None:
     sequence."""
     import json
 
+    from isokl_tl.inputs import check_device
     from isokl_tl.model_check import check_model
     from isokl_tl.models import EMBEDDED
-    from isokl_tl.run import check_device
 
     check_device(device)
     report = check_model(spec or EMBEDDED, device=device, dtype=dtype)

@@ -145,40 +145,49 @@ def transfer(rollouts: Rollouts, cal: Calibration, *, alpha: float = 1.0, bootst
     rows = (rollouts.alpha == alpha).nonzero().flatten().tolist()
     if not rows:
         raise ValueError(f"the rollouts have no rows at alpha {alpha}")
-    kl, mask = rollouts.kl.numpy(), rollouts.mask.numpy()
     rng = np.random.default_rng(seed)
     out = {"alpha": alpha, "statistic": cal.statistic, "quantile": cal.quantile, "target": cal.target,
            "n_prompts": len(rows), "level": level}
     for name, width in (("calibration_window", cal.window), ("whole_window", rollouts.window)):
-        per_row = [kl[i, :width][mask[i, :width]] for i in rows]
-        draws = [kl_statistic([per_row[j] for j in rng.integers(0, len(rows), len(rows))], cal.statistic, cal.quantile)
-                 for _ in range(bootstrap)]
+        per_row = _valid_kl(rollouts, rows, width)
+        value, interval = _with_interval(per_row, cal, rng, bootstrap, level)
         alone = [kl_statistic([r], cal.statistic, cal.quantile) for r in per_row if len(r)]
-        tail = (1 - level) / 2
         out[name] = {"tokens": min(width, rollouts.window), "n_tokens": int(sum(len(r) for r in per_row)),
-                     "value": kl_statistic(per_row, cal.statistic, cal.quantile),
-                     "interval": ([float(np.nanquantile(draws, tail)), float(np.nanquantile(draws, 1 - tail))]
-                                  if draws else None),
+                     "value": value, "interval": interval,
                      "per_prompt": [float(np.min(alone)), float(np.median(alone)), float(np.max(alone))]}
     return out
+
+
+def _valid_kl(rollouts: Rollouts, rows: list[int], width: int) -> list[np.ndarray]:
+    """Per row: the per-token KLs of its generated tokens among the first `width`."""
+    kl, mask = rollouts.kl.numpy(), rollouts.mask.numpy()
+    return [kl[i, :width][mask[i, :width]] for i in rows]
+
+
+def _with_interval(per_row: list[np.ndarray], cal: Calibration, rng: np.random.Generator, bootstrap: int,
+                   level: float) -> tuple[float, list[float] | None]:
+    """The calibration's statistic over `per_row`, and its percentile bootstrap interval over the
+    rows (None with no draws)."""
+    n = len(per_row)
+    draws = [kl_statistic([per_row[j] for j in rng.integers(0, n, n)], cal.statistic, cal.quantile)
+             for _ in range(bootstrap)]
+    tail = (1 - level) / 2
+    interval = [float(np.nanquantile(draws, tail)), float(np.nanquantile(draws, 1 - tail))] if draws else None
+    return kl_statistic(per_row, cal.statistic, cal.quantile), interval
 
 
 def heldout_kl(rollouts: Rollouts, cal: Calibration, *, bootstrap: int = 200, seed: int = 0,
                level: float = 0.90) -> pd.DataFrame:
     """Per alpha: the calibration's statistic over the held-out rollouts' whole window, with a
     percentile bootstrap interval over prompts (the dose-response figure's KL panel)."""
-    kl, mask = rollouts.kl.numpy(), rollouts.mask.numpy()
     rng = np.random.default_rng(seed)
     rows = []
     for alpha in sorted(set(rollouts.alpha.tolist())):
         if alpha == 0:                 # the unsteered model's KL is 0 everywhere
             continue
-        per_row = [kl[i][mask[i]] for i in (rollouts.alpha == alpha).nonzero().flatten().tolist()]
-        draws = [kl_statistic([per_row[j] for j in rng.integers(0, len(per_row), len(per_row))], cal.statistic,
-                              cal.quantile) for _ in range(bootstrap)]
-        value = kl_statistic(per_row, cal.statistic, cal.quantile)
-        tail = (1 - level) / 2
-        lo, hi = (np.nanquantile(draws, tail), np.nanquantile(draws, 1 - tail)) if draws else (value, value)
+        per_row = _valid_kl(rollouts, (rollouts.alpha == alpha).nonzero().flatten().tolist(), rollouts.window)
+        value, interval = _with_interval(per_row, cal, rng, bootstrap, level)
+        lo, hi = interval or (value, value)
         rows.append({"alpha": alpha, "value": value, "lo": float(lo), "hi": float(hi), "target": cal.target})
     out = pd.DataFrame(rows, columns=["alpha", "value", "lo", "hi", "target"])
     out.attrs["label"] = (f"q={cal.quantile:g} quantile of per-token KL, nats" if cal.statistic == "quantile"

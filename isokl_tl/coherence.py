@@ -114,19 +114,22 @@ def first_signal(by_signal: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def signal_table(by_signal: pd.DataFrame, window: int, *, keep_weak: bool = False) -> pd.DataFrame:
-    """Kaplan-Meier per (signal, alpha): n, deaths, S at the window's end, the median death token."""
+def signal_curves(by_signal: pd.DataFrame, *, keep_weak: bool = False) -> dict:
+    """Kaplan-Meier curves per death signal (in `DEATH_SIGNALS` order) and alpha: {signal: {alpha: curve}}."""
     from isokl_tl.survival import kaplan_meier
 
     use = by_signal if keep_weak else by_signal[~by_signal.weak.astype(bool)]
-    rows = []
-    for (signal, alpha), g in use.groupby(["signal", "alpha"], sort=False):
-        km = kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy(dtype=bool))
-        rows.append({"signal": signal, "alpha": float(alpha), "n": km.n, "died": km.died,
-                     "S_end": km.at(window), "median": km.median})
-    order = {name: i for i, name in enumerate(DEATH_SIGNALS)}
-    return pd.DataFrame(rows).sort_values(["signal", "alpha"], key=lambda c: c.map(order) if c.name == "signal"
-                                          else c).reset_index(drop=True)
+    return {signal: {float(alpha): kaplan_meier(time=g.time.to_numpy(), event=g.event.to_numpy(dtype=bool))
+                     for alpha, g in use[use.signal == signal].groupby("alpha", sort=True)}
+            for signal in DEATH_SIGNALS if (use.signal == signal).any()}
+
+
+def signal_table(by_signal: pd.DataFrame, window: int, *, keep_weak: bool = False) -> pd.DataFrame:
+    """Kaplan-Meier per (signal, alpha): n, deaths, S at the window's end, the median death token."""
+    return pd.DataFrame([{"signal": signal, "alpha": alpha, "n": km.n, "died": km.died, "S_end": km.at(window),
+                          "median": km.median}
+                         for signal, curves in signal_curves(by_signal, keep_weak=keep_weak).items()
+                         for alpha, km in curves.items()])
 
 
 def signals_markdown(table: pd.DataFrame, first: pd.DataFrame, thresholds: dict[str, float]) -> str:

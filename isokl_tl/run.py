@@ -27,15 +27,16 @@ from isokl_tl.coherence import deaths_by_signal, signal_frame
 from isokl_tl.config import RunConfig
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling
-from isokl_tl.hooks import check_direction, hook_layer, resolve_hook
-from isokl_tl.manifest import Manifest, check_writable, model_identity, settings_hash, versions, write_atomic, write_csv
-from isokl_tl.models import check_spec, load_model
-from isokl_tl.pmass import ForkPMass, answer_token_sets, fork_pmass
+from isokl_tl.hooks import check_direction, resolve_hook
+from isokl_tl.inputs import check_inputs
+from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv
+from isokl_tl.models import load_model
+from isokl_tl.pmass import ForkPMass, fork_pmass
 from isokl_tl.prompts import load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
-from isokl_tl.survival import SurvivalTable, deaths, survival_table, sweep_markdown, threshold_sweep
+from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
 from isokl_tl.tokens import chunks, prompt_ids
-from isokl_tl.vectors import file_sha256, read_sae_feature, read_vector
+from isokl_tl.vectors import file_sha256, run_vector
 
 KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
 PMASS_ROWS_PER_PART = 16
@@ -83,36 +84,8 @@ class Run:
 
     # --- before any work ---------------------------------------------------------------------
     def check(self, stages: tuple[str, ...] = ("direction", "calibrate", "rollout", "pmass")) -> None:
-        """Read every input the given stages will need, and raise ValueError on the first bad one,
-        before anything is written: the output directory, the model spec, the prompt and pair
-        files, how many prompts they hold; then (loading the model) the hook and the answer words."""
-        check_writable(self.dir)
-        check_spec(self.cfg.model)
-        c = self.cfg
-        check_device(c.device)
-        todo = [s for s in stages if not self.current(s)]     # stages already done need no input
-        if "direction" in todo and len(load_pairs(c.pairs)) < 2:
-            raise ValueError(f"{c.pairs!r} holds {len(load_pairs(c.pairs))} contrastive pair(s); a direction "
-                             "needs at least 2")
-        if "calibrate" in todo:
-            _enough(load_prompts(c.calib_prompts), c.n_calib, c.calib_prompts, "--n-calib")
-        if "rollout" in todo:
-            _enough(load_prompts(c.prompts), c.n_prompts, c.prompts, "--n-prompts")
-        if "direction" in todo:
-            if c.external:       # read the file or SAE and check it against the model, before any write
-                vector, hook, _ = self._external_vector()
-                check_direction(self.model, vector)
-            else:
-                resolve_hook(self.model, c.hook, c.layer)
-        if "calibrate" in todo:
-            self._fits(load_prompts(c.calib_prompts)[:c.n_calib], c.calib_window, c.calib_prompts)
-        if "rollout" in todo:          # forks add the splice after the rollout
-            splice = len(c.splice_spec().token_ids(self.model.tokenizer))
-            self._fits(load_prompts(c.prompts)[:c.n_prompts], c.window + splice, c.prompts)
-        if "pmass" in todo:
-            splice = c.splice_spec()
-            answer_token_sets(self.model.tokenizer, splice.true_words, splice.false_words)
-            splice.to_dict(self.model.tokenizer)
+        """Every input the given stages will need, before anything is written (`inputs.check_inputs`)."""
+        check_inputs(self, stages)
 
     def begin(self) -> None:
         """Record the run (model identity, config, versions); a forced rerun starts afresh."""
@@ -122,15 +95,6 @@ class Run:
         if "model" not in self.manifest.data:
             self.manifest.set(model=model_identity(self.model))
         self.manifest.set(config=self.cfg.to_dict(), versions=versions(), seeds={"seed": self.cfg.seed})
-
-    def _fits(self, prompts: list[str], window: int, source: str) -> None:
-        """Every prompt plus `window` generated tokens fits the model's context."""
-        n_ctx = self.model.cfg.n_ctx
-        for i, p in enumerate(prompts):
-            n = len(prompt_ids(self.model.tokenizer, p))
-            if n + window > n_ctx:
-                raise ValueError(f"prompt {i} of {source!r} has {n} tokens; with {window} more (the window, "
-                                 f"and the fork splice after a sweep) that exceeds the model's context of {n_ctx}")
 
     # --- bookkeeping -------------------------------------------------------------------------
     OUTPUTS = {"direction": [files.DIRECTION_VECTOR, files.DIRECTION_META],
@@ -191,22 +155,9 @@ class Run:
         """The saved direction, checked against the model (size, dtype, finite)."""
         return check_direction(self.model, d.vector)
 
-    def _external_vector(self) -> tuple[torch.Tensor, str, dict]:
-        """The vector of `--direction FILE` or `--sae DIR --feature N` (`isokl_tl.vectors`), its
-        hook, and where it came from."""
-        c = self.cfg
-        if c.sae is not None:
-            vector, hook, source = read_sae_feature(c.sae, c.feature)
-            if (c.hook or c.layer is not None) and resolve_hook(self.model, c.hook, c.layer) != hook:
-                raise ValueError(f"the SAE reads {hook}; drop --hook/--layer or give that hook")
-            return vector, hook, source
-        hook = resolve_hook(self.model, c.hook, c.layer)
-        layer = hook_layer(hook) if hook.endswith("hook_resid_post") else None
-        vector, source = read_vector(c.direction_file, key=c.direction_key, layer=layer)
-        return vector, hook, source
-
     def _external_direction(self) -> Direction:
-        vector, hook, source = self._external_vector()
+        """The direction of `--direction FILE` or `--sae DIR --feature N`."""
+        vector, hook, source = run_vector(self.model, self.cfg)
         return Direction.from_vector(vector, hook, self.model, pairs=load_pairs(self.cfg.pairs),
                                      ablate=self.cfg.method == "directional_ablation", source=source)
 
@@ -309,14 +260,11 @@ class Run:
     def threshold_sweep(self) -> pd.DataFrame:
         """The survival table under other death rules (`survival.threshold_sweep`), from the saved
         pmass; written as a CSV, a Markdown table and a figure."""
-        from isokl_tl.plots.cell import plot_threshold_sweep
-        from isokl_tl.plots.style import save_figure
+        from isokl_tl.summary import write_threshold_sweep
 
         sweep = threshold_sweep(self.pmass().frame, self.cfg.window, min_base_pmass=self.cfg.min_base_pmass,
                                 keep_weak=self.cfg.keep_weak)
-        write_csv(self.dir / files.THRESHOLD_SWEEP, sweep)
-        write_atomic(self.dir / files.THRESHOLD_SWEEP_MD, lambda p: p.write_text(sweep_markdown(sweep)))
-        save_figure(plot_threshold_sweep(sweep), self.dir / files.THRESHOLD_SWEEP_FIG)
+        write_threshold_sweep(self.dir, sweep)
         return sweep
 
     def plot(self, force: bool = False) -> None:
@@ -336,19 +284,3 @@ class Run:
         self.plot()
 
 
-def check_device(device: str) -> None:
-    """A torch device this machine has."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this machine has no CUDA device (torch.cuda.is_available() is False)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def _enough(prompts: list[str], n: int, source: str, option: str) -> None:
-    if n > len(prompts):
-        raise ValueError(f"{source!r} holds {len(prompts)} prompts but {option} {n} asks for more; "
-                         f"use {option} {len(prompts)} or fewer")

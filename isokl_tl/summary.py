@@ -14,7 +14,7 @@ from isokl_tl.manifest import write_atomic, write_csv, write_json
 from isokl_tl.pmass import ForkPMass
 from isokl_tl.prompts import known_answers
 from isokl_tl.rollout import Rollouts
-from isokl_tl.survival import SurvivalTable, format_token
+from isokl_tl.survival import SurvivalTable, format_token, sweep_markdown
 
 
 def write_figures(run_dir: Path, cfg) -> None:
@@ -41,6 +41,15 @@ def write_figures(run_dir: Path, cfg) -> None:
     save_figure(plot_dose_response(st, by_signal=by_signal, kl=kl if len(kl) else None), run_dir / fig["dose_response"])
     save_figure(plot_aggregate(r, pm.frame, target=cal.target), run_dir / fig["aggregate"])
     save_figure(plot_calibration(cal), run_dir / fig["calibration"])
+
+
+def write_threshold_sweep(run_dir: Path, sweep: pd.DataFrame) -> None:
+    """`survival.threshold_sweep`'s table as CSV and Markdown, and its figure."""
+    from isokl_tl.plots import plot_threshold_sweep, save_figure
+
+    write_csv(run_dir / files.THRESHOLD_SWEEP, sweep)
+    write_atomic(run_dir / files.THRESHOLD_SWEEP_MD, lambda p: p.write_text(sweep_markdown(sweep)))
+    save_figure(plot_threshold_sweep(sweep), run_dir / files.THRESHOLD_SWEEP_FIG)
 
 
 def write_summary(run_dir: Path, cfg) -> None:

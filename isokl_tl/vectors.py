@@ -129,3 +129,20 @@ def read_sae_feature(sae_dir: str | Path, feature: int) -> tuple[Float[Tensor, "
         row = w_dec[feature:feature + 1][0].float()
     return row, hook, {"source": str(sae_dir), "feature": feature, "sha256": file_sha256(weights),
                        "sae_d_sae": n_features, "sae_d_in": int(cfg.get("d_in", row.shape[0]))}
+
+
+def run_vector(model, cfg) -> tuple[Float[Tensor, " d"], str, dict]:
+    """The vector a run's settings name (`cfg`: a `RunConfig` with `direction_file` or `sae`), its
+    hook (the SAE's, or `--hook`/`--layer` resolved on `model`), and where it came from."""
+    from isokl_tl.hooks import hook_layer, resolve_hook
+
+    if cfg.sae is not None:
+        vector, hook, source = read_sae_feature(cfg.sae, cfg.feature)
+        if (cfg.hook or cfg.layer is not None) and resolve_hook(model, cfg.hook, cfg.layer) != hook:
+            raise ValueError(f"the SAE reads {hook}; drop --hook/--layer or give that hook")
+        return vector, hook, source
+    hook = resolve_hook(model, cfg.hook, cfg.layer)
+    layer = hook_layer(hook) if hook.endswith("hook_resid_post") else None
+    vector, source = read_vector(cfg.direction_file, key=cfg.direction_key, layer=layer)
+    return vector, hook, source
+

@@ -91,7 +91,7 @@ def test_bad_rules(kw, msg):
 def test_threshold_sweep_agrees_with_the_survival_table_at_each_rule():
     """Each row of the sweep is the survival table that rule gives (same deaths, same KM), and
     the markdown and figure are drawn from it."""
-    from isokl_tl.plots.cell import plot_threshold_sweep
+    from isokl_tl.plots import plot_threshold_sweep
     from isokl_tl.survival import sweep_markdown, threshold_sweep
 
     rng = np.random.default_rng(0)
@@ -160,7 +160,7 @@ def test_heldout_kl_and_the_dose_response_by_signal():
 
     from isokl_tl.calibrate import Calibration, heldout_kl
     from isokl_tl.coherence import deaths_by_signal
-    from isokl_tl.plots.cell import plot_dose_response
+    from isokl_tl.plots import plot_dose_response
     from isokl_tl.rollout import Rollouts
     from isokl_tl.search import kl_statistic
 

@@ -165,24 +165,26 @@ _NORM_AFTER_ATTENTION = {  # llama-style blocks have two norms; Gemma 2/3 blocks
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _tensor(reader, name: str) -> np.ndarray:
+def _dequantized(t) -> np.ndarray:
+    """One GGUF tensor as float32 (a writable copy)."""
     from gguf.quants import dequantize
 
-    t = next(t for t in reader.tensors if t.name == name)
-    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    return np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+
+def _tensor(reader, name: str) -> np.ndarray:
+    return _dequantized(next(t for t in reader.tensors if t.name == name))
 
 
 def hf_state_dict(reader, arch: str, cfg: dict) -> dict[str, torch.Tensor]:
     """Every tensor dequantised to float32 under its `transformers` name, conventions undone."""
-    from gguf.quants import dequantize
-
     gemma = arch.startswith("gemma")
     layer_names = {**_LAYER_NAMES, **_NORM_AFTER_ATTENTION["gemma" if gemma else "llama"]}
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":          # read into the config
             continue
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = _dequantized(t)
         stem, kind = t.name.rsplit(".", 1)
         if stem.startswith("blk."):
             _, layer, part = stem.split(".", 2)
@@ -198,7 +200,7 @@ def hf_state_dict(reader, arch: str, cfg: dict) -> dict[str, torch.Tensor]:
             raise ValueError(f"GGUF tensor {t.name!r} has no place in a {arch} model")
         if gemma and stem.endswith("norm"):
             w = w - 1.0
-        out[name] = torch.from_numpy(np.array(w, dtype=np.float32))
+        out[name] = torch.from_numpy(np.ascontiguousarray(w))
     return out
 
 

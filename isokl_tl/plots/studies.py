@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from isokl_tl.plots.cell import plot_kl_bands, plot_survival
+from isokl_tl.plots.cell import plot_kl_bands
 from isokl_tl.plots.style import styled
+from isokl_tl.plots.survival import plot_survival
 from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalCurve
 
