@@ -144,13 +144,15 @@ def direction(out, force, **kw) -> None:
 @user_errors
 def calibrate_cmd(out, force, **kw) -> None:
     """Find the iso-KL coefficient c* (builds or reuses the run's direction)."""
+    from isokl_tl.calibrate import statistic_label
+
     run = open_run(out, given(**kw), force=force)
     run.check(("direction", "calibrate"))
     run.begin()
     cal = run.calibrate()
     ci = f"  90% interval [{cal.interval[0]:.4g}, {cal.interval[1]:.4g}]" if cal.interval else ""
-    click.echo(f"c* = {cal.c_star:.4g}{ci}  ({cal.statistic} {cal.quantile:g} of KL = {cal.value:.4g}, "
-               f"target {cal.target:g}, window {cal.window}, {cal.rounds} rounds, converged {cal.converged})")
+    click.echo(f"c* = {cal.c_star:.4g}{ci}  ({statistic_label(cal)} = {cal.value:.4g}, "
+               f"target {cal.target:g}, {cal.rounds} rounds, converged {cal.converged})")
 
 
 @main.command("rollout")

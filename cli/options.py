@@ -10,9 +10,9 @@ import click
 
 EMBEDDED = "smollm2-135m-instruct"
 METHODS = ("mean_diff", "pca", "directional_ablation", "random")
-STATISTICS = ("quantile", "mean", "max", "prompt_quantile")
+STATISTICS = ("quantile", "mean", "max", "prompt_quantile", "delta_ce")     # search.STATISTICS
 SPLICES = ("interrupt", "inline")
-DEATH_SIGNALS = ("pmass", "repetition", "compression", "any")
+DEATH_SIGNALS = ("pmass", "repetition", "compression", "surprisal", "flip", "any")   # coherence.DEATH_SIGNALS
 
 
 def _alphas(ctx, param, value):
@@ -84,7 +84,12 @@ def calibration_options(f):
                      help="Target value of the KL statistic, nats [default: 1.0]."),
         click.option("--quantile", type=float, default=None, help="Quantile q of the statistic [default: 0.95]."),
         click.option("--statistic", type=click.Choice(STATISTICS), default=None,
-                     help="Calibration statistic [default: quantile]."),
+                     help="Calibration statistic: a quantile, the mean or the max of per-token KL over the "
+                          "calibration rollouts, the mean of per-prompt quantiles, or delta_ce, the mean rise in "
+                          "cross-entropy on a text corpus, teacher-forced [default: quantile]."),
+        click.option("--corpus", default=None,
+                     help="delta_ce: the text corpus, shipped set name or JSONL file of {\"text\": ...} rows; "
+                          "--n-calib passages are scored [default: corpus]."),
         click.option("--tol", type=float, default=None, help="Relative tolerance of the search [default: 0.02]."),
         click.option("--bootstrap", type=int, default=None,
                      help="Bootstrap resamples for the c* interval; 0 turns it off [default: 200]."),
@@ -136,12 +141,17 @@ def survival_options(f):
         click.option("--keep-weak/--drop-weak", default=None,
                      help="Keep weak prompts in survival [default: drop-weak]."),
         click.option("--death-signal", type=click.Choice(DEATH_SIGNALS), default=None,
-                     help="What kills a rollout in the survival table: pmass below the threshold, repetition or "
-                          "compression of the text at or above theirs, or any of them [default: pmass]."),
+                     help="What kills a rollout in the survival table: pmass below the threshold; repetition, "
+                          "compression or base surprisal of the text at or above theirs; the answer flipping "
+                          "(rollouts whose question the unsteered model answers right); or any of them "
+                          "[default: pmass]."),
         click.option("--repetition-threshold", type=float, default=None,
                      help="Death when this share of the last 32 tokens ends an 8-gram seen before [default: 0.9]."),
         click.option("--compression-threshold", type=float, default=None,
                      help="Death when zlib compresses the last 32 tokens' text this many times [default: 2.5]."),
+        click.option("--surprisal-threshold", type=float, default=None,
+                     help="Death when the base model's mean surprisal (-log p) of the last 16 steered tokens "
+                          "reaches this many nats [default: 2.0]."),
     ])
 
 

@@ -27,6 +27,22 @@ def score_forks(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame
     return frame
 
 
+def flip_deaths(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame:
+    """The answer flip as a death, per rollout row that can flip (its question has a known answer
+    the unsteered model gets right at fork 0): time, the first fork token where the steered
+    model prefers the wrong answer (event), or its last evaluated fork (censored)."""
+    cols = ["row", "prompt", "alpha", "time", "event"]
+    scored = score_forks(pmass, answers)
+    base = scored[(scored.alpha == 0) & (scored.fork == 0)].set_index("prompt").correct
+    scored = scored[scored.prompt.map(base).fillna(False).astype(bool)]
+    rows = []
+    for row, g in scored.sort_values("fork").groupby("row", sort=True):
+        hit = g[g.flipped]
+        rows.append({"row": int(row), "prompt": int(g.prompt.iloc[0]), "alpha": float(g.alpha.iloc[0]),
+                     "time": int(hit.fork.iloc[0] if len(hit) else g.fork.iloc[-1]), "event": bool(len(hit))})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def answer_table(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame:
     """Per alpha: rollouts scored, accuracy at fork 0 and at each rollout's last evaluated fork,
     the share of forks answering "true", and the share of rollouts whose answer flipped at some

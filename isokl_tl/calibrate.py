@@ -1,7 +1,8 @@
 """Iso-KL calibration: the coefficient c* at which a KL statistic of a w-token rollout hits a target.
 
 The search itself (log-log bracketing + Illinois steps) is `isokl_tl.search`; this module rolls out
-its candidates and keeps the result. c* always comes with a real statistic and token count (it is
+its candidates and keeps the result (or, for the `delta_ce` statistic, scores them teacher-forced on
+a text corpus: `isokl_tl.corpus`). c* always comes with a real statistic and token count (it is
 an evaluated coefficient), several candidates are rolled out in one batch where that saves rounds,
 and `calibrate_many` runs the searches of several directions (layers, methods) in lockstep, sharing
 batches. Every evaluation is kept in `history`.
@@ -19,11 +20,20 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from isokl_tl.corpus import delta_ce, token_ce
 from isokl_tl.directions import Direction
 from isokl_tl.hooks import Site
 from isokl_tl.manifest import CALIBRATION, write_json
 from isokl_tl.rollout import Rollouts, rollout
-from isokl_tl.search import CalibrationError, CalibrationSettings, Search, _Eval, kl_statistic, steps  # noqa: F401
+from isokl_tl.search import (  # noqa: F401
+    CORPUS_STATISTICS,
+    CalibrationError,
+    CalibrationSettings,
+    Search,
+    _Eval,
+    kl_statistic,
+    steps,
+)
 
 
 @dataclass
@@ -59,10 +69,20 @@ class Calibration:
         return cls(**json.loads(path.read_text()))
 
 
+def statistic_label(cal: "Calibration") -> str:
+    """What a calibration's statistic is, in words (with its window)."""
+    if cal.statistic == "delta_ce":
+        return "mean rise in cross-entropy on the corpus, teacher-forced, nats"
+    what = {"quantile": f"q={cal.quantile:g} quantile", "prompt_quantile": f"mean per-prompt q={cal.quantile:g} quantile",
+            "mean": "mean", "max": "max"}[cal.statistic]
+    return f"{what} of per-token KL over {cal.window}-token rollouts, nats"
+
+
 def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list[int]],
               settings: CalibrationSettings = CalibrationSettings(), *, rows_per_batch: int = 64,
               progress: bool = False) -> Calibration:
-    """Find c* for `direction` over the calibration `prompts` (token ids, chat-rendered)."""
+    """Find c* for `direction` over the calibration `prompts` (token ids, chat-rendered; for the
+    `delta_ce` statistic, corpus passages: `corpus.corpus_ids`)."""
     out = calibrate_many(model, [direction], prompts, settings, rows_per_batch=rows_per_batch,
                          progress=progress)[0]
     if isinstance(out, CalibrationError):
@@ -86,6 +106,10 @@ def calibrate_many(model: HookedTransformer, directions: list[Direction], prompt
     pending = {i: next(g) for i, g in enumerate(gens)}
     results: list[Calibration | CalibrationError | None] = [None] * len(directions)
     sites = [Site(d.hook, d.vector, d.intervention) for d in directions]
+    corpus = s.statistic == "delta_ce"
+    if corpus:                         # the base model's cross-entropy of the passages, once
+        base_ce = token_ce(model, prompts, torch.zeros(n), sites=sites, site=torch.zeros(n, dtype=torch.long),
+                           rows_per_batch=rows_per_batch)
     bar = tqdm(total=s.max_rounds, desc="calibrate", unit="round", disable=not progress, leave=False)
     try:
         while pending:
@@ -93,11 +117,17 @@ def calibrate_many(model: HookedTransformer, directions: list[Direction], prompt
             coeff = [c for i in order for c in pending[i] for _ in range(n)]
             site = [i for i in order for _ in pending[i] for _ in range(n)]
             t0 = time.perf_counter()
-            r = rollout(model, prompts * (len(coeff) // n), torch.tensor(coeff), sites=sites,
-                        site=torch.tensor(site), window=s.window, generated_only=s.generated_only,
-                        rows_per_batch=rows_per_batch)
+            if corpus:
+                ce = token_ce(model, prompts * (len(coeff) // n), torch.tensor(coeff), sites=sites,
+                              site=torch.tensor(site), rows_per_batch=rows_per_batch)
+                kl, mask = delta_ce(ce, base_ce.repeat(len(coeff) // n, 1))
+            else:
+                r = rollout(model, prompts * (len(coeff) // n), torch.tensor(coeff), sites=sites,
+                            site=torch.tensor(site), window=s.window, generated_only=s.generated_only,
+                            rows_per_batch=rows_per_batch)
+                kl, mask = r.kl.numpy(), r.mask.numpy()
             secs = (time.perf_counter() - t0) / (len(coeff) // n)
-            kl, mask, row = r.kl.numpy(), r.mask.numpy(), 0
+            row = 0
             advanced = {}
             for i in order:
                 k = len(pending[i]) * n
@@ -141,7 +171,10 @@ def transfer(rollouts: Rollouts, cal: Calibration, *, alpha: float = 1.0, bootst
     """How the calibration carries over to the held-out rollouts: its own statistic (same kind,
     quantile and target) recomputed on the rollouts at `alpha` (the calibrated dose when 1), over
     their first `cal.window` tokens and over their whole window, each with a percentile bootstrap
-    interval over held-out prompts, and the statistic of each prompt alone (min, median, max)."""
+    interval over held-out prompts, and the statistic of each prompt alone (min, median, max).
+    A corpus statistic (`delta_ce`) scores no rollouts: it has no transfer to give."""
+    if cal.statistic in CORPUS_STATISTICS:
+        raise ValueError(f"the {cal.statistic} statistic scores a text corpus, not rollouts: no transfer to held-out rollouts")
     rows = (rollouts.alpha == alpha).nonzero().flatten().tolist()
     if not rows:
         raise ValueError(f"the rollouts have no rows at alpha {alpha}")
@@ -179,8 +212,11 @@ def _with_interval(per_row: list[np.ndarray], cal: Calibration, rng: np.random.G
 def heldout_kl(rollouts: Rollouts, cal: Calibration, *, bootstrap: int = 200, seed: int = 0,
                level: float = 0.90) -> pd.DataFrame:
     """Per alpha: the calibration's statistic over the held-out rollouts' whole window, with a
-    percentile bootstrap interval over prompts (the dose-response figure's KL panel)."""
+    percentile bootstrap interval over prompts (the dose-response figure's KL panel). For a corpus
+    statistic, the q-quantile of per-token KL instead (no target line then)."""
     rng = np.random.default_rng(seed)
+    if cal.statistic in CORPUS_STATISTICS:
+        cal = Calibration(**{**cal.to_dict(), "statistic": "quantile", "target": float("nan")})
     rows = []
     for alpha in sorted(set(rollouts.alpha.tolist())):
         if alpha == 0:                 # the unsteered model's KL is 0 everywhere

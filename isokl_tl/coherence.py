@@ -1,7 +1,7 @@
 """Coherence along a rollout: signals of collapse that pmass cannot see, from the saved tokens.
 
 A steered model can keep answering (pmass high) while its text loops or degenerates into emoji
-runs. Two signals per generated token `t`, each over a trailing window and undefined (NaN) until
+runs. Three signals per generated token `t`, each over a trailing window and undefined (NaN) until
 the window is full:
 
 - **repetition**: the share of the last `REPETITION_WINDOW` tokens that end an n-gram
@@ -10,11 +10,16 @@ the window is full:
 - **compression**: how far zlib compresses the decoded text of the last `COMPRESSION_WINDOW`
   tokens (raw bytes / compressed bytes). Prose of that length hardly compresses; loops and runs
   of one emoji compress several-fold.
+- **surprisal**: the mean, over the last `SURPRISAL_WINDOW` tokens, of minus the base model's
+  log-probability of each steered token (`Rollouts.base_logprob`, recorded while decoding): how
+  unlikely the unsteered model finds the text. Unsteered greedy text is its own argmax, so it sits
+  near the model's entropy; steered text it would never write scores high.
 
 Each defines a death: the first token where the signal reaches its threshold. The defaults sit
 above what the embedded SmolLM2-135M-Instruct's unsteered rollouts reach (`THRESHOLDS`; how they
-were chosen: docs/science.md). `deaths_by_signal` turns signals (and pmass deaths) into one
-time/event per rollout and signal, `first_signal` says which kills first.
+were chosen: docs/science.md). A fifth death comes from the forks rather than the text: the answer
+*flips* (`answers.flip_deaths`). `deaths_by_signal` turns signals (and pmass and flip deaths)
+into one time/event per rollout and signal, `first_signal` says which kills first.
 """
 
 import zlib
@@ -22,12 +27,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
 
 REPETITION_NGRAM = 8
 REPETITION_WINDOW = 32
 COMPRESSION_WINDOW = 32
-THRESHOLDS = {"repetition": 0.9, "compression": 2.5}
-SIGNALS = ("pmass", "repetition", "compression")
+SURPRISAL_WINDOW = 16
+SURPRISAL_THRESHOLD = 2.0
+THRESHOLDS = {"repetition": 0.9, "compression": 2.5, "surprisal": SURPRISAL_THRESHOLD}
+TEXT_SIGNALS = ("repetition", "compression", "surprisal")      # read from the rollout's tokens
+SIGNALS = ("pmass",) + TEXT_SIGNALS + ("flip",)
 DEATH_SIGNALS = SIGNALS + ("any",)
 
 
@@ -55,25 +64,42 @@ def compression(pieces: Sequence[str], *, k: int = COMPRESSION_WINDOW) -> np.nda
     return out
 
 
-def signal_frame(tokens: np.ndarray, gen_len: np.ndarray, decode) -> pd.DataFrame:
-    """Long format, one row per (rollout row, generated token): `repetition`, `compression`.
-    `decode(ids)` turns one token id list into text (each token alone: its own piece)."""
+def surprisal(base_logprob: Float[np.ndarray, " t"], *, k: int = SURPRISAL_WINDOW) -> Float[np.ndarray, " t"]:
+    """Per position: the mean of -log p_base over the last `k` tokens (NaN before `k`, and where
+    the log-probabilities were not recorded)."""
+    x = -np.asarray(base_logprob, dtype=float)
+    out = np.full(len(x), np.nan)
+    if len(x) >= k:
+        out[k - 1:] = np.convolve(x, np.ones(k), mode="valid") / k
+    return out
+
+
+def signal_frame(tokens: np.ndarray, gen_len: np.ndarray, decode, base_logprob: np.ndarray | None = None
+                 ) -> pd.DataFrame:
+    """Long format, one row per (rollout row, generated token): `repetition`, `compression`,
+    `surprisal` (NaN without `base_logprob`). `decode(ids)` turns one token id list into text (each
+    token alone: its own piece)."""
     rows = []
     for r in range(len(tokens)):
-        ids = [int(t) for t in tokens[r, :int(gen_len[r])]]
+        n = int(gen_len[r])
+        ids = [int(t) for t in tokens[r, :n]]
         rep, comp = repetition(ids), compression([decode([i]) for i in ids])
+        sur = surprisal(base_logprob[r, :n]) if base_logprob is not None else np.full(n, np.nan)
         rows.append(pd.DataFrame({"row": r, "t": np.arange(1, len(ids) + 1), "repetition": rep,
-                                  "compression": comp}))
-    cols = ["row", "t", "repetition", "compression"]
+                                  "compression": comp, "surprisal": sur}))
+    cols = ["row", "t", *TEXT_SIGNALS]
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
 
 
-def deaths_by_signal(signals: pd.DataFrame, pmass_deaths: pd.DataFrame, thresholds: dict[str, float]
+def deaths_by_signal(signals: pd.DataFrame, pmass_deaths: pd.DataFrame, thresholds: dict[str, float],
+                     flip_deaths: pd.DataFrame | None = None, *, text_signals: tuple[str, ...] = TEXT_SIGNALS
                      ) -> pd.DataFrame:
     """One row per (rollout, signal): time (the token of death, or of censoring), event. pmass
-    deaths come from `survival.deaths`; a coherence signal dies at the first token where it
-    reaches its threshold and is censored at the rollout's last token. `any`: the first death of
-    all, or, with none, censored at the earliest censoring (where one signal stopped being seen)."""
+    deaths come from `survival.deaths`, flips (where given) from `answers.flip_deaths` (only rows
+    that can flip have them); a text signal dies at the first token where it reaches its threshold
+    and is censored at the rollout's last token (only `text_signals`: leave out one never
+    recorded, such as the surprisal of rollouts saved before it was). `any`: the first death of all, or, with none,
+    censored at the earliest censoring (where one signal stopped being seen)."""
     out = []
     for d in pmass_deaths.itertuples():
         out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": "pmass",
@@ -82,10 +108,15 @@ def deaths_by_signal(signals: pd.DataFrame, pmass_deaths: pd.DataFrame, threshol
     for d in pmass_deaths.itertuples():
         s = by_row.get(d.row)
         last = int(s.t.max()) if s is not None and len(s) else int(d.time)
-        for name in ("repetition", "compression"):
+        for name in text_signals:
             hit = s[s[name] >= thresholds[name]].t if s is not None else pd.Series([], dtype=int)
             out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": name,
                         "time": int(hit.iloc[0]) if len(hit) else last, "event": bool(len(hit))})
+    if flip_deaths is not None and len(flip_deaths):
+        weak = pmass_deaths.set_index("row").weak
+        for d in flip_deaths.itertuples():
+            out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": bool(weak.get(d.row, False)),
+                        "signal": "flip", "time": int(d.time), "event": bool(d.event)})
     frame = pd.DataFrame(out)
     first = []
     for row, g in frame.groupby("row", sort=True):
@@ -138,17 +169,19 @@ def signals_markdown(table: pd.DataFrame, first: pd.DataFrame, thresholds: dict[
 
     alphas = sorted(table.alpha.unique())
     names = {"pmass": "pmass (the death rule above)",
-             "repetition": f"repetition >= {thresholds['repetition']:g}",
-             "compression": f"compression >= {thresholds['compression']:g}", "any": "any of them"}
+             **{k: f"{k} >= {thresholds[k]:g}" for k in TEXT_SIGNALS if k in thresholds},
+             "flip": "answer flipped (rollouts right unsteered)", "any": "any of them"}
     lines = ["Death by signal (S(end) / median death token):", "",
              "| signal | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |",
              "|---|" + "---:|" * len(alphas)]
     for signal, g in table.groupby("signal", sort=False):
-        cells = [f"{r.S_end:.2f} / {format_token(r['median'])}" for _, r in g.sort_values("alpha").iterrows()]
+        by_alpha = g.set_index("alpha")
+        cells = [f"{by_alpha.S_end[a]:.2f} / {format_token(by_alpha['median'][a])}" if a in by_alpha.index else "-"
+                 for a in alphas]
         lines.append(f"| {names[signal]} | " + " | ".join(cells) + " |")
+    shown = [k for k in SIGNALS if k in set(table.signal)]
     lines += ["", "Which signal killed first (rollouts; ties count for each):", "",
-              "| alpha | pmass | repetition | compression | none |", "|---:|---:|---:|---:|---:|"]
+              "| alpha | " + " | ".join(shown) + " | none |", "|---:|" + "---:|" * (len(shown) + 1)]
     for r in first.itertuples():
-        lines.append(f"| {r.alpha:g} | {r.first_pmass} | {r.first_repetition} | {r.first_compression} | {r.none} |")
+        lines.append(f"| {r.alpha:g} | " + " | ".join(str(getattr(r, f"first_{k}")) for k in shown) + f" | {r.none} |")
     return "\n".join(lines) + "\n"
-

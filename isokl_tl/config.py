@@ -39,6 +39,7 @@ class RunConfig:
     target: float = 1.0
     quantile: float = 0.95
     statistic: str = "quantile"
+    corpus: str = "corpus"
     tol: float = 0.02
     bootstrap: int = 200
     prompts: str = "longform"
@@ -65,6 +66,7 @@ class RunConfig:
     death_signal: str = "pmass"
     repetition_threshold: float = THRESHOLDS["repetition"]
     compression_threshold: float = THRESHOLDS["compression"]
+    surprisal_threshold: float = THRESHOLDS["surprisal"]
     rows_per_batch: int = 64
 
     def __post_init__(self):
@@ -85,6 +87,8 @@ class RunConfig:
             raise ValueError(f"repetition-threshold is a share of tokens, in (0, 1]; got {self.repetition_threshold}")
         if self.compression_threshold <= 1:
             raise ValueError(f"compression-threshold is a ratio of bytes, > 1; got {self.compression_threshold}")
+        if not self.surprisal_threshold > 0:
+            raise ValueError(f"surprisal-threshold is a mean surprisal in nats, > 0; got {self.surprisal_threshold}")
         if self.direction_file is not None and self.sae is not None:
             raise ValueError("give a direction file or an SAE feature, not both")
         if (self.sae is None) != (self.feature is None):
@@ -114,7 +118,8 @@ class RunConfig:
                          min_base_pmass=self.min_base_pmass, keep_weak=self.keep_weak)
 
     def coherence_thresholds(self) -> dict[str, float]:
-        return {"repetition": self.repetition_threshold, "compression": self.compression_threshold}
+        return {"repetition": self.repetition_threshold, "compression": self.compression_threshold,
+                "surprisal": self.surprisal_threshold}
 
     def splice_spec(self) -> Splice:
         kw = {"question": self.splice_question} if self.splice_question else {}
@@ -137,19 +142,20 @@ class RunConfig:
         "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed", "gate", "direction_file",
                       "direction_key", "sae", "feature"),
         "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
-                      "tol", "bootstrap", "generated_only"),
+                      "tol", "bootstrap", "generated_only", "corpus"),
         "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p", "record_acts"),
         "pmass": ("fork_every", "fork_log", "splice", "splice_question", "splice_close",
                   "splice_prefill", "answer_true", "answer_false"),
         "survival": ("threshold", "relative_threshold", "death_run", "min_base_pmass", "keep_weak", "death_signal",
-                     "repetition_threshold", "compression_threshold"),
+                     "repetition_threshold", "compression_threshold", "surprisal_threshold"),
         "plot": (),
     }
     # Settings added after runs were made, keyed only when not at these defaults, so that older run
     # directories stay current
-    _LATER_KEYS = {"gate": False, "direction_file": None, "direction_key": None, "sae": None, "feature": None,
+    _LATER_KEYS = {"gate": False, "corpus": "corpus", "direction_file": None, "direction_key": None, "sae": None, "feature": None,
                    "death_signal": "pmass", "repetition_threshold": THRESHOLDS["repetition"],
-                   "compression_threshold": THRESHOLDS["compression"]}
+                   "compression_threshold": THRESHOLDS["compression"],
+                   "surprisal_threshold": THRESHOLDS["surprisal"]}
     # Settings that decide how the work is executed, not what it computes: greedy results agree
     # up to floating-point rounding whatever their values, so they key no stage. They do key the
     # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw

@@ -3,11 +3,13 @@ of error naming the bad value and what is allowed, and nothing written when one 
 
 import torch
 
+from isokl_tl.corpus import MAX_TOKENS, corpus_ids
 from isokl_tl.hooks import check_direction, resolve_hook
 from isokl_tl.manifest import check_writable
 from isokl_tl.models import check_spec
 from isokl_tl.pmass import answer_token_sets
-from isokl_tl.prompts import load_pairs, load_prompts
+from isokl_tl.prompts import load_corpus, load_pairs, load_prompts
+from isokl_tl.search import CORPUS_STATISTICS
 from isokl_tl.tokens import prompt_ids
 from isokl_tl.vectors import run_vector
 
@@ -25,8 +27,12 @@ def check_inputs(run, stages: tuple[str, ...]) -> None:
     if "direction" in todo and len(load_pairs(c.pairs)) < 2:
         raise ValueError(f"{c.pairs!r} holds {len(load_pairs(c.pairs))} contrastive pair(s); a direction "
                          "needs at least 2")
+    corpus = c.statistic in CORPUS_STATISTICS
     if "calibrate" in todo:
-        _enough(load_prompts(c.calib_prompts), c.n_calib, c.calib_prompts, "--n-calib")
+        if corpus:
+            _enough(load_corpus(c.corpus), c.n_calib, c.corpus, "--n-calib")
+        else:
+            _enough(load_prompts(c.calib_prompts), c.n_calib, c.calib_prompts, "--n-calib")
     if "rollout" in todo:
         _enough(load_prompts(c.prompts), c.n_prompts, c.prompts, "--n-prompts")
     model = run.model if todo else None
@@ -35,7 +41,9 @@ def check_inputs(run, stages: tuple[str, ...]) -> None:
             check_direction(model, run_vector(model, c)[0])
         else:
             resolve_hook(model, c.hook, c.layer)
-    if "calibrate" in todo:
+    if "calibrate" in todo and corpus:    # passages are cut to the context, and need 2 tokens
+        corpus_ids(model.tokenizer, load_corpus(c.corpus)[:c.n_calib], max_tokens=min(MAX_TOKENS, model.cfg.n_ctx))
+    elif "calibrate" in todo:
         _fits(model, load_prompts(c.calib_prompts)[:c.n_calib], c.calib_window, c.calib_prompts)
     if "rollout" in todo:          # forks add the splice after the rollout
         splice = len(c.splice_spec().token_ids(model.tokenizer))

@@ -10,6 +10,9 @@ Schemas (one JSON object per line):
   a JSON boolean: {"choice": true} or {"choice": false}. `longform` (64 questions) asks for at
   least four paragraphs first, so that unsteered replies run long; `eval` (48) for a few
   sentences. Both alternate true and false questions, so any even prefix is balanced.
+- a text corpus (`corpus`): {"text": str}, passages of plain expository prose (16 shipped, about
+  70 words each, on everyday topics, written for this project) that the `delta_ce` calibration
+  statistic scores teacher-forced (`isokl_tl.corpus`).
 The calibration and evaluation sets are disjoint (a test checks it).
 """
 
@@ -19,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 SETS = {"pairs": "pairs.jsonl", "calibration": "calibration.jsonl", "eval": "eval.jsonl",
-        "longform": "longform.jsonl"}
+        "longform": "longform.jsonl", "corpus": "corpus.jsonl"}
 EVAL_INSTRUCTION = (
     "Explain step by step why, in a few sentences, and only at the very end write your answer as "
     'JSON: {"choice": true} or {"choice": false}.'
@@ -76,6 +79,11 @@ def _read_jsonl(source: str | Path, keys: dict[str, type]) -> list[dict]:
 def load_pairs(source: str | Path = "pairs") -> list[ContrastPair]:
     rows = _read_jsonl(source, {"user": str, "positive": str, "negative": str})
     return [ContrastPair(r["user"], r["positive"], r["negative"]) for r in rows]
+
+
+def load_corpus(source: str | Path = "corpus") -> list[str]:
+    """Passages of a text corpus (`text` rows)."""
+    return [r["text"] for r in _read_jsonl(source, {"text": str})]
 
 
 def load_questions(source: str | Path = "eval") -> list[Question]:

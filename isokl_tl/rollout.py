@@ -5,7 +5,8 @@ One `rollout` call covers prompts x coefficients. Each steered row is decoded ne
 partner*: the same prompt at coefficient 0, teacher-forced on the steered row's tokens, in the
 same batched forward pass (`isokl_tl.engine`). At every step the engine thus holds both
 next-token distributions, records KL(P_steered || P_base) in float32, the steered
-log-probability of the chosen token, and whether the base model's argmax agrees with it: the
+log-probability of the chosen token, whether the base model's argmax agrees with it, and the base
+model's log-probability of it (`base_logprob`; minus it is the base surprisal): the
 rollout is generated once and never re-scored, and no [batch, pos, d_vocab] tensor is ever
 materialised.
 
@@ -54,6 +55,7 @@ class Rollouts:
     kl: Float[Tensor, "row window"]
     logprob: Float[Tensor, "row window"]
     base_agree: Bool[Tensor, "row window"]
+    base_logprob: Float[Tensor, "row window"]
     gen_len: Int[Tensor, " row"]
     eos: Bool[Tensor, " row"]
     coeff: Float[Tensor, " row"]
@@ -130,6 +132,8 @@ class Rollouts:
             raise ValueError(f"{run_dir} has no {ROLLOUTS}; run `isokl-tl rollout` first")
         t = load_file(str(run_dir / ROLLOUTS))
         t["base_agree"], t["eos"] = t["base_agree"].bool(), t["eos"].bool()
+        if "base_logprob" not in t:              # saved before base log-probs were recorded
+            t["base_logprob"] = torch.full_like(t["kl"], float("nan"))
         meta = json.loads((run_dir / ROLLOUTS_META).read_text())
         acts = Activations.load(run_dir) if (run_dir / ACTIVATIONS).exists() else None
         return cls(**t, **meta, acts=acts)
@@ -143,6 +147,7 @@ class Rollouts:
             "coeff": self.coeff.numpy()[r], "t": t, "token": self.tokens.numpy()[r, t],
             "kl": self.kl.numpy()[r, t], "logprob": self.logprob.numpy()[r, t],
             "base_agree": self.base_agree.numpy()[r, t].astype(int),
+            "base_logprob": self.base_logprob.numpy()[r, t],
         })
 
     def texts(self, tokenizer) -> list[dict]:

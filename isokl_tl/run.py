@@ -22,9 +22,11 @@ from transformer_lens import HookedTransformer
 
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.activations import Record
-from isokl_tl.calibrate import Calibration, calibrate
-from isokl_tl.coherence import deaths_by_signal, signal_frame
+from isokl_tl.answers import flip_deaths
+from isokl_tl.calibrate import CORPUS_STATISTICS, Calibration, calibrate
+from isokl_tl.coherence import TEXT_SIGNALS, deaths_by_signal, signal_frame
 from isokl_tl.config import RunConfig
+from isokl_tl.corpus import MAX_TOKENS, corpus_ids
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling
 from isokl_tl.hooks import check_direction, resolve_hook
@@ -32,7 +34,7 @@ from isokl_tl.inputs import check_inputs
 from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv
 from isokl_tl.models import load_model
 from isokl_tl.pmass import ForkPMass, fork_pmass
-from isokl_tl.prompts import load_pairs, load_prompts
+from isokl_tl.prompts import known_answers, load_corpus, load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
 from isokl_tl.tokens import chunks, prompt_ids
@@ -178,8 +180,12 @@ class Run:
 
         def go(key):
             self._vector(d)
-            prompts = [prompt_ids(self.model.tokenizer, p)
-                       for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
+            if self.cfg.statistic in CORPUS_STATISTICS:
+                prompts = corpus_ids(self.model.tokenizer, load_corpus(self.cfg.corpus)[: self.cfg.n_calib],
+                                     max_tokens=min(MAX_TOKENS, self.model.cfg.n_ctx))
+            else:
+                prompts = [prompt_ids(self.model.tokenizer, p)
+                           for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
             cal = calibrate(self.model, d, prompts, self.cfg.calibration_settings(),
                             rows_per_batch=self.cfg.rows_per_batch, progress=self.progress)
             cal.save(self.dir)
@@ -245,14 +251,24 @@ class Run:
             rule = self.cfg.death_rule()
             by_pmass = deaths(pm.frame, rule)
             r = self.rollout()
-            signals = signal_frame(r.tokens.numpy(), r.gen_len.numpy(), self.model.tokenizer.decode)
-            by_signal = deaths_by_signal(signals, by_pmass, self.cfg.coherence_thresholds())
+            signals = signal_frame(r.tokens.numpy(), r.gen_len.numpy(), self.model.tokenizer.decode,
+                                   r.base_logprob.numpy())
+            flips = flip_deaths(pm.frame, known_answers(self.cfg.prompts)[: self.cfg.n_prompts])
+            recorded = tuple(k for k in TEXT_SIGNALS       # rollouts saved before base log-probs were: no surprisal
+                             if k != "surprisal" or not bool(r.base_logprob[r.mask].isnan().all()))
+            by_signal = deaths_by_signal(signals, by_pmass, self.cfg.coherence_thresholds(), flips,
+                                         text_signals=recorded)
             write_csv(self.dir / files.COHERENCE, signals)
             write_csv(self.dir / files.SIGNALS, by_signal)
             per_row = by_pmass
             if self.cfg.death_signal != "pmass":       # the same rollouts, dying by the chosen signal
                 chosen = by_signal[by_signal.signal == self.cfg.death_signal].set_index("row")
-                per_row = by_pmass.assign(time=by_pmass.row.map(chosen.time), event=by_pmass.row.map(chosen.event))
+                if chosen.empty:
+                    raise ValueError(f"no rollout can die by {self.cfg.death_signal!r} here (no rollout was "
+                                     "recorded with it, or, for flips, no question has a known answer the "
+                                     "unsteered model gets right)")
+                per_row = by_pmass[by_pmass.row.isin(chosen.index)]      # flips: rows that can flip
+                per_row = per_row.assign(time=per_row.row.map(chosen.time), event=per_row.row.map(chosen.event))
             survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak, rule=rule).save(self.dir)
         self._stage("survival", go, force)
         return SurvivalTable.load(self.dir)

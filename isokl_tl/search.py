@@ -15,7 +15,8 @@ import numpy as np
 
 from isokl_tl.directions import Direction
 
-STATISTICS = ("quantile", "mean", "max", "prompt_quantile")
+STATISTICS = ("quantile", "mean", "max", "prompt_quantile", "delta_ce")
+CORPUS_STATISTICS = ("delta_ce",)     # scored on a text corpus, teacher-forced, not on rollouts
 
 
 class CalibrationError(ValueError):
@@ -50,7 +51,8 @@ class CalibrationSettings:
 
 
 def kl_statistic(per_row: list[np.ndarray], statistic: str, quantile: float) -> float:
-    """The calibration statistic over per-row arrays of valid per-token KLs."""
+    """The calibration statistic over per-row arrays of valid per-token KLs (for `delta_ce`, of
+    per-token rises in cross-entropy: their mean)."""
     if statistic == "prompt_quantile":
         return float(np.mean([np.quantile(r, quantile) for r in per_row if len(r)]))
     pooled = np.concatenate(per_row)
@@ -58,7 +60,7 @@ def kl_statistic(per_row: list[np.ndarray], statistic: str, quantile: float) -> 
         return float("nan")
     if statistic == "quantile":
         return float(np.quantile(pooled, quantile))
-    return float(pooled.mean() if statistic == "mean" else pooled.max())
+    return float(pooled.mean() if statistic in ("mean", "delta_ce") else pooled.max())
 
 
 @dataclass

@@ -7,7 +7,14 @@ import pandas as pd
 
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.answers import answer_table, answers_markdown
-from isokl_tl.calibrate import Calibration, heldout_kl, transfer, transfer_line
+from isokl_tl.calibrate import (
+    CORPUS_STATISTICS,
+    Calibration,
+    heldout_kl,
+    statistic_label,
+    transfer,
+    transfer_line,
+)
 from isokl_tl.coherence import first_signal, signal_table, signals_markdown
 from isokl_tl.directions import Direction
 from isokl_tl.manifest import write_atomic, write_csv, write_json
@@ -62,7 +69,7 @@ def write_summary(run_dir: Path, cfg) -> None:
     reached = [(a, int((rollouts.gen_len[rollouts.alpha == a] >= rollouts.window).sum()),
                 int((rollouts.alpha == a).sum())) for a in sorted(set(rollouts.alpha.tolist()))]
     moved = (transfer(rollouts, cal, bootstrap=cfg.bootstrap, seed=cfg.seed)
-             if bool((rollouts.alpha == 1.0).any()) else None)
+             if bool((rollouts.alpha == 1.0).any()) and cal.statistic not in CORPUS_STATISTICS else None)
     if moved:
         write_json(run_dir / files.TRANSFER, moved)
     else:
@@ -77,8 +84,8 @@ def write_summary(run_dir: Path, cfg) -> None:
         write_csv(run_dir / files.ANSWERS, table)
     lines = [
         f"# isokl-tl run: {d.method} at {d.hook} on {cfg.model}", "",
-        f"- c* = {cal.c_star:.4g}{interval}: {cal.statistic} q={cal.quantile:g} of per-token KL = "
-        f"{cal.value:.4g} (target {cal.target:g} nat, window {cal.window}, {cal.n_tokens} tokens, "
+        f"- c* = {cal.c_star:.4g}{interval}: {statistic_label(cal)} = {cal.value:.4g} (target {cal.target:g}, "
+        f"{cal.n_tokens} tokens{f' of {cfg.n_calib} `{cfg.corpus}` passages' if cal.statistic in CORPUS_STATISTICS else ''}, "
         f"{cal.rounds} rounds, converged: {cal.converged})",
         *([f"- {transfer_line(moved)}"] if moved else []),
         f"- sweep: {cfg.n_prompts} `{cfg.prompts}` prompts x alphas {cfg.sweep_alphas()}, window "

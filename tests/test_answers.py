@@ -4,7 +4,7 @@ and the shipped held-out set's balance."""
 import pandas as pd
 import pytest
 
-from isokl_tl.answers import answer_table, answers_markdown, score_forks
+from isokl_tl.answers import answer_table, answers_markdown, flip_deaths, score_forks
 from isokl_tl.prompts import known_answers, load_prompts
 
 
@@ -34,6 +34,12 @@ def test_forks_are_scored_against_the_known_answer_and_flips_need_a_right_baseli
     text = answers_markdown(answer_table(pm, answers), answers)
     assert "(1 true, 1 false)" in text and "right answer on 50% at fork 0" in text
     assert "no better than always answering one way" in text
+    # as a death: row 2 flips at fork 8; row 0 (unsteered, right) is censored at its last fork;
+    # rows of prompt 1 (wrong unsteered) and prompt 2 (no answer) cannot flip and are left out
+    flips = flip_deaths(pm, answers).set_index("row")
+    assert sorted(flips.index) == [0, 2]
+    assert (flips.loc[2, "time"], flips.loc[2, "event"]) == (8, True)
+    assert (flips.loc[0, "time"], flips.loc[0, "event"]) == (8, False)
 
 
 def test_known_answers_follow_the_prompt_order(tmp_path):

@@ -98,7 +98,7 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
     assert (by_any.time <= by_pmass.time)[by_pmass.event].all()        # a pmass death, or an earlier one
     assert "counts deaths by any" in (out / "summary.md").read_text()
     signals = pd.read_csv(out / "signals.csv")
-    assert set(signals.signal) == {"pmass", "repetition", "compression", "any"}
+    assert set(signals.signal) == {"pmass", "repetition", "compression", "surprisal", "flip", "any"}
     # the full command with the new threshold finds every stage current
     res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--death-signal", "any", "--out", str(out)])
     assert res.exit_code == 0, res.output

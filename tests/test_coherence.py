@@ -12,6 +12,7 @@ from isokl_tl.coherence import (
     signal_frame,
     signal_table,
     signals_markdown,
+    surprisal,
 )
 
 
@@ -35,6 +36,13 @@ def test_compression_separates_a_loop_from_prose():
     assert np.isnan(compression(["a"] * 31)).all()
 
 
+def test_surprisal_is_the_trailing_mean_of_minus_the_base_log_probability():
+    lp = -np.arange(20, dtype=float)            # -log p = 0, 1, ..., 19
+    s = surprisal(lp, k=4)
+    assert np.isnan(s[:3]).all() and s[3] == pytest.approx(1.5) and s[-1] == pytest.approx(17.5)
+    assert np.isnan(surprisal(np.full(20, np.nan), k=4)).all()      # not recorded: no signal
+
+
 def _pmass_deaths():
     return pd.DataFrame({"row": [0, 1, 2], "prompt": [0, 0, 1], "alpha": [0.0, 2.0, 2.0], "coeff": [0.0, 5.0, 5.0],
                          "time": [32, 16, 32], "event": [False, True, False], "threshold": 0.3,
@@ -50,7 +58,8 @@ def test_deaths_by_signal_and_first_signal():
                       "compression": np.where(t >= 12, 4.0, 1.2)}),
     ])
     thresholds = {"repetition": 0.75, "compression": 2.5}
-    by = deaths_by_signal(signals, _pmass_deaths(), thresholds).set_index(["row", "signal"])
+    by = deaths_by_signal(signals, _pmass_deaths(), thresholds, text_signals=("repetition", "compression")
+                          ).set_index(["row", "signal"])
     assert (by.loc[(0, "repetition"), "event"], by.loc[(0, "repetition"), "time"]) == (False, 40)   # censored at its end
     assert (by.loc[(1, "repetition"), "time"], by.loc[(1, "pmass"), "time"]) == (20, 16)
     assert (by.loc[(1, "any"), "time"], by.loc[(2, "any"), "time"]) == (16, 12)
@@ -59,10 +68,30 @@ def test_deaths_by_signal_and_first_signal():
     assert first.set_index("alpha").loc[0.0, "none"] == 1
     assert tuple(first.set_index("alpha").loc[2.0, ["first_pmass", "first_compression"]]) == (1, 1)
     table = signal_table(by.reset_index(), 40)
-    assert list(table.signal.unique()) == ["pmass", "repetition", "compression", "any"]
+    assert list(table.signal.unique()) == ["pmass", "repetition", "compression", "any"]   # no surprisal recorded
     assert table.set_index(["signal", "alpha"]).loc[("any", 2.0), "died"] == 2
     text = signals_markdown(table, first, {"repetition": 0.75, "compression": 2.5})
     assert "| repetition >= 0.75 | 1.00 / not reached | 0.00 / 20 |" in text
+    assert "| alpha | pmass | repetition | compression | none |" in text
+
+
+def test_surprisal_and_flip_deaths_join_the_other_signals():
+    t = np.arange(1, 41)
+    signals = pd.concat([
+        pd.DataFrame({"row": 0, "t": t, "repetition": 0.1, "compression": 1.2, "surprisal": 1.0}),
+        pd.DataFrame({"row": 1, "t": t, "repetition": 0.1, "compression": 1.2, "surprisal": np.where(t >= 9, 6.0, 1.0)}),
+        pd.DataFrame({"row": 2, "t": t, "repetition": 0.1, "compression": 1.2, "surprisal": 1.0}),
+    ])
+    flips = pd.DataFrame({"row": [0, 1], "prompt": [0, 0], "alpha": [0.0, 2.0], "time": [32, 8],
+                          "event": [False, True]})
+    thresholds = {"repetition": 0.75, "compression": 2.5, "surprisal": 4.0}
+    by = deaths_by_signal(signals, _pmass_deaths(), thresholds, flips).set_index(["row", "signal"])
+    assert (by.loc[(1, "surprisal"), "time"], by.loc[(1, "flip"), "time"], by.loc[(1, "any"), "time"]) == (9, 8, 8)
+    assert (2, "flip") not in by.index and not by.loc[(0, "surprisal"), "event"]
+    first = first_signal(by.reset_index()).set_index("alpha")
+    assert first.loc[2.0, "first_flip"] == 1 and first.loc[2.0, "first_surprisal"] == 0
+    text = signals_markdown(signal_table(by.reset_index(), 40), first.reset_index(), thresholds)
+    assert "| surprisal >= 4 |" in text and "| answer flipped (rollouts right unsteered) | 1.00 / not reached | 0.00 / 8 |" in text
 
 
 def test_signal_frame_reads_each_rollout_up_to_its_length():

@@ -22,11 +22,12 @@ from test_score import BASE, _logits
 score_kernel.BLOCK = 128                      # 16 slices of 313, 3 blocks each: ragged ends
 for dtype in (torch.float32, torch.bfloat16):
     x = _logits(dtype=dtype)
-    tok, kl, lp, agree = score_kernel.greedy_scores_triton(x, BASE)
+    tok, kl, lp, agree, blp = score_kernel.greedy_scores_triton(x, BASE)
     ref = greedy_scores_torch(x, BASE)
     assert torch.equal(tok, ref[0]) and torch.equal(agree, ref[3]), (tok, ref[0], agree, ref[3])
     torch.testing.assert_close(kl, ref[1], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(lp, ref[2], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(blp, ref[4], atol=2e-5, rtol=1e-5)
     assert float(kl[1]) == 0 and float(kl[2]) == 0, kl
 
 # the same kernel writing a rollout's records at a column, against record_torch
@@ -36,7 +37,7 @@ from isokl_tl.engine.scoring import record_torch
 def state(eos_ids, width=6):
     out = {"tokens": torch.full((4, width), -1), "kl": torch.full((4, width), float("nan")),
            "logprob": torch.full((4, width), float("nan")), "base_agree": torch.zeros(4, width, dtype=torch.bool),
-           "gen_len": torch.tensor([3, 1, 3, 3]), "eos": torch.tensor([False, True, False, False])}
+           "base_logprob": torch.full((4, width), float("nan")), "gen_len": torch.tensor([3, 1, 3, 3]), "eos": torch.tensor([False, True, False, False])}
     return {"out": out, "col": torch.tensor([3]), "has": torch.tensor([0, 1, 3]), "eos_ids": eos_ids,
             "partner_at": torch.tensor([4, 5, -1, 6]), "next": torch.full((7,), -9)}
 
@@ -51,7 +52,7 @@ for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(got, ref) and int(got.min()) >= 0, (got, ref)
         for name in ("tokens", "base_agree", "gen_len", "eos"):
             assert torch.equal(got_st["out"][name], ref_st["out"][name]), (name, got_st["out"][name], ref_st["out"][name])
-        for name in ("kl", "logprob"):
+        for name in ("kl", "logprob", "base_logprob"):
             torch.testing.assert_close(got_st["out"][name], ref_st["out"][name], atol=2e-5, rtol=1e-5, equal_nan=True)
         eo = got_st["out"]
         assert bool(eo["eos"][0]) == (len(eos_ids) > 0) and bool(eo["eos"][1]) and int(eo["tokens"][1, 3]) == -1

@@ -45,6 +45,12 @@ def test_kv_cached_kl_equals_full_recomputation(tiny, tiny_direction, method, co
                             coeff=coeffs, method=method, start=width if generated_only else 0)
     assert r.kl[:2].nan_to_num().max() > 1e-3  # steering did something
     torch.testing.assert_close(r.kl, ref, atol=1e-4, rtol=0, equal_nan=True)
+    # the base model's log-probability of each steered token, teacher-forced on the whole rollout
+    with torch.no_grad():
+        base = torch.log_softmax(tiny(seq, attention_mask=mask)[:, width - 1:-1].float(), -1)
+    blp = base.gather(-1, r.tokens.clamp(min=0)[..., None])[..., 0].where(r.mask, float("nan"))
+    torch.testing.assert_close(r.base_logprob, blp, atol=1e-4, rtol=0, equal_nan=True)
+    torch.testing.assert_close(r.base_logprob[2], r.logprob[2], atol=1e-5, rtol=0, equal_nan=True)  # c = 0
 
 
 def test_alpha_zero_gives_exactly_zero_kl(tiny, tiny_direction):

@@ -18,12 +18,14 @@ BASE = torch.tensor([4, 5, 2, 6])    # rows 0, 1, 3 have partners; row 2 is its 
 
 def test_torch_scores_match_the_definitions():
     x = _logits()
-    tok, kl, lp, agree = greedy_scores_torch(x, BASE)
+    tok, kl, lp, agree, blp = greedy_scores_torch(x, BASE)
     assert torch.equal(tok, x[:4].argmax(-1)) and tok[2:].tolist() == [17, 200]
     torch.testing.assert_close(kl, token_kl(x[:4], x[BASE]))
     assert float(kl[1]) == 0 and float(kl[2]) == 0
     torch.testing.assert_close(lp, torch.log_softmax(x[:4], -1).gather(-1, tok[:, None])[:, 0])
     assert torch.equal(agree, x[BASE].argmax(-1) == tok)
+    torch.testing.assert_close(blp, torch.log_softmax(x[BASE], -1).gather(-1, tok[:, None])[:, 0])
+    assert torch.equal(blp[2], lp[2])                 # a row that is its own base
 
 
 def test_sampling_inverts_each_rows_distribution_at_its_own_draw():

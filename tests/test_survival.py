@@ -136,7 +136,7 @@ def test_calibration_transfer_recomputes_the_statistic_on_held_out_rollouts():
     rows = 2 * n
     R = Rollouts(prompt=torch.ones(rows, 3, dtype=torch.long), prompt_mask=torch.ones(rows, 3, dtype=torch.long),
                  tokens=torch.ones(rows, w, dtype=torch.long), kl=kl, logprob=torch.zeros(rows, w),
-                 base_agree=torch.ones(rows, w, dtype=torch.bool), gen_len=gen_len, eos=gen_len < w,
+                 base_agree=torch.ones(rows, w, dtype=torch.bool), base_logprob=torch.zeros(rows, w), gen_len=gen_len, eos=gen_len < w,
                  coeff=torch.zeros(rows), prompt_index=torch.arange(rows) % n,
                  alpha=torch.tensor([0.0] * n + [1.0] * n))
     cal = Calibration(c_star=3.0, converged=True, statistic="quantile", quantile=0.95, target=1.0, window=8,
@@ -171,7 +171,7 @@ def test_heldout_kl_and_the_dose_response_by_signal():
     rows = 3 * n
     r = Rollouts(prompt=torch.ones(rows, 3, dtype=torch.long), prompt_mask=torch.ones(rows, 3, dtype=torch.long),
                  tokens=torch.ones(rows, w, dtype=torch.long), kl=kl, logprob=torch.zeros(rows, w),
-                 base_agree=torch.ones(rows, w, dtype=torch.bool), gen_len=torch.full((rows,), w),
+                 base_agree=torch.ones(rows, w, dtype=torch.bool), base_logprob=torch.zeros(rows, w), gen_len=torch.full((rows,), w),
                  eos=torch.zeros(rows, dtype=torch.bool), coeff=alpha * 3, prompt_index=torch.arange(rows) % n,
                  alpha=alpha)
     cal = Calibration(c_star=3.0, converged=True, statistic="quantile", quantile=0.9, target=1.0, window=8,
@@ -186,7 +186,8 @@ def test_heldout_kl_and_the_dose_response_by_signal():
                        "base_pmass0": 0.7, "weak": False})
     signals = pd.DataFrame({"row": np.repeat(range(rows), w), "t": np.tile(np.arange(1, w + 1), rows),
                             "repetition": 0.0, "compression": 1.0})
-    by_signal = deaths_by_signal(signals, pm, {"repetition": 0.9, "compression": 2.5})
+    by_signal = deaths_by_signal(signals, pm, {"repetition": 0.9, "compression": 2.5},
+                                 text_signals=("repetition", "compression"))
     table = survival_table(pm, w)
     axes = plot_dose_response(table, by_signal=by_signal, kl=k.reset_index())
     assert len(axes) == 3 and len(axes[0].get_legend().get_texts()) == 4

@@ -2,7 +2,8 @@
 
 At every decode step the rollout engine needs, for each steered row, the next token (the steered
 argmax, or a sample under `Sampling`), KL(P_steered || P_base), the steered log-probability of
-that token, and whether the base model's argmax agrees; it records them into the rollout's result
+that token, whether the base model's argmax agrees, and the base model's log-probability of the
+token (its surprisal, negated); it records them into the rollout's result
 buffers (`Scores`). For greedy decoding on CUDA (with Triton) that is one kernel that reads each
 row's logits once, in their own dtype, never writes a float32 copy of the [batch, d_vocab]
 logits, and writes the records itself (`engine.kernels.score`); elsewhere it is the plain PyTorch
@@ -69,8 +70,9 @@ def choose(logp: Float[Tensor, "batch d_vocab"], sampling: Sampling,
 def row_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"],
                choose: Callable[[Tensor], Tensor] | None = None
                ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
-                          Bool[Tensor, " batch"]]:
-    """(next token, KL, log-probability of the next token, base argmax agrees) per steered row.
+                          Bool[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """(next token, KL, log-probability of the next token, base argmax agrees, the base model's
+    log-probability of the next token) per steered row.
 
     Rows 0..batch-1 of `logits` are the steered rows; row i is scored against row `base_row[i]`
     (its base partner, or i itself for a row that is its own base). `choose` maps the steered
@@ -79,19 +81,20 @@ def row_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " ba
     logp = torch.log_softmax(logits.float(), dim=-1)
     ls, lb = logp[:b], logp[base_row]
     nxt = ls.argmax(-1) if choose is None else choose(ls)
-    return nxt, kl_from_logprobs(ls, lb), ls.gather(-1, nxt[:, None])[:, 0], lb.argmax(-1) == nxt
+    return (nxt, kl_from_logprobs(ls, lb), ls.gather(-1, nxt[:, None])[:, 0], lb.argmax(-1) == nxt,
+            lb.gather(-1, nxt[:, None])[:, 0])
 
 
 def greedy_scores_torch(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
                         ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
-                                   Bool[Tensor, " batch"]]:
+                                   Bool[Tensor, " batch"], Float[Tensor, " batch"]]:
     """`row_scores` with the argmax as next token: the reference for the Triton kernel."""
     return row_scores(logits, base_row)
 
 
 def greedy_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
                   ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
-                             Bool[Tensor, " batch"]]:
+                             Bool[Tensor, " batch"], Float[Tensor, " batch"]]:
     """`greedy_scores_torch`, as one Triton kernel on CUDA when Triton is installed."""
     if logits.is_cuda and triton_available():
         from isokl_tl.engine.kernels.score import greedy_scores_triton
@@ -101,9 +104,9 @@ def greedy_scores(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, "
 
 
 def record_torch(nxt: Int[Tensor, " batch"], kl: Float[Tensor, " batch"], lp: Float[Tensor, " batch"],
-                 agree: Bool[Tensor, " batch"], st: dict) -> Int[Tensor, " rows"]:
+                 agree: Bool[Tensor, " batch"], base_lp: Float[Tensor, " batch"], st: dict) -> Int[Tensor, " rows"]:
     """Record one step's scores at column `st["col"]` of a rollout's result buffers (`st["out"]`:
-    tokens, kl, logprob, base_agree [batch, window]; gen_len, eos [batch]): rows already finished
+    tokens, kl, logprob, base_agree, base_logprob [batch, window]; gen_len, eos [batch]): rows already finished
     get -1 / NaN / False and stop counting; rows whose token is an EOS id (`st["eos_ids"]`) are
     finished from now on. Returns the next token of every row of the forward batch, the base
     partners' included (`st["next"]`: the steered rows, then the partners of rows `st["has"]`)."""
@@ -113,6 +116,7 @@ def record_torch(nxt: Int[Tensor, " batch"], kl: Float[Tensor, " batch"], lp: Fl
     out["kl"].index_copy_(1, col, torch.where(alive, kl, float("nan"))[:, None])
     out["logprob"].index_copy_(1, col, torch.where(alive, lp, float("nan"))[:, None])
     out["base_agree"].index_copy_(1, col, (alive & agree)[:, None])
+    out["base_logprob"].index_copy_(1, col, torch.where(alive, base_lp, float("nan"))[:, None])
     out["gen_len"].add_(alive.long())
     out["eos"].logical_or_(torch.isin(nxt, st["eos_ids"]))
     st["next"][:len(nxt)] = nxt
@@ -187,7 +191,7 @@ class Scores:
 
     def empty_records(self) -> dict[str, Tensor]:
         """CPU records for the whole batch, as padding (token -1, KL and log-prob NaN): per row and
-        generated token `tokens`, `kl`, `logprob`, `base_agree`; per row `gen_len`, `eos`."""
+        generated token `tokens`, `kl`, `logprob`, `base_agree`, `base_logprob`; per row `gen_len`, `eos`."""
         b, window = self.buffers["out"]["kl"].shape
         return _clear(_records(b, window, "cpu"))
 
@@ -227,6 +231,7 @@ def _records(b: int, window: int, device) -> dict[str, Tensor]:
     return {"tokens": torch.empty((b, window), dtype=torch.long, device=device),
             "kl": torch.empty((b, window), device=device), "logprob": torch.empty((b, window), device=device),
             "base_agree": torch.empty((b, window), dtype=torch.bool, device=device),
+            "base_logprob": torch.empty((b, window), device=device),
             "gen_len": torch.empty(b, dtype=torch.long, device=device),
             "eos": torch.empty(b, dtype=torch.bool, device=device)}
 
@@ -236,6 +241,7 @@ def _clear(out: dict[str, Tensor]) -> dict[str, Tensor]:
     out["tokens"].fill_(-1)
     out["kl"].fill_(float("nan"))
     out["logprob"].fill_(float("nan"))
+    out["base_logprob"].fill_(float("nan"))
     for name in ("base_agree", "gen_len", "eos"):
         out[name].zero_()
     return out

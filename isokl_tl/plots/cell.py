@@ -30,9 +30,12 @@ def plot_calibration(cal: Calibration, *, ax: Axes | None = None) -> Axes:
     ax.axvline(cal.c_star, color="k", ls=":", lw=1, label=f"c* = {cal.c_star:.4g}")
     if cal.interval:
         ax.axvspan(*cal.interval, color="k", alpha=0.08, label="90% bootstrap")
+    corpus = cal.statistic == "delta_ce"
     ax.set(xscale="log", yscale="log", xlabel="coefficient c",
-           ylabel=f"{cal.statistic} ({cal.quantile:g}) of per-token KL" if cal.statistic != "mean"
-           else "mean per-token KL", title=f"{cal.method} @ {cal.hook}, w={cal.window}")
+           ylabel="mean rise in cross-entropy on the corpus, nats" if corpus
+           else f"{cal.statistic} ({cal.quantile:g}) of per-token KL" if cal.statistic != "mean"
+           else "mean per-token KL",
+           title=f"{cal.method} @ {cal.hook}, " + ("teacher-forced corpus" if corpus else f"w={cal.window}"))
     bar = ax.figure.colorbar(sc, ax=ax, label="evaluation order (first = 0)")
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()

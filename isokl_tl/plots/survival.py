@@ -43,7 +43,8 @@ def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None,
 
 
 SIGNAL_STYLE = {"pmass": ("C3", "o", "pmass"), "repetition": ("C0", "s", "repetition"),
-                "compression": ("C2", "^", "compression"), "any": ("0.3", "x", "any signal")}
+                "compression": ("C2", "^", "compression"), "surprisal": ("C4", "D", "base surprisal"),
+                "flip": ("C1", "v", "answer flipped"), "any": ("0.3", "x", "any signal")}
 
 
 @styled
@@ -89,7 +90,7 @@ def plot_dose_response(table: SurvivalTable, *, by_signal: pd.DataFrame | None =
         ax = axes[2]
         k = kl.set_index("alpha").reindex(alphas)
         ax.errorbar(x, k.value, yerr=[k.value - k.lo, k.hi - k.value], color="k", marker="o", capsize=3)
-        if "target" in kl:
+        if "target" in kl and np.isfinite(kl.target.iloc[0]):
             ax.axhline(float(kl.target.iloc[0]), color=DEAD, ls="--", lw=1, label="calibration target")
             ax.legend(fontsize=7, loc="upper left")
         ax.set_yscale("log")

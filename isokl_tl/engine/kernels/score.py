@@ -13,6 +13,7 @@ from torch import Tensor
 
 BLOCK = 2048      # vocabulary entries per load
 SPLIT = 16        # programs per row, each over a contiguous slice of the vocabulary
+FIELDS = tl.constexpr(8)  # partial results per (row, slice)
 WARPS = 4         # (`benchmarks/tune_mlp_scoring.py` on an H100: 32.8 -> 27.8 us from 4096 / 8 warps)
 
 
@@ -20,7 +21,8 @@ WARPS = 4         # (`benchmarks/tune_mlp_scoring.py` on an H100: 32.8 -> 27.8 u
 def _partials(logits, stride, base_row, part, n_vocab: tl.constexpr, CHUNK: tl.constexpr,
               SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row i, slice c): over vocabulary slice c, the steered and base running maxima
-    (with first-occurrence argmaxes), sum exp(x - m_s), sum exp(x - m_s) (x - y) and sum exp(y - m_b)."""
+    (with first-occurrence argmaxes), sum exp(x - m_s), sum exp(x - m_s) (x - y), sum exp(y - m_b),
+    and the base logit at the steered argmax."""
     i = tl.program_id(0)
     c = tl.program_id(1)
     j = tl.load(base_row + i)
@@ -33,6 +35,7 @@ def _partials(logits, stride, base_row, part, n_vocab: tl.constexpr, CHUNK: tl.c
     z_b = tl.zeros((), tl.float32)
     arg_s = tl.zeros((), tl.int32)
     arg_b = tl.zeros((), tl.int32)
+    y_at = tl.zeros((), tl.float32)
     lo = c * CHUNK
     for start in range(0, CHUNK, BLOCK):
         offs = lo + start + tl.arange(0, BLOCK)
@@ -41,6 +44,8 @@ def _partials(logits, stride, base_row, part, n_vocab: tl.constexpr, CHUNK: tl.c
         y = tl.load(b_row + offs, mask=ok, other=float("-inf")).to(tl.float32)
         bx, ix = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
         by, iy = tl.max(y, 0, return_indices=True, return_indices_tie_break_left=True)
+        y_ix = tl.sum(tl.where(tl.arange(0, BLOCK) == ix, tl.where(ok, y, 0.0), 0.0), 0)
+        y_at = tl.where(bx > m_s, y_ix, y_at)
         arg_s = tl.where(bx > m_s, lo + start + ix, arg_s)   # strictly greater: the first maximum wins
         arg_b = tl.where(by > m_b, lo + start + iy, arg_b)
         new_s = tl.maximum(m_s, bx)
@@ -51,7 +56,7 @@ def _partials(logits, stride, base_row, part, n_vocab: tl.constexpr, CHUNK: tl.c
         t_s = t_s * scale + tl.sum(e * (tl.where(ok, x, 0.0) - tl.where(ok, y, 0.0)), 0)
         z_b = z_b * tl.exp(m_b - new_b) + tl.sum(tl.exp(y - new_b), 0)
         m_s, m_b = new_s, new_b
-    out = part + (i * SPLIT + c) * 7
+    out = part + (i * SPLIT + c) * FIELDS
     tl.store(out + 0, m_s)
     tl.store(out + 1, z_s)
     tl.store(out + 2, t_s)
@@ -59,17 +64,19 @@ def _partials(logits, stride, base_row, part, n_vocab: tl.constexpr, CHUNK: tl.c
     tl.store(out + 4, z_b)
     tl.store(out + 5, arg_s.to(tl.float32))
     tl.store(out + 6, arg_b.to(tl.float32))
+    tl.store(out + 7, y_at)
 
 
 @triton.jit
-def _combine(part, kl_out, lp_out, tok_out, agree_out, SPLIT: tl.constexpr,
+def _combine(part, kl_out, lp_out, tok_out, agree_out, blp_out, SPLIT: tl.constexpr,
              col, width, done, gen_len, eos_ids, partner_at, nxt, N_EOS: tl.constexpr, EP: tl.constexpr,
              RECORD: tl.constexpr):
     """Program i: row i's slices merged (maxima, rescaled sums; the first slice holding the maximum
-    gives the argmax) into KL, the log-probability of the argmax, the argmax and agreement. With
+    gives the argmax) into KL, the log-probability of the argmax, the argmax, agreement and the
+    base log-probability of the argmax. With
     RECORD, written as a rollout records them (`engine.scoring.record_torch`, the reference)."""
     i = tl.program_id(0)
-    at = part + (i * SPLIT + tl.arange(0, SPLIT)) * 7
+    at = part + (i * SPLIT + tl.arange(0, SPLIT)) * FIELDS
     m_s, z_s, t_s = tl.load(at + 0), tl.load(at + 1), tl.load(at + 2)
     m_b, z_b = tl.load(at + 3), tl.load(at + 4)
     top_s, c_s = tl.max(m_s, 0, return_indices=True, return_indices_tie_break_left=True)
@@ -78,8 +85,9 @@ def _combine(part, kl_out, lp_out, tok_out, agree_out, SPLIT: tl.constexpr,
     zs = tl.sum(z_s * w_s, 0)
     lse_s = top_s + tl.log(zs)
     lse_b = top_b + tl.log(tl.sum(z_b * tl.exp(m_b - top_b), 0))
-    arg_s = tl.load(part + (i * SPLIT + c_s) * 7 + 5).to(tl.int64)   # exact: indices < 2^24
-    arg_b = tl.load(part + (i * SPLIT + c_b) * 7 + 6).to(tl.int64)
+    arg_s = tl.load(part + (i * SPLIT + c_s) * FIELDS + 5).to(tl.int64)   # exact: indices < 2^24
+    arg_b = tl.load(part + (i * SPLIT + c_b) * FIELDS + 6).to(tl.int64)
+    blp = tl.load(part + (i * SPLIT + c_s) * FIELDS + 7) - lse_b
     kl = tl.sum(t_s * w_s, 0) / zs - lse_s + lse_b
     lp = top_s - lse_s
     if RECORD:       # at column `col` of [batch, width] results; finished rows get -1 / NaN / False
@@ -89,6 +97,7 @@ def _combine(part, kl_out, lp_out, tok_out, agree_out, SPLIT: tl.constexpr,
         tl.store(kl_out + at, tl.where(alive, kl, float("nan")))
         tl.store(lp_out + at, tl.where(alive, lp, float("nan")))
         tl.store(agree_out + at, alive & (arg_s == arg_b))
+        tl.store(blp_out + at, tl.where(alive, blp, float("nan")))
         tl.store(gen_len + i, tl.load(gen_len + i) + alive.to(tl.int64))
         e = tl.arange(0, EP)
         hit = tl.sum((tl.load(eos_ids + e, mask=e < N_EOS, other=-1) == arg_s).to(tl.int32), 0) > 0
@@ -102,6 +111,7 @@ def _combine(part, kl_out, lp_out, tok_out, agree_out, SPLIT: tl.constexpr,
         tl.store(lp_out + i, lp)
         tl.store(tok_out + i, arg_s)
         tl.store(agree_out + i, arg_s == arg_b)
+        tl.store(blp_out + i, blp)
 
 
 def _partials_of(logits: Tensor, base_row: Tensor) -> tuple[Tensor, int]:
@@ -113,7 +123,7 @@ def _partials_of(logits: Tensor, base_row: Tensor) -> tuple[Tensor, int]:
     dev = logits.device
     split = min(SPLIT, triton.next_power_of_2(triton.cdiv(v, BLOCK)))
     chunk = triton.cdiv(v, split)                 # every slice holds at least one entry
-    part = torch.empty((b, split, 7), dtype=torch.float32, device=dev)
+    part = torch.empty((b, split, FIELDS.value), dtype=torch.float32, device=dev)
     block = min(BLOCK, triton.next_power_of_2(chunk))
     _partials[(b, split)](logits, logits.stride(0), base_row, part, n_vocab=v, CHUNK=chunk, SPLIT=split,
                           BLOCK=block, num_warps=WARPS)
@@ -122,16 +132,17 @@ def _partials_of(logits: Tensor, base_row: Tensor) -> tuple[Tensor, int]:
 
 def greedy_scores_triton(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"]
                          ) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"],
-                                    Bool[Tensor, " batch"]]:
+                                    Bool[Tensor, " batch"], Float[Tensor, " batch"]]:
     b, dev = len(base_row), logits.device
     part, split = _partials_of(logits, base_row)
     kl = torch.empty(b, dtype=torch.float32, device=dev)
     lp = torch.empty(b, dtype=torch.float32, device=dev)
     tok = torch.empty(b, dtype=torch.long, device=dev)
     agree = torch.empty(b, dtype=torch.bool, device=dev)
-    _combine[(b,)](part, kl, lp, tok, agree, SPLIT=split, col=part, width=0, done=part, gen_len=part, eos_ids=part,
+    blp = torch.empty(b, dtype=torch.float32, device=dev)
+    _combine[(b,)](part, kl, lp, tok, agree, blp, SPLIT=split, col=part, width=0, done=part, gen_len=part, eos_ids=part,
                    partner_at=part, nxt=part, N_EOS=0, EP=1, RECORD=False, num_warps=1)
-    return tok, kl, lp, agree
+    return tok, kl, lp, agree, blp
 
 
 def greedy_record_triton(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Tensor, " batch"], st: dict
@@ -141,7 +152,8 @@ def greedy_record_triton(logits: Float[Tensor, "rows d_vocab"], base_row: Int[Te
     out, eos = st["out"], st["eos_ids"]
     part, split = _partials_of(logits, base_row)
     n = max(1, len(eos))
-    _combine[(len(base_row),)](part, out["kl"], out["logprob"], out["tokens"], out["base_agree"], SPLIT=split,
+    _combine[(len(base_row),)](part, out["kl"], out["logprob"], out["tokens"], out["base_agree"],
+                               out["base_logprob"], SPLIT=split,
                                col=st["col"], width=out["kl"].shape[1], done=out["eos"], gen_len=out["gen_len"],
                                eos_ids=eos if len(eos) else part, partner_at=st["partner_at"], nxt=st["next"],
                                N_EOS=len(eos), EP=triton.next_power_of_2(n), RECORD=True, num_warps=1)
