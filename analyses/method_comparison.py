@@ -4,8 +4,10 @@ the same dose ("same KL, no meaning")?
 
 Each method gets its own run directory (the whole pipeline: direction, iso-KL calibration, alpha
 sweep, fork pmass, survival) with the same prompts, window, alphas and death rule; the figure puts
-their per-token KL bands and Kaplan-Meier curves side by side. Regenerates
-figures/method_comparison.png and figures/method_comparison.md:
+their per-token KL bands and Kaplan-Meier curves side by side, and each method's dose response (S at
+the window's end and the median death token per death signal, and the held-out KL, against alpha).
+Regenerates figures/method_comparison.png, figures/method_dose_response.png and
+figures/method_comparison.md:
 
     python analyses/method_comparison.py          # about 5 minutes on 2 CPU cores
 
@@ -28,5 +30,6 @@ if __name__ == "__main__":
         run.run_all()
         runs[method] = run.dir
     figures = ROOT / "figures"
-    write_method_comparison(runs, figures / "method_comparison.png", figures / "method_comparison.md")
+    write_method_comparison(runs, figures / "method_comparison.png", figures / "method_comparison.md",
+                            figures / "method_dose_response.png")
     print((figures / "method_comparison.md").read_text())

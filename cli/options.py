@@ -87,6 +87,9 @@ def calibration_options(f):
                      help="Calibration statistic: a quantile, the mean or the max of per-token KL over the "
                           "calibration rollouts, the mean of per-prompt quantiles, or delta_ce, the mean rise in "
                           "cross-entropy on a text corpus, teacher-forced [default: quantile]."),
+        click.option("--sign", type=click.Choice(("positive", "negative", "both")), default=None,
+                     help="Steer along +v, along -v, or both, each sign with its own c*; negative alphas in "
+                          "the results are -v's [default: positive]."),
         click.option("--corpus", default=None,
                      help="delta_ce: the text corpus, shipped set name or JSONL file of {\"text\": ...} rows; "
                           "--n-calib passages are scored [default: corpus]."),

@@ -29,6 +29,7 @@ from isokl_tl.plots import (
     plot_kl_bands,
     plot_layers,
     plot_methods,
+    plot_methods_dose_response,
     plot_spaghetti,
     plot_survival,
     save_figure,
@@ -51,7 +52,7 @@ __all__ = [
     "Splice", "SurvivalCurve", "SurvivalTable", "TINY", "answer_token_sets", "calibrate", "calibrate_many",
     "compute_direction", "deaths", "fork_pmass", "fork_schedule", "hook_name", "kaplan_meier", "layer_study",
     "load_model", "load_pairs", "load_prompts", "load_questions", "plot_aggregate", "plot_calibration",
-    "plot_dose_response", "plot_kl_bands", "plot_layers", "plot_methods", "plot_spaghetti", "plot_survival",
+    "plot_dose_response", "plot_kl_bands", "plot_layers", "plot_methods", "plot_methods_dose_response", "plot_spaghetti", "plot_survival",
     "prompt_ids", "release", "resolve_hook", "rollout", "save_figure", "steer", "steer_sites",
     "survival_table", "teacher_forced_kl", "token_kl",
 ]

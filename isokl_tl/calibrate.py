@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer
 from isokl_tl.corpus import delta_ce, token_ce
 from isokl_tl.directions import Direction
 from isokl_tl.hooks import Site
-from isokl_tl.manifest import CALIBRATION, write_json
+from isokl_tl.manifest import CALIBRATION, CALIBRATION_NEGATIVE, write_json
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.search import (  # noqa: F401
     CORPUS_STATISTICS,
@@ -53,20 +53,30 @@ class Calibration:
     tol: float = 0.02
     value: float = float("nan")
     extra: dict = field(default_factory=dict)
+    sign: int = 1                  # -1: the calibration of -v
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def save(self, run_dir: str | Path) -> None:
+    def save(self, run_dir: str | Path, name: str = CALIBRATION) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(run_dir) / CALIBRATION, self.to_dict())
+        write_json(Path(run_dir) / name, self.to_dict())
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "Calibration":
-        path = Path(run_dir) / CALIBRATION
+    def load(cls, run_dir: str | Path, name: str = CALIBRATION) -> "Calibration":
+        path = Path(run_dir) / name
         if not path.exists():
-            raise ValueError(f"{run_dir} has no {CALIBRATION}; run `isokl-tl calibrate` first")
+            raise ValueError(f"{run_dir} has no {name}; run `isokl-tl calibrate` first")
         return cls(**json.loads(path.read_text()))
+
+
+def load_calibrations(run_dir: str | Path) -> dict[int, Calibration]:
+    """A run's calibrations by sign: `calibration.json`'s, and -v's where the run calibrated both."""
+    first = Calibration.load(run_dir)
+    out = {first.sign: first}
+    if (Path(run_dir) / CALIBRATION_NEGATIVE).exists():
+        out[-1] = Calibration.load(run_dir, CALIBRATION_NEGATIVE)
+    return out
 
 
 def statistic_label(cal: "Calibration") -> str:
@@ -158,7 +168,7 @@ def _result(search: Search, rounds: int, jump: tuple | None, n_prompts: int) -> 
         c_star=best.coeff, converged=search.done(), statistic=s.statistic, quantile=s.quantile,
         target=s.target, window=s.window, n_tokens=best.n_tokens, rounds=rounds,
         history=[e.record() for e in search.evals], method=d.method, hook=d.hook,
-        tol=s.tol, value=best.value,
+        tol=s.tol, value=best.value, sign=int(d.extra.get("sign", 1)),
         extra={"jump": dict(zip(("c_lo", "value_lo", "c_hi", "value_hi"), jump))} if jump else {},
     )
     if s.bootstrap:

@@ -13,6 +13,7 @@ from isokl_tl.pmass import FALSE_WORDS, TRUE_WORDS, Splice, fork_schedule
 from isokl_tl.survival import DeathRule
 
 _TUPLES = ("alphas", "answer_true", "answer_false")   # saved as JSON lists
+SIGNS = ("positive", "negative", "both")
 STAGES = ("direction", "calibrate", "rollout", "pmass", "survival", "plot")
 
 
@@ -29,6 +30,7 @@ class RunConfig:
     pairs: str = "pairs"
     seed: int = 0
     gate: bool = False
+    sign: str = "positive"
     direction_file: str | None = None
     direction_key: str | None = None
     sae: str | None = None
@@ -81,6 +83,15 @@ class RunConfig:
                              "(negative alphas only make sense for additive methods)")
         if self.gate and self.method == "directional_ablation":
             raise ValueError("--gate scales an added direction; directional ablation projects one out")
+        if self.sign not in SIGNS:
+            raise ValueError(f"sign {self.sign!r} is not one of {', '.join(SIGNS)}")
+        if self.sign != "positive":
+            if self.method == "directional_ablation" or self.gate:
+                raise ValueError(f"--sign {self.sign} adds -v; directional ablation projects v out whatever its sign, "
+                                 "and the cosine gate reads the sign of v: use --sign positive")
+            if min(self.alphas) < 0:
+                raise ValueError(f"with --sign {self.sign} give alphas >= 0 (got {min(self.alphas)}): the sign "
+                                 "chooses the direction, each with its own c*")
         if self.death_signal not in DEATH_SIGNALS:
             raise ValueError(f"death signal {self.death_signal!r} is not one of {', '.join(DEATH_SIGNALS)}")
         if not 0 < self.repetition_threshold <= 1:
@@ -131,9 +142,15 @@ class RunConfig:
                                    window=self.calib_window, tol=self.tol, bootstrap=self.bootstrap,
                                    generated_only=self.generated_only, seed=self.seed)
 
+    def signs(self) -> tuple[int, ...]:
+        """The signs of the direction this run calibrates and sweeps, the first one's calibration
+        in `calibration.json` (+1 and -1 with `sign` both)."""
+        return {"positive": (1,), "negative": (-1,), "both": (1, -1)}[self.sign]
+
     def sweep_alphas(self) -> list[float]:
-        """The alphas to roll out: alpha 0 is always included (the baseline check needs it)."""
-        return sorted(set(self.alphas) | {0.0})
+        """The alphas to roll out: alpha 0 is always included (the baseline check needs it). A
+        negative alpha steers along -v, at that multiple of -v's own c* (`sign`)."""
+        return sorted({s * a for a in self.alphas for s in self.signs()} | {0.0})
 
     def forks(self) -> list[int]:
         return fork_schedule(self.window, every=self.fork_every, n_log=self.fork_log)
@@ -142,7 +159,7 @@ class RunConfig:
         "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed", "gate", "direction_file",
                       "direction_key", "sae", "feature"),
         "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
-                      "tol", "bootstrap", "generated_only", "corpus"),
+                      "tol", "bootstrap", "generated_only", "corpus", "sign"),
         "rollout": ("prompts", "n_prompts", "window", "alphas", "temperature", "top_p", "record_acts"),
         "pmass": ("fork_every", "fork_log", "splice", "splice_question", "splice_close",
                   "splice_prefill", "answer_true", "answer_false"),
@@ -152,7 +169,7 @@ class RunConfig:
     }
     # Settings added after runs were made, keyed only when not at these defaults, so that older run
     # directories stay current
-    _LATER_KEYS = {"gate": False, "corpus": "corpus", "direction_file": None, "direction_key": None, "sae": None, "feature": None,
+    _LATER_KEYS = {"gate": False, "corpus": "corpus", "sign": "positive", "direction_file": None, "direction_key": None, "sae": None, "feature": None,
                    "death_signal": "pmass", "repetition_threshold": THRESHOLDS["repetition"],
                    "compression_threshold": THRESHOLDS["compression"],
                    "surprisal_threshold": THRESHOLDS["surprisal"]}

@@ -83,6 +83,10 @@ class Direction:
                              f"{intervention(self.method)}ed")
         return replace(self, extra={**self.extra, "intervention": "gated"})
 
+    def negated(self) -> "Direction":
+        """The opposite direction, -v (recorded as `extra["sign"]` = -1)."""
+        return replace(self, vector=-self.vector, extra={**self.extra, "sign": -self.extra.get("sign", 1)})
+
     def steer(self, model: HookedTransformer, coeff: float | Float[Tensor, " batch"], *, start: int = 0
               ) -> AbstractContextManager[Steering]:
         """Steer `model` with this direction inside a `with` block (`isokl_tl.hooks.steer`):

@@ -20,6 +20,7 @@ MANIFEST = "manifest.json"
 DIRECTION_VECTOR = "direction.safetensors"
 DIRECTION_META = "direction.json"
 CALIBRATION = "calibration.json"
+CALIBRATION_NEGATIVE = "calibration_negative.json"   # -v's, when a run calibrates both signs
 CALIBRATION_FIG = "calibration.png"
 ROLLOUTS = "rollouts.safetensors"       # every tensor of a sweep, for torch
 ROLLOUTS_META = "rollouts.json"

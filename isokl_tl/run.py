@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.activations import Record
 from isokl_tl.answers import flip_deaths
-from isokl_tl.calibrate import CORPUS_STATISTICS, Calibration, calibrate
+from isokl_tl.calibrate import CORPUS_STATISTICS, Calibration, CalibrationError, calibrate_many, load_calibrations
 from isokl_tl.coherence import TEXT_SIGNALS, deaths_by_signal, signal_frame
 from isokl_tl.config import RunConfig
 from isokl_tl.corpus import MAX_TOKENS, corpus_ids
@@ -110,8 +110,10 @@ class Run:
     def current(self, stage: str) -> bool:
         """Whether `stage` finished with these settings and its files are all there (and, for a
         direction read from a file that is still there, the file is the one it was read from)."""
+        outputs = self.OUTPUTS[stage] + ([files.CALIBRATION_NEGATIVE] if stage == "calibrate" and self.cfg.sign == "both"
+                                         else [])
         return self.manifest.stage_current(stage, settings_hash(self.cfg.stage_settings(stage)),
-                                           self.OUTPUTS[stage]) and not self._direction_file_changed()
+                                           outputs) and not self._direction_file_changed()
 
     def _direction_file_changed(self) -> bool:
         source = self.cfg.direction_source()
@@ -176,6 +178,7 @@ class Run:
         return Direction.load(self.dir)
 
     def calibrate(self, force: bool = False) -> Calibration:
+        """The calibration of the run's first sign (`calibrations()` gives every sign's)."""
         d = self.direction()
 
         def go(key):
@@ -186,16 +189,29 @@ class Run:
             else:
                 prompts = [prompt_ids(self.model.tokenizer, p)
                            for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
-            cal = calibrate(self.model, d, prompts, self.cfg.calibration_settings(),
-                            rows_per_batch=self.cfg.rows_per_batch, progress=self.progress)
-            cal.save(self.dir)
+            signed = [d if sign == 1 else d.negated() for sign in self.cfg.signs()]
+            cals = calibrate_many(self.model, signed, prompts, self.cfg.calibration_settings(),
+                                  rows_per_batch=self.cfg.rows_per_batch, progress=self.progress)
+            for cal in cals:
+                if isinstance(cal, CalibrationError):
+                    raise cal
+            cals[0].save(self.dir)
+            if len(cals) > 1:
+                cals[1].save(self.dir, files.CALIBRATION_NEGATIVE)
+            else:
+                (self.dir / files.CALIBRATION_NEGATIVE).unlink(missing_ok=True)
             from isokl_tl.plots import plot_calibration, save_figure
-            save_figure(plot_calibration(cal), self.dir / files.CALIBRATION_FIG)
+            save_figure(plot_calibration(cals[0]), self.dir / files.CALIBRATION_FIG)
         self._stage("calibrate", go, force)
         return Calibration.load(self.dir)
 
+    def calibrations(self) -> dict[int, Calibration]:
+        """Every calibrated sign's calibration: {+1: v's, -1: -v's}."""
+        self.calibrate()
+        return load_calibrations(self.dir)
+
     def rollout(self, force: bool = False) -> Rollouts:
-        d, cal = self.direction(), self.calibrate()
+        d, cals = self.direction(), self.calibrations()
 
         def go(key):
             # One batch of rows at a time, each saved as it finishes: a killed sweep loses at most
@@ -206,12 +222,16 @@ class Run:
             alphas = self.cfg.sweep_alphas()
             rows = [p for _ in alphas for p in ids]
             alpha = torch.tensor([a for a in alphas for _ in ids])
+            # a negative alpha adds -v: at a multiple of -v's own c* where the run calibrated -v (`--sign`)
+            c_star = torch.tensor([(cals[-1] if a < 0 and -1 in cals else cals.get(1, cals.get(-1))).c_star
+                                   for a in alphas for _ in ids])
+            coeff = alpha * c_star
             index = torch.tensor([i for _ in alphas for i in range(len(ids))])
             parts_dir, parts = self._partials("rollout", key), []
             for i, sl in enumerate(chunks(len(rows), self.cfg.rows_per_batch)):
                 part = parts_dir / f"{i:04d}"
                 if not (part / files.ROLLOUTS_META).exists():
-                    rollout(self.model, rows[sl], alpha[sl] * cal.c_star, direction=vector,
+                    rollout(self.model, rows[sl], coeff[sl], direction=vector,
                             hook=d.hook, method=d.intervention, window=self.cfg.window,
                             generated_only=self.cfg.generated_only,
                             sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),

@@ -11,6 +11,7 @@ from isokl_tl.calibrate import (
     CORPUS_STATISTICS,
     Calibration,
     heldout_kl,
+    load_calibrations,
     statistic_label,
     transfer,
     transfer_line,
@@ -60,18 +61,19 @@ def write_threshold_sweep(run_dir: Path, sweep: pd.DataFrame) -> None:
 
 
 def write_summary(run_dir: Path, cfg) -> None:
-    cal = Calibration.load(run_dir)
     d = Direction.load(run_dir)
     st = SurvivalTable.load(run_dir)
     weak = st.weak_prompts
-    interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
     rollouts = Rollouts.load(run_dir)
     reached = [(a, int((rollouts.gen_len[rollouts.alpha == a] >= rollouts.window).sum()),
                 int((rollouts.alpha == a).sum())) for a in sorted(set(rollouts.alpha.tolist()))]
-    moved = (transfer(rollouts, cal, bootstrap=cfg.bootstrap, seed=cfg.seed)
-             if bool((rollouts.alpha == 1.0).any()) and cal.statistic not in CORPUS_STATISTICS else None)
+    cals = load_calibrations(run_dir)
+    moves = {sign: transfer(rollouts, c, alpha=float(sign), bootstrap=cfg.bootstrap, seed=cfg.seed)
+             for sign, c in cals.items()
+             if bool((rollouts.alpha == float(sign)).any()) and c.statistic not in CORPUS_STATISTICS}
+    moved = next(iter(moves.values()), None)
     if moved:
-        write_json(run_dir / files.TRANSFER, moved)
+        write_json(run_dir / files.TRANSFER, {**moved, **({"negative": moves[-1]} if len(moves) > 1 else {})})
     else:
         (run_dir / files.TRANSFER).unlink(missing_ok=True)     # a sweep without alpha 1 has none
     by_signal = pd.read_csv(run_dir / files.SIGNALS)
@@ -84,10 +86,8 @@ def write_summary(run_dir: Path, cfg) -> None:
         write_csv(run_dir / files.ANSWERS, table)
     lines = [
         f"# isokl-tl run: {d.method} at {d.hook} on {cfg.model}", "",
-        f"- c* = {cal.c_star:.4g}{interval}: {statistic_label(cal)} = {cal.value:.4g} (target {cal.target:g}, "
-        f"{cal.n_tokens} tokens{f' of {cfg.n_calib} `{cfg.corpus}` passages' if cal.statistic in CORPUS_STATISTICS else ''}, "
-        f"{cal.rounds} rounds, converged: {cal.converged})",
-        *([f"- {transfer_line(moved)}"] if moved else []),
+        *[c_star_line(c, cfg, signed=cfg.sign != "positive") for c in cals.values()],
+        *[f"- {transfer_line(m)}" for m in moves.values()],
         f"- sweep: {cfg.n_prompts} `{cfg.prompts}` prompts x alphas {cfg.sweep_alphas()}, window "
         f"{cfg.window}, forks {cfg.forks()}",
         f"- reached the {rollouts.window}-token window (no end of turn before it): " + ", ".join(
@@ -106,19 +106,36 @@ def write_summary(run_dir: Path, cfg) -> None:
     write_atomic(run_dir / files.SUMMARY, lambda p: p.write_text("\n".join(lines) + "\n"))
 
 
-def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path) -> None:
-    """One figure (KL bands and survival, a column per method) and one table (c*, and per alpha
-    the deaths and S at the end) for finished run directories of several methods."""
-    from isokl_tl.plots import plot_methods, save_figure
+def c_star_line(cal: Calibration, cfg, *, signed: bool = False) -> str:
+    """The calibration as one line of a summary (naming the direction's sign where `signed`)."""
+    interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
+    corpus = f" of {cfg.n_calib} `{cfg.corpus}` passages" if cal.statistic in CORPUS_STATISTICS else ""
+    which = f" of {'+v' if cal.sign > 0 else '-v'}" if signed else ""
+    return (f"- c*{which} = {cal.c_star:.4g}{interval}: {statistic_label(cal)} = {cal.value:.4g} (target "
+            f"{cal.target:g}, {cal.n_tokens} tokens{corpus}, {cal.rounds} rounds, converged: {cal.converged})")
 
-    results, lines = {}, ["| method | c* | alpha | n | died | S(end) | median token |",
-                          "|---|---:|---:|---:|---:|---:|---:|"]
+
+def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path, dose_png: Path | None = None) -> None:
+    """One figure (KL bands and survival, a column per method) and one table (c*, and per alpha
+    the deaths and S at the end) for finished run directories of several methods; with `dose_png`,
+    also each method's dose response (a row per method: S(end) and the median death token per
+    death signal, and the held-out KL statistic)."""
+    from isokl_tl.plots import plot_methods, plot_methods_dose_response, save_figure
+
+    results, doses, lines = {}, {}, ["| method | c* | alpha | n | died | S(end) | median token |",
+                                     "|---|---:|---:|---:|---:|---:|---:|"]
     for name, run_dir in runs.items():
         cal = Calibration.load(run_dir)
         st = SurvivalTable.load(run_dir)
-        results[name] = (Rollouts.load(run_dir), st.curves, cal.c_star)
+        r = Rollouts.load(run_dir)
+        results[name] = (r, st.curves, cal.c_star)
+        by_signal = pd.read_csv(run_dir / files.SIGNALS) if (run_dir / files.SIGNALS).exists() else None
+        kl = heldout_kl(r, cal)
+        doses[name] = (st, by_signal, kl if len(kl) else None)
         for t in st.table.itertuples():
             lines.append(f"| {name} | {cal.c_star:.4g} | {t.alpha:g} | {t.n} | {t.died} | "
                          f"{t.S_end:.2f} | {format_token(t.median)} |")
     save_figure(plot_methods(results), png)
+    if dose_png is not None:
+        save_figure(plot_methods_dose_response(doses), dose_png)
     write_atomic(Path(markdown), lambda p: p.write_text("\n".join(lines) + "\n"))

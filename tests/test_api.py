@@ -90,7 +90,8 @@ def test_every_exported_function_runs(tiny, tmp_path):
 
     figures = [api.plot_calibration(cal), api.plot_spaghetti(r), api.plot_survival(st.curves),
                api.plot_dose_response(st), api.plot_kl_bands(r), api.plot_aggregate(r, pm.frame),
-               api.plot_methods({"mean_diff": (r, st.curves, cal.c_star)})]
+               api.plot_methods({"mean_diff": (r, st.curves, cal.c_star)}),
+               api.plot_methods_dose_response({"mean_diff": (st, None, None)})]
     study = api.layer_study(model, pairs, prompts, [1, 2], settings=settings)
     assert isinstance(study, api.LayerStudy) and list(study.table.layer) == [1, 2]
     figures.append(api.plot_layers(study.table, study.propagation))

@@ -213,8 +213,8 @@ def test_method_comparison_report_on_tiny_runs(tmp_path):
         cal = Calibration.load(run.dir)
         assert abs(cal.value / cal.target - 1) <= cal.tol        # both spend the same KL budget
         runs[method] = run.dir
-    write_method_comparison(runs, tmp_path / "cmp.png", tmp_path / "cmp.md")
-    assert (tmp_path / "cmp.png").stat().st_size > 10_000
+    write_method_comparison(runs, tmp_path / "cmp.png", tmp_path / "cmp.md", tmp_path / "dose.png")
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000 and (tmp_path / "dose.png").stat().st_size > 10_000
     table = (tmp_path / "cmp.md").read_text().splitlines()
     assert len(table) == 2 + 2 * 2 and any(line.startswith("| random |") for line in table)
 
@@ -261,3 +261,34 @@ def test_version_and_help_answer_without_the_library():
         res = CliRunner().invoke(main, [*cmd, "--help"])
         assert res.exit_code == 0, res.output
         assert not cmd or "--out" in res.output
+
+
+def test_both_signs_calibrate_and_sweep_separately(tmp_path):
+    """--sign both: +v and -v each get their own c* (KL at -c differs from KL at +c), and the sweep
+    holds negative alphas, rolled out at multiples of -v's c*."""
+    import torch
+
+    from isokl_tl.calibrate import load_calibrations
+    from isokl_tl.rollout import Rollouts
+
+    out = tmp_path / "both"
+    res = _invoke(["run", *TINY_RUN, "--sign", "both", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cals = load_calibrations(out)
+    assert set(cals) == {1, -1} and cals[1].c_star != cals[-1].c_star
+    for c in cals.values():
+        assert abs(c.value / c.target - 1) <= c.tol
+    r = Rollouts.load(out)
+    assert sorted(set(r.alpha.tolist())) == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    neg, pos = r.alpha < 0, r.alpha > 0
+    torch.testing.assert_close(r.coeff[neg], r.alpha[neg] * cals[-1].c_star)
+    torch.testing.assert_close(r.coeff[pos], r.alpha[pos] * cals[1].c_star)
+    summary = (out / "summary.md").read_text()
+    assert "c* of +v" in summary and "c* of -v" in summary and "at alpha -1" in summary
+    assert json.loads((out / "calibration_transfer.json").read_text())["negative"]["alpha"] == -1
+    # back to one sign: -v's calibration goes, and the rollouts are redone
+    res = _invoke(["run", *TINY_RUN, "--sign", "positive", "--out", str(out)])
+    assert res.exit_code == 0 and not (out / "calibration_negative.json").exists()
+    assert sorted(set(Rollouts.load(out).alpha.tolist())) == [0.0, 1.0, 2.0]
+    bad = _invoke(["run", *TINY_RUN, "--sign", "both", "--method", "directional_ablation", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "directional ablation projects v out" in bad.output

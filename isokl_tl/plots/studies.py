@@ -7,9 +7,9 @@ import seaborn as sns
 
 from isokl_tl.plots.cell import plot_kl_bands
 from isokl_tl.plots.style import styled
-from isokl_tl.plots.survival import plot_survival
+from isokl_tl.plots.survival import plot_dose_response, plot_survival
 from isokl_tl.rollout import Rollouts
-from isokl_tl.survival import SurvivalCurve
+from isokl_tl.survival import SurvivalCurve, SurvivalTable
 
 
 @styled
@@ -75,3 +75,19 @@ def plot_layers(table: pd.DataFrame, propagation: pd.DataFrame | None = None, *,
     a5.axhline(1.0, color="0.4", ls="--", lw=0.8)
     a5.set(xlabel="layer", ylabel="held-out pmass / unsteered", title="ablation at iso-KL", ylim=(0, None))
     return axes
+
+
+@styled
+def plot_methods_dose_response(results: dict[str, tuple[SurvivalTable, pd.DataFrame | None, pd.DataFrame | None]], *,
+                               fig=None) -> np.ndarray:
+    """`plot_dose_response` for each method, one row each, titled by the method:
+    `results[name] = (survival table, deaths by signal or None, held-out KL per alpha or None)`.
+    Returns every axes, method by method."""
+    if fig is None:
+        fig = plt.figure(figsize=(12, 3.6 * len(results)))
+    rows = fig.subfigures(len(results), 1, squeeze=False)[:, 0]
+    out = []
+    for sub, (name, (table, by_signal, kl)) in zip(rows, results.items()):
+        out.append(plot_dose_response(table, by_signal=by_signal, kl=kl, fig=sub))
+        sub.suptitle(name, x=0.01, ha="left", fontweight="bold")
+    return np.concatenate(out)

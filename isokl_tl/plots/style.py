@@ -51,8 +51,9 @@ def _plain_log_ticks(ax: Axes) -> None:
 
 
 def save_figure(ax_or_axes, path) -> None:
-    fig = (ax_or_axes.flat[0] if isinstance(ax_or_axes, np.ndarray) else ax_or_axes).figure
-    fig.tight_layout()
+    fig = (ax_or_axes.flat[0] if isinstance(ax_or_axes, np.ndarray) else ax_or_axes).get_figure(root=True)
+    if not fig.subfigs:                 # figures of subfigures are laid out by their own rows
+        fig.tight_layout()
     write_atomic(Path(path), lambda p: fig.savefig(p, format="png", dpi=130, bbox_inches="tight",
                                                    metadata={"Software": None}))
     plt.close(fig)
