@@ -151,8 +151,8 @@ def calibrate_cmd(out, force, **kw) -> None:
     run.begin()
     cal = run.calibrate()
     ci = f"  90% interval [{cal.interval[0]:.4g}, {cal.interval[1]:.4g}]" if cal.interval else ""
-    click.echo(f"c* = {cal.c_star:.4g}{ci}  ({statistic_label(cal)} = {cal.value:.4g}, "
-               f"target {cal.target:g}, {cal.rounds} rounds, converged {cal.converged})")
+    click.echo(f"c* = {cal.c_star:.4g}{ci}  ({statistic_label(cal)} = {cal.value:.4g} nat, "
+               f"target {cal.target:g} nat, {cal.rounds} rounds, converged {cal.converged})")
 
 
 @main.command("rollout")

@@ -82,10 +82,10 @@ def load_calibrations(run_dir: str | Path) -> dict[int, Calibration]:
 def statistic_label(cal: "Calibration") -> str:
     """What a calibration's statistic is, in words (with its window)."""
     if cal.statistic == "delta_ce":
-        return "mean rise in cross-entropy on the corpus, teacher-forced, nats"
+        return "mean rise in cross-entropy on the corpus, teacher-forced"
     what = {"quantile": f"q={cal.quantile:g} quantile", "prompt_quantile": f"mean per-prompt q={cal.quantile:g} quantile",
             "mean": "mean", "max": "max"}[cal.statistic]
-    return f"{what} of per-token KL over {cal.window}-token rollouts, nats"
+    return f"{what} of per-token KL over {cal.window}-token rollouts"
 
 
 def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list[int]],

@@ -111,8 +111,8 @@ def c_star_line(cal: Calibration, cfg, *, signed: bool = False) -> str:
     interval = f" (90% bootstrap {cal.interval[0]:.4g}-{cal.interval[1]:.4g})" if cal.interval else ""
     corpus = f" of {cfg.n_calib} `{cfg.corpus}` passages" if cal.statistic in CORPUS_STATISTICS else ""
     which = f" of {'+v' if cal.sign > 0 else '-v'}" if signed else ""
-    return (f"- c*{which} = {cal.c_star:.4g}{interval}: {statistic_label(cal)} = {cal.value:.4g} (target "
-            f"{cal.target:g}, {cal.n_tokens} tokens{corpus}, {cal.rounds} rounds, converged: {cal.converged})")
+    return (f"- c*{which} = {cal.c_star:.4g}{interval}: {statistic_label(cal)} = {cal.value:.4g} nat (target "
+            f"{cal.target:g} nat, {cal.n_tokens} tokens{corpus}, {cal.rounds} rounds, converged: {cal.converged})")
 
 
 def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path, dose_png: Path | None = None) -> None:
