@@ -119,6 +119,10 @@ def sweep_options(f):
                           "direction, its norm and ||steered - base||, and the steered hook's residual "
                           "(float16) -> activations.safetensors [default: no-record-acts]."),
         click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch [default: 64]."),
+        click.option("--inline-forks/--forks-after-sweep", "inline_forks", default=None,
+                     help="Read fork pmass off each rollout's own cache while the sweep decodes, or afterwards "
+                          "from the saved rollouts (the reference path; same numbers within 1e-5) "
+                          "[default: inline-forks]."),
     ])
 
 

@@ -70,6 +70,7 @@ class RunConfig:
     compression_threshold: float = THRESHOLDS["compression"]
     surprisal_threshold: float = THRESHOLDS["surprisal"]
     rows_per_batch: int = 64
+    inline_forks: bool = True
 
     def __post_init__(self):
         check_method(self.method)
@@ -177,7 +178,9 @@ class RunConfig:
     # up to floating-point rounding whatever their values, so they key no stage. They do key the
     # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw
     # their random numbers per part, so they repeat only with the same values.)
-    EXECUTION = ("device", "rows_per_batch")
+    # `inline_forks`, how fork pmass is computed (read while the sweep decodes, or afterwards from
+    # the saved rollouts: `Run.pmass`), gives the same numbers within 1e-5: an execution setting too.
+    EXECUTION = ("device", "rows_per_batch", "inline_forks")
 
     def stage_settings(self, stage: str) -> dict:
         """This stage's settings plus every upstream stage's (so a change invalidates downstream)."""

@@ -9,11 +9,15 @@ the model's chat template:
 - `inline`: stay in the assistant turn; append `close` (e.g. "\\nI should answer now.</think>" for
   a model inside a thinking block) and the prefill `\\n{"choice": `.
 
-The prefix `prompt + rollout` of each row is run once into a KV cache; the forks of that row are
-one batch whose rows all read that cache (an expanded view, never a stored copy) with the columns
-past their fork masked out, so every fork tail gets its true rotary positions. A fork past a row's
-end (EOS) is censored: not evaluated. A fork at exactly the generated length sees every generated
-token (the EOS token itself is not part of the content a splice follows).
+Two ways to the same numbers. `ForkReader` reads the forks *while the rollout decodes*
+(`rollout(forks=...)`): at each fork token the splice runs on top of the row's own KV cache as a
+side branch (`engine.Decoder.fork`), so no prefix is ever run twice; the run's sweep does this.
+`fork_pmass` is the reference, for finished rollouts (and other splices later): the prefix
+`prompt + rollout` of each row is run once into a KV cache, and the forks of that row are one
+batch whose rows all read that cache (an expanded view, never a stored copy) with the columns past
+their fork masked out, so every fork tail gets its true rotary positions. Either way, a fork past a
+row's end (EOS) is censored: not evaluated. A fork at exactly the generated length sees every
+generated token (the EOS token itself is not part of the content a splice follows).
 """
 
 import json
@@ -23,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from isokl_tl.engine import Forks
 from isokl_tl.hooks import steer
 from isokl_tl.manifest import PMASS, SPLICE, write_csv, write_json
 from isokl_tl.rollout import Rollouts
@@ -36,6 +41,7 @@ from isokl_tl.tokens import chunks, pad_id, require_tokenizer, text_ids
 
 TRUE_WORDS = ("true", "True", " true", " True", "1", " 1")
 FALSE_WORDS = ("false", "False", " false", " False", "0", " 0")
+COLUMNS = ["row", "prompt", "alpha", "coeff", "fork", "pmass", "p_true", "argmax"]
 _MARKER = "\u2063SPLICE\u2063"
 
 
@@ -197,11 +203,7 @@ def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Te
                     s.offset = tokens.shape[1]
                     logits = model(tail.expand(k, -1), attention_mask=torch.ones(k, len(tail), dtype=torch.long,
                                    device=model.cfg.device), past_kv_cache=fork_cache)[:, -1]
-                probs = torch.softmax(logits.float(), dim=-1)
-                mass = probs[:, answer]
-                pm = mass.sum(-1)
-                pt = mass[:, :n_true].sum(-1) / pm
-                top = probs.argmax(-1)
+                pm, pt, top = answer_mass(logits, answer, n_true)
                 for i, t in enumerate(ts):
                     records.append({"row": r, "prompt": int(rollouts.prompt_index[r]),
                                     "alpha": float(rollouts.alpha[r]), "coeff": float(rollouts.coeff[r]),
@@ -210,6 +212,48 @@ def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Te
                 bar.update(1)
     finally:
         bar.close()
-    frame = pd.DataFrame.from_records(records, columns=["row", "prompt", "alpha", "coeff", "fork",
-                                                        "pmass", "p_true", "argmax"])
+    frame = pd.DataFrame.from_records(records, columns=COLUMNS)
     return ForkPMass(frame=frame, forks=list(forks), splice=splice.to_dict(tok))
+
+
+def answer_mass(logits: Float[Tensor, "batch d_vocab"], answer: Int[Tensor, " answer"], n_true: int
+                ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """pmass (probability on the answer tokens `answer`, the first `n_true` of them the true
+    set), p_true (the true set's share of it) and the argmax, in float32."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    mass = probs[:, answer]
+    pm = mass.sum(-1)
+    return pm, mass[:, :n_true].sum(-1) / pm, probs.argmax(-1)
+
+
+class ForkReader:
+    """Fork pmass read while a rollout decodes: pass it as `rollout(..., forks=reader)`, then
+    `reader.result(rollouts)` gives the same `ForkPMass` as `fork_pmass` on those rollouts (tests
+    hold them to 1e-5 in float32), without running any prefix again."""
+
+    def __init__(self, model: HookedTransformer, forks: list[int], splice: Splice = Splice()):
+        tok = model.tokenizer
+        true_ids, false_ids = answer_token_sets(tok, splice.true_words, splice.false_words)
+        self.forks, self.splice = list(forks), splice.to_dict(tok)
+        self.tail = torch.tensor(splice.token_ids(tok), dtype=torch.long, device=model.cfg.device)
+        self.answer = torch.tensor(true_ids + false_ids, device=model.cfg.device)
+        self.n_true = len(true_ids)
+        self.reads: list[tuple[int, Tensor, Tensor, Tensor, Tensor]] = []
+
+    def at_rows(self, offset: int) -> Forks:
+        """The engine's fork settings for a batch whose row 0 is rollout row `offset`."""
+        def read(t: int, rows: Tensor, logits: Tensor) -> None:
+            pm, pt, top = answer_mass(logits, self.answer, self.n_true)
+            self.reads.append((t, rows.cpu() + offset, pm.cpu(), pt.cpu(), top.cpu()))
+        return Forks(tuple(self.forks), self.tail, read)
+
+    def result(self, rollouts: Rollouts) -> ForkPMass:
+        """The forks read for these rollouts, censored past each row's content, in `fork_pmass`'s order."""
+        content = (rollouts.gen_len - rollouts.eos.long()).tolist()
+        records = [{"row": int(r), "prompt": int(rollouts.prompt_index[r]), "alpha": float(rollouts.alpha[r]),
+                    "coeff": float(rollouts.coeff[r]), "fork": t, "pmass": float(pm[i]), "p_true": float(pt[i]),
+                    "argmax": int(top[i])}
+                   for t, rows, pm, pt, top in self.reads for i, r in enumerate(rows.tolist()) if t <= content[r]]
+        frame = pd.DataFrame.from_records(records, columns=COLUMNS)
+        frame = frame.sort_values(["row", "fork"], kind="stable", ignore_index=True)
+        return ForkPMass(frame=frame, forks=list(self.forks), splice=self.splice)

@@ -18,6 +18,7 @@ rollout of the same shape, which then skips the warm-up step and the capture
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from isokl_tl.activations import Activations, Record, Recorder
-from isokl_tl.engine import GREEDY, DecoderFactory, Sampling, decode_batch, make_decoder
+from isokl_tl.engine import GREEDY, DecoderFactory, Forks, Sampling, decode_batch, make_decoder
 from isokl_tl.hooks import Site
 from isokl_tl.manifest import (
     ACTIVATIONS,
@@ -160,6 +161,14 @@ class Rollouts:
         return out
 
 
+@runtime_checkable
+class ForkProbe(Protocol):
+    """Reads forks while a rollout decodes (`pmass.ForkReader`): the engine's fork settings for the
+    batch whose first row is rollout row `offset`."""
+
+    def at_rows(self, offset: int) -> Forks: ...
+
+
 def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Tensor, " row"], *,
             direction: Float[Tensor, " d_model"] | None = None, hook: str | None = None,
             method: str = "add", sites: list[Site] | None = None, site: Int[Tensor, " row"] | None = None,
@@ -167,12 +176,14 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
             eos: list[int] | None = None, rows_per_batch: int = 64,
             decoder: DecoderFactory = make_decoder, prompt_index: Int[Tensor, " row"] | None = None,
             alpha: Float[Tensor, " row"] | None = None, record: Record | None = None,
-            progress: bool = False) -> Rollouts:
+            forks: ForkProbe | None = None, progress: bool = False) -> Rollouts:
     """Decode `window` tokens for every row (prompt ids, coefficient) and score them as it goes.
 
     Rows are processed `rows_per_batch` at a time (each with its base partner, so the forward
     batch is twice that). EOS ids default to the tokenizer's end-of-turn tokens. `record` also
-    records activations along the way (`isokl_tl.activations`; `Rollouts.acts`).
+    records activations along the way (`isokl_tl.activations`; `Rollouts.acts`), and `forks` (a
+    `pmass.ForkReader`) reads fork pmass along the way (not together with `record`: the fork tails
+    would be recorded too).
 
     Steering acts at one site (`direction`, `hook`, `method`), or, to put the rows of several
     sites (layers, directions, methods) into the same batches, give `sites` and each row's index
@@ -193,6 +204,8 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
         raise ValueError(f"{len(prompts)} prompts but {len(coeffs)} coefficients: give one per row")
     if rows_per_batch <= 0:
         raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
+    if forks is not None and record is not None:
+        raise ValueError("read forks or record activations in one rollout, not both")
     n_ctx = model.cfg.n_ctx
     too_long = [i for i, p in enumerate(prompts) if len(p) + window > n_ctx]
     if too_long:
@@ -217,7 +230,8 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
             rec = None if record is None else Recorder(model, record, sites, site[sl], window)
             res = decode_batch(model, prompts[sl], coeffs[sl], sites=sites, site=site[sl], window=window,
                                generated_only=generated_only, sampling=sampling, eos=eos_t, gen=gen,
-                               decoder=decoder, bar=bar, observer=rec)
+                               decoder=decoder, bar=bar, observer=rec,
+                               forks=None if forks is None else forks.at_rows(sl.start))
             acts = None if rec is None else rec.result(res["gen_len"])
             parts.append(Rollouts(**res, acts=acts, coeff=coeffs[sl], prompt_index=index[sl], alpha=alphas[sl],
                                   hook=sites[0].hook if len(sites) == 1 else "",

@@ -31,9 +31,9 @@ from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling
 from isokl_tl.hooks import check_direction, resolve_hook
 from isokl_tl.inputs import check_inputs
-from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv
+from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv, write_json
 from isokl_tl.models import load_model
-from isokl_tl.pmass import ForkPMass, fork_pmass
+from isokl_tl.pmass import ForkPMass, ForkReader, fork_pmass
 from isokl_tl.prompts import known_answers, load_corpus, load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
@@ -42,6 +42,7 @@ from isokl_tl.vectors import file_sha256, run_vector
 
 KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
 PMASS_ROWS_PER_PART = 16
+FORKS = ".forks"     # fork pmass read while the sweep decoded, with the pmass settings it was read under
 
 
 def _fault_point(stage: str, part: int) -> None:
@@ -227,21 +228,36 @@ class Run:
                                    for a in alphas for _ in ids])
             coeff = alpha * c_star
             index = torch.tensor([i for _ in alphas for i in range(len(ids))])
-            parts_dir, parts = self._partials("rollout", key), []
+            parts_dir, parts, forked = self._partials("rollout", key), [], []
+            # fork pmass is read as the sweep decodes (`pmass.ForkReader`), for the pmass stage to
+            # take if its settings are still these then (not while recording activations)
+            inline = self.cfg.inline_forks and not self.cfg.record_acts
             for i, sl in enumerate(chunks(len(rows), self.cfg.rows_per_batch)):
                 part = parts_dir / f"{i:04d}"
                 if not (part / files.ROLLOUTS_META).exists():
-                    rollout(self.model, rows[sl], coeff[sl], direction=vector,
-                            hook=d.hook, method=d.intervention, window=self.cfg.window,
-                            generated_only=self.cfg.generated_only,
-                            sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),
-                            rows_per_batch=self.cfg.rows_per_batch, prompt_index=index[sl],
-                            alpha=alpha[sl], record=Record() if self.cfg.record_acts else None,
-                            progress=self.progress).save(part)
+                    reader = ForkReader(self.model, self.cfg.forks(), self.cfg.splice_spec()) if inline else None
+                    done = rollout(self.model, rows[sl], coeff[sl], direction=vector,
+                                   hook=d.hook, method=d.intervention, window=self.cfg.window,
+                                   generated_only=self.cfg.generated_only,
+                                   sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),
+                                   rows_per_batch=self.cfg.rows_per_batch, prompt_index=index[sl],
+                                   alpha=alpha[sl], record=Record() if self.cfg.record_acts else None,
+                                   forks=reader, progress=self.progress)
+                    if reader is not None:
+                        reader.result(done).save(part)
+                    done.save(part)                       # its metadata last: the part is complete
                     _fault_point("rollout", i)
                 parts.append(Rollouts.load(part))
+                if (part / files.PMASS).exists():
+                    pm = ForkPMass.load(part)
+                    forked.append(ForkPMass(pm.frame.assign(row=pm.frame.row + sl.start), pm.forks, pm.splice))
             whole = Rollouts.concat(parts) if len(parts) > 1 else parts[0]
             whole.save(self.dir, self.model.tokenizer)
+            shutil.rmtree(self.dir / FORKS, ignore_errors=True)
+            if forked and len(forked) == len(parts):
+                ForkPMass.concat(forked).save(self.dir / FORKS)
+                write_json(self.dir / FORKS / "settings.json",
+                           {"pmass": settings_hash(self.cfg.stage_settings("pmass"))})
             shutil.rmtree(parts_dir)
         self._stage("rollout", go, force)
         return Rollouts.load(self.dir)
@@ -250,6 +266,11 @@ class Run:
         d, r = self.direction(), self.rollout()
 
         def go(key):
+            read = self.dir / FORKS / "settings.json"
+            if self.cfg.inline_forks and read.exists() and json.loads(read.read_text()).get("pmass") == key:
+                self.log("[pmass] read while the sweep decoded")
+                ForkPMass.load(self.dir / FORKS).save(self.dir)
+                return
             vector, splice = self._vector(d), self.cfg.splice_spec()
             parts_dir, parts = self._partials("pmass", key), []
             for i, sl in enumerate(chunks(r.n_rows, PMASS_ROWS_PER_PART)):

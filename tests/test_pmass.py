@@ -87,3 +87,40 @@ def test_a_base_model_reads_plain_prompts_and_needs_the_inline_splice(tiny):
     with pytest.raises(ValueError, match="no chat template.*--splice inline"):
         Splice(mode="interrupt").token_ids(base)
     assert base.decode(Splice(mode="inline").token_ids(base)) == '\n{"choice": '
+
+
+@pytest.mark.parametrize("decoder", ["reference", "fast", "static"])
+@pytest.mark.parametrize("mode,generated_only,method", [("interrupt", False, "add"), ("inline", True, "add"),
+                                                        ("interrupt", False, "ablate")])
+def test_forks_read_while_decoding_equal_the_reference(tiny, tiny_direction, decoder, mode, generated_only, method):
+    """ForkReader forks off each row's own cache as the rollout decodes: the same pmass, p_true and
+    argmax as fork_pmass over the finished rollouts (float32, within 1e-5), rows that stop at an
+    EOS censored the same way, several batches and a fork at the window's end included."""
+    from isokl_tl.engine import FastDecoder, GraphDecoder, ReferenceDecoder
+    from isokl_tl.pmass import ForkReader
+
+    factory = {"reference": ReferenceDecoder, "fast": FastDecoder,      # static: the CUDA path's fixed shapes
+               "static": lambda m, s, cap: GraphDecoder(m, s, cap, use_graph=False)}[decoder]
+    prompts = [prompt_ids(tiny.tokenizer, p) for p in load_prompts("eval")[:4]]
+    coeffs = torch.tensor([0.0, 6.0, 9.0, 3.0])
+    free = rollout(tiny, prompts, coeffs, direction=tiny_direction.vector, hook=HOOK, window=12, eos=[],
+                   method=method, generated_only=generated_only)
+    stop = int(free.tokens[1, 5])                      # row 1 ends at an EOS inside the window
+    splice, forks = Splice(mode=mode, close="\nDone."), fork_schedule(12, every=3)
+    reader = ForkReader(tiny, forks, splice)
+    r = rollout(tiny, prompts, coeffs, direction=tiny_direction.vector, hook=HOOK, window=12, eos=[stop],
+                method=method, generated_only=generated_only, decoder=factory, rows_per_batch=3, forks=reader)
+    assert bool(r.eos[1]) and int(r.gen_len[1]) < 12
+    got = reader.result(r).frame
+    ref = fork_pmass(tiny, r, tiny_direction.vector, forks, splice).frame
+    assert len(ref) and list(got[["row", "fork", "argmax"]].itertuples(index=False)) == \
+        list(ref[["row", "fork", "argmax"]].itertuples(index=False))
+    assert 12 in set(got.fork) and got[got.row == 1].fork.max() <= int(r.gen_len[1]) - 1
+    for col in ("pmass", "p_true"):
+        assert (got[col] - ref[col]).abs().max() < 1e-5, col
+    # the cache a fork branched off is left as it was: the rollout is the one decoded without forks
+    # (up to rounding: the fixed-shape path attends over a cache made longer for the fork's tail)
+    plain = rollout(tiny, prompts, coeffs, direction=tiny_direction.vector, hook=HOOK, window=12, eos=[stop],
+                    method=method, generated_only=generated_only, decoder=factory, rows_per_batch=3)
+    assert torch.equal(plain.tokens, r.tokens)
+    torch.testing.assert_close(plain.kl, r.kl, atol=1e-5, rtol=0, equal_nan=True)

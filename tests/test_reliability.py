@@ -156,12 +156,18 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("kill", ["rollout:1", "pmass:0"])
 def test_killed_run_resumes_to_identical_results(tmp_path, reference, kill):
+    """A sweep killed mid-way resumes from its saved parts (fork pmass read along); the pmass
+    stage's own parts are those of the reference path (`--forks-after-sweep`)."""
+    extra = ("--forks-after-sweep",) if kill.startswith("pmass") else ()
+    if extra:
+        assert _cli(tmp_path / "after", *extra).returncode == 0
+        reference = _results(tmp_path / "after")
     out = tmp_path / "run"
-    res = _cli(out, kill=kill)
+    res = _cli(out, *extra, kill=kill)
     assert res.returncode == -9, res.stderr          # SIGKILL, mid-stage
     stage = kill.split(":")[0]
     assert list((out / ".partial").glob(f"{stage}-*/*"))   # the parts done so far were kept
-    res = _cli(out)
+    res = _cli(out, *extra)
     assert res.returncode == 0, res.stderr
     assert f"[{stage}] running" in res.stderr and "[calibrate] up to date" in res.stderr
     assert _results(out) == reference

@@ -20,7 +20,7 @@ from isokl_tl.engine.fusion import has_hook
 from isokl_tl.engine.graph import GraphDecoder
 from isokl_tl.engine.kv_cache import KVCache
 from isokl_tl.engine.layout import relayout_for_decode
-from isokl_tl.engine.loop import DecoderFactory, Observer, decode_batch
+from isokl_tl.engine.loop import DecoderFactory, Forks, Observer, decode_batch
 from isokl_tl.engine.paths import DecodePath, decode_path, make_decoder
 from isokl_tl.engine.pool import release
 from isokl_tl.engine.scoring import GREEDY, Sampling, kl_from_logprobs

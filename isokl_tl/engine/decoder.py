@@ -2,7 +2,9 @@
 
 A decoder turns a batch of left-padded prompts into next-token logits, one step at a time:
 `prefill(tokens, mask)` runs the prompts and returns the logits at their last position;
-`step(next_tokens)` feeds one token per row and returns the next logits. Steering hooks fire
+`step(next_tokens)` feeds one token per row and returns the next logits; `fork(tail)` runs the same
+extra columns after every row's cache and returns the logits at the last of them, leaving the
+cache as it was (a side branch: fork pmass read off the rollout's own cache). Steering hooks fire
 inside every forward pass; before each pass the decoder sets the steering's `offset` (the
 absolute position of the pass's first column), so that "steer generated tokens only" works.
 
@@ -57,6 +59,12 @@ class Decoder(ABC):
         """Feed one token per row; the next logits."""
         return self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
 
+    @abstractmethod
+    def fork(self, tail: Int[Tensor, "rows tail"]) -> Float[Tensor, "rows d_vocab"]:
+        """Run `tail` after the cached tokens of the first `len(tail)` batch rows (steered as any
+        new columns are) and return the logits at its last column; the cache afterwards is as it
+        was before."""
+
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         """Keep only these batch rows (decoders that `shrink`)."""
         raise NotImplementedError(f"{type(self).__name__} keeps its batch fixed")
@@ -107,6 +115,21 @@ class ReferenceDecoder(Decoder):
         )
         self.length = 0
         return self._forward(tokens, mask)
+
+    @torch.no_grad()
+    def fork(self, tail: Int[Tensor, "rows tail"]) -> Float[Tensor, "rows d_vocab"]:
+        """Every row forks (the reference keeps it simple); the first `len(tail)` rows' logits."""
+        assert self.cache is not None
+        n, b = tail.shape[0], self.cache.previous_attention_mask.shape[0]
+        tail = torch.cat([tail, tail[:1].expand(b - n, -1)])     # the other rows' logits are not read
+        kept = [(e.past_keys, e.past_values) for e in self.cache.entries]
+        mask, length = self.cache.previous_attention_mask, self.length
+        try:
+            return self._forward(tail, torch.ones_like(tail))[:n]
+        finally:                      # TransformerLens's cache concatenates: the old tensors are the old cache
+            for e, (k, v) in zip(self.cache.entries, kept):
+                e.past_keys, e.past_values = k, v
+            self.cache.previous_attention_mask, self.length = mask, length
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         assert self.cache is not None

@@ -241,7 +241,7 @@ class FastDecoder(Decoder):
         cache = self.cache
         cache.check_room(n)
         start, end = cache.length, cache.length + n
-        cache.mask[:, start:end] = mask_new
+        cache.mask[:len(mask_new), start:end] = mask_new       # a fork may run the first rows only
         mask_now = cache.mask[:, :end]
         keys = mask_now.bool()[:, None, None, :]                  # [batch, 1, 1, key]
         if n > 1:
@@ -273,6 +273,30 @@ class FastDecoder(Decoder):
         # a decoder serving another rollout of its shape (`engine.pool`) clears its buffers in place
         self.reused = self.cache.reset(shapes, b, cfg.dtype, tokens.device)
         return self._forward(tokens, mask)
+
+    @torch.no_grad()
+    def fork(self, tail: Int[Tensor, "rows tail"]) -> Float[Tensor, "rows d_vocab"]:
+        """Only the first `len(tail)` batch rows fork (the steered rows: their base partners come
+        after them), every block running on those rows alone. The tail's keys and values go to
+        the slots after the cached ones, which the next step overwrites (and no query reads while
+        they are masked out again)."""
+        cache, length, n = self.cache, self.cache.length, tail.shape[0]
+        kept = (self.n_own, self.split)
+        handles = [] if self.steering is None else getattr(self.steering, "handles", [self.steering])
+        coeffs = [h.coeff for h in handles]
+        if n < cache.mask.shape[0]:
+            self.n_own, self.split = n, self.model.cfg.n_layers
+            for h in handles:
+                if torch.is_tensor(h.coeff):
+                    h.coeff = h.coeff[:n]
+        try:
+            return self._forward(tail, torch.ones_like(tail))
+        finally:
+            self.n_own, self.split = kept
+            for h, c in zip(handles, coeffs):
+                h.coeff = c
+            cache.mask[:, length:length + tail.shape[1]] = 0
+            cache.length = length
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
         if self.split:

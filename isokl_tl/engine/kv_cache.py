@@ -41,12 +41,13 @@ class KVCache:
             raise ValueError(f"decode past the cache capacity of {self.capacity} tokens")
 
     def write(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store layer i's new keys and values (`[batch, pos, kv_head, d_head]`) at the next
-        slots; returns the layer's keys and values up to them."""
-        end = self.length + k.shape[1]
-        self.k[i][:, :, self.length:end] = k.transpose(1, 2)
-        self.v[i][:, :, self.length:end] = v.transpose(1, 2)
-        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+        """Store layer i's new keys and values (`[rows, pos, kv_head, d_head]`, for the first
+        `rows` rows of the layer's cache) at the next slots; returns those rows' keys and values
+        up to them."""
+        end, n = self.length + k.shape[1], k.shape[0]
+        self.k[i][:n, :, self.length:end] = k.transpose(1, 2)
+        self.v[i][:n, :, self.length:end] = v.transpose(1, 2)
+        return self.k[i][:n, :, :end], self.v[i][:n, :, :end]
 
     def select(self, rows: Int[Tensor, " keep"], own: Int[Tensor, " keep_own"] | None = None,
                split: int = 0) -> None:

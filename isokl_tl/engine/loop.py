@@ -11,9 +11,15 @@ finished rows (and their partners) after every step; one that does not keeps its
 finished rows and checks for EOS every `CHECK_EVERY` steps only (the host then rarely waits on the
 device), and, when it `captures_scoring`, a greedy step's scoring and the next forward run as one
 captured unit. A `reusable` decoder is kept for the next batch of the same shape (`engine.pool`).
+
+With `forks`, the loop also reads each steered row's next-token distribution after a fixed tail
+(a splice) at scheduled generated tokens t, on top of the row's own cache as it stands after t
+tokens (`Decoder.fork`: a side branch that leaves the cache as it was), so no prefix is run twice;
+a fork at the window's end runs the last token and the tail together.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import chain
 from typing import Protocol, runtime_checkable
 
@@ -45,6 +51,25 @@ class Observer(Protocol):
     def at(self, t: int, rows: Int[Tensor, " active"], has: Int[Tensor, " paired"]) -> None: ...
 
 
+@dataclass(frozen=True)
+class Forks:
+    """Where and how to fork: after `at` generated tokens (the schedule), run `tail` (token ids on
+    the model's device) and hand the steered rows' logits at its last column to
+    `read(t, rows, logits)` (`rows`: each steered batch row's index among the decode's rows)."""
+
+    at: tuple[int, ...]
+    tail: Int[Tensor, " tail"]
+    read: Callable[[int, Tensor, Tensor], None]
+
+    def probe(self, dec: Decoder, t: int, rows: Tensor, last: Tensor | None = None) -> None:
+        """Fork the steered rows (the batch's first `len(rows)`) after t tokens; `last`: the
+        batch's last tokens, not yet run (a fork at the window's end)."""
+        tail = self.tail.expand(len(rows), -1)
+        if last is not None:
+            tail = torch.cat([last[:len(rows), None].to(tail.device), tail], 1)
+        self.read(t, rows, dec.fork(tail))
+
+
 def _first_block(sites: list[Site]) -> int:
     """The first block any site steers in (0 when a site sits before the blocks)."""
     layers = [hook_layer(s.hook) for s in sites]
@@ -52,7 +77,7 @@ def _first_block(sites: list[Site]) -> int:
 
 
 def _reuse_key(model: HookedTransformer, decoder: DecoderFactory, sites: list[Site], paired: Tensor, width: int,
-               window: int, generated_only: bool, sampling: Sampling, eos: Tensor) -> tuple | None:
+               window: int, generated_only: bool, sampling: Sampling, eos: Tensor, room: int = 0) -> tuple | None:
     """Everything a kept decoder's captured graph depends on besides the values `adopt` and
     `prefill` refresh (coefficients, directions, prompts): the shapes, which rows have partners,
     the sites, the EOS ids, where every weight and buffer lives. None (keep nothing) while any
@@ -61,7 +86,7 @@ def _reuse_key(model: HookedTransformer, decoder: DecoderFactory, sites: list[Si
     if any(has_hook(hp) for hp in model.hook_dict.values()):
         return None
     weights = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in chain(model.parameters(), model.buffers()))
-    return (decoder, tuple(paired.tolist()), width, window, generated_only, sampling.greedy,
+    return (decoder, tuple(paired.tolist()), width, window, room, generated_only, sampling.greedy,
             tuple(eos.tolist()), tuple((s.hook, s.method) for s in sites), weights)
 
 
@@ -84,9 +109,11 @@ def check_finite(logits: Tensor, t: int, rows: Tensor, has: Tensor, coeff: Tenso
 def decode_batch(model: HookedTransformer, prompts: list[list[int]], coeff: Float[Tensor, " row"], *,
                  sites: list[Site], site: Int[Tensor, " row"], window: int, generated_only: bool,
                  sampling: Sampling, eos: Int[Tensor, " eos"], gen: torch.Generator | None,
-                 decoder: DecoderFactory, bar=None, observer: Observer | None = None) -> dict[str, Tensor]:
+                 decoder: DecoderFactory, bar=None, observer: Observer | None = None,
+                 forks: Forks | None = None) -> dict[str, Tensor]:
     """Decode and score one batch of rows (prompt ids, coefficient, site index); returns the
-    left-padded prompts and the per-token records (`Scores.empty_records` lists them), on the CPU."""
+    left-padded prompts and the per-token records (`Scores.empty_records` lists them), on the CPU.
+    With `forks`, fork at the scheduled tokens as the batch decodes (see the module docstring)."""
     dev = model.cfg.device
     b = len(prompts)
     tokens, mask = left_pad(prompts, pad_id(model.tokenizer), dev)
@@ -100,15 +127,16 @@ def decode_batch(model: HookedTransformer, prompts: list[list[int]], coeff: Floa
     # identity) at every other; base partners carry 0 everywhere
     site_both = torch.cat([site, site[paired]])
     per_site = [torch.where(site_both == j, both, 0.0).to(dev) for j in range(len(sites))]
+    room = 0 if forks is None else len(forks.tail) + 1      # cache slots a fork's tail needs
     key = None if observer is not None else _reuse_key(model, decoder, sites, paired, width, window,
-                                                       generated_only, sampling, eos)
+                                                       generated_only, sampling, eos, room)
     with steer_sites(model, sites, per_site, start=width if generated_only else 0) as steering, \
             model.hooks(fwd_hooks=[] if observer is None else observer.fwd_hooks()):
         dec = None if key is None else pool.take(model, key)
         if dec is not None:                 # kept from a batch of this shape: graph and buffers reused
             dec.adopt(steering)
         else:
-            dec = decoder(model, steering, width + window)
+            dec = decoder(model, steering, width + window + room)
             if dec.shares_prefix:           # base partners repeat their rows below the first site
                 dec.share_prefix(b, partners, _first_block(sites))
         if observer is not None:
@@ -117,14 +145,15 @@ def decode_batch(model: HookedTransformer, prompts: list[list[int]], coeff: Floa
         logits = dec.prefill(torch.cat([tokens, tokens[paired.to(dev)]]),
                              torch.cat([mask, mask[paired.to(dev)]]))
         records = _decode(dec, logits, paired, coeff, window=window, sampling=sampling, eos=eos, gen=gen,
-                          bar=bar, observer=observer)
+                          bar=bar, observer=observer, forks=forks)
         if key is not None and dec.reusable:
             pool.keep(model, key, dec)
     return {"prompt": tokens.cpu(), "prompt_mask": mask.cpu(), **records}
 
 
 def _decode(dec: Decoder, logits: Tensor, paired: Tensor, coeff: Tensor, *, window: int, sampling: Sampling,
-            eos: Tensor, gen: torch.Generator | None, bar, observer: Observer | None) -> dict[str, Tensor]:
+            eos: Tensor, gen: torch.Generator | None, bar, observer: Observer | None,
+            forks: Forks | None = None) -> dict[str, Tensor]:
     """The steps of one batch after its prefill (see the module docstring)."""
     b = len(paired)
     scores = Scores.ready(dec.scoring if dec.reusable else None, paired, window, eos)
@@ -146,10 +175,13 @@ def _decode(dec: Decoder, logits: Tensor, paired: Tensor, coeff: Tensor, *, wind
         scores.col.add_(1)
         return nxt
 
+    at = set(forks.at) if forks is not None else set()
     for t in range(window):
         last = t == window - 1
         if t % check_every == 0 or last:
             check_finite(logits, t, rows, scores.has, coeff)
+        if t in at:
+            forks.probe(dec, t, rows)
         if in_graph and not last:              # score t and step to t + 1 in one (captured) call
             if observer is not None:
                 observer.at(t + 1, rows, scores.has)
@@ -168,6 +200,8 @@ def _decode(dec: Decoder, logits: Tensor, paired: Tensor, coeff: Tensor, *, wind
         if last or not len(rows) or (t % check_every == check_every - 1 and scores.all_done()):
             if bar is not None:
                 bar.update(window - 1 - t)
+            if last and window in at and len(rows):
+                forks.probe(dec, window, rows, last=nxt)
             break
     return scores.collect(final, rows)
 
