@@ -22,24 +22,26 @@ from isokl_tl.hooks import Site, hook_name, resolve_hook, steer, steer_sites
 from isokl_tl.kl import teacher_forced_kl, token_kl
 from isokl_tl.layers import LayerStudy, layer_study
 from isokl_tl.models import EMBEDDED, TINY, load_model
-from isokl_tl.plots import (
-    plot_aggregate,
-    plot_calibration,
-    plot_dose_response,
-    plot_kl_bands,
-    plot_layers,
-    plot_methods,
-    plot_methods_dose_response,
-    plot_spaghetti,
-    plot_survival,
-    save_figure,
-)
 from isokl_tl.pmass import ForkPMass, Splice, answer_token_sets, fork_pmass, fork_schedule
 from isokl_tl.prompts import load_pairs, load_prompts, load_questions
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.run import Run
 from isokl_tl.survival import DeathRule, SurvivalCurve, SurvivalTable, deaths, kaplan_meier, survival_table
 from isokl_tl.tokens import prompt_ids
+
+# The figures (matplotlib, seaborn) load on first use: a run that draws nothing, or draws at its
+# end, does not wait for them at import.
+_PLOTS = ("plot_aggregate", "plot_calibration", "plot_dose_response", "plot_kl_bands", "plot_layers", "plot_methods",
+          "plot_methods_dose_response", "plot_spaghetti", "plot_survival", "save_figure")
+
+
+def __getattr__(name: str):
+    if name in _PLOTS:
+        from isokl_tl import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'isokl_tl' has no attribute {name!r}")
+
 
 try:
     __version__ = _metadata.version("isokl-tl")

@@ -26,29 +26,31 @@ from isokl_tl.survival import SurvivalTable, format_token, sweep_markdown
 
 
 def write_figures(run_dir: Path, cfg) -> None:
+    """Every figure of a run, drawn side by side (`plots.save_figures`)."""
     from isokl_tl.plots import (
         plot_aggregate,
         plot_calibration,
         plot_dose_response,
         plot_spaghetti,
         plot_survival,
-        save_figure,
     )
+    from isokl_tl.plots.style import save_figures
 
     r = Rollouts.load(run_dir)
     cal = Calibration.load(run_dir)
     pm = ForkPMass.load(run_dir)
     st = SurvivalTable.load(run_dir)
     fig = files.FIGURES
-    save_figure(plot_spaghetti(r, deaths=st.per_row, target=cal.target), run_dir / fig["spaghetti"])
-    save_figure(plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True),
-                run_dir / fig["normalised"])
-    save_figure(plot_survival(st.curves, window=st.window), run_dir / fig["survival"])
     by_signal = pd.read_csv(run_dir / files.SIGNALS) if (run_dir / files.SIGNALS).exists() else None
     kl = heldout_kl(r, cal, bootstrap=min(cfg.bootstrap, 200), seed=cfg.seed)
-    save_figure(plot_dose_response(st, by_signal=by_signal, kl=kl if len(kl) else None), run_dir / fig["dose_response"])
-    save_figure(plot_aggregate(r, pm.frame, target=cal.target), run_dir / fig["aggregate"])
-    save_figure(plot_calibration(cal), run_dir / fig["calibration"])
+    save_figures([
+        (lambda: plot_spaghetti(r, deaths=st.per_row, target=cal.target), run_dir / fig["spaghetti"]),
+        (lambda: plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True), run_dir / fig["normalised"]),
+        (lambda: plot_survival(st.curves, window=st.window), run_dir / fig["survival"]),
+        (lambda: plot_dose_response(st, by_signal=by_signal, kl=kl if len(kl) else None), run_dir / fig["dose_response"]),
+        (lambda: plot_aggregate(r, pm.frame, target=cal.target), run_dir / fig["aggregate"]),
+        (lambda: plot_calibration(cal), run_dir / fig["calibration"]),
+    ])
 
 
 def write_threshold_sweep(run_dir: Path, sweep: pd.DataFrame) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from jaxtyping import Bool, Float, Real
-from sksurv.nonparametric import kaplan_meier_estimator
 
 from isokl_tl.manifest import KM_CURVES, SURVIVAL, SURVIVAL_META, SURVIVAL_TABLE, write_csv, write_json
 
@@ -80,6 +79,8 @@ def kaplan_meier(*, time: Real[np.ndarray, " n"], event: Bool[np.ndarray, " n"])
                          f"{time.shape} and {event.shape}")
     if (time < 0).any():
         raise ValueError("survival times must be >= 0")
+    from sksurv.nonparametric import kaplan_meier_estimator  # scipy and sklearn load here, when used
+
     t, s, ci = kaplan_meier_estimator(event, time, conf_type="log-log")
     lo, hi = np.nan_to_num(ci[0], nan=0.0), np.nan_to_num(ci[1], nan=1.0)
     return SurvivalCurve(time=t, survival=s, ci_low=lo, ci_high=hi,

@@ -3,6 +3,8 @@ and saving."""
 
 import functools
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -48,6 +50,38 @@ def _plain_log_ticks(ax: Axes) -> None:
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+
+
+_JOBS: list = []        # the figures `save_figures` hands to its forked workers (read after the fork)
+
+
+def _draw(i: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)          # a forked worker does not share the parent's thread pool
+    draw, path = _JOBS[i]
+    save_figure(draw(), path)
+
+
+def save_figures(jobs: list[tuple[Callable[[], object], Path]]) -> None:
+    """Draw and save figures, `jobs` = [(function returning the axes, path), ...], each in a
+    process of its own forked from this one (so they share the data already in memory and
+    matplotlib, fonts included, already loaded) where the platform forks safely (Linux), one by
+    one elsewhere or for a single figure. A worker's error is raised here."""
+    import multiprocessing as mp
+    import sys
+
+    if len(jobs) < 2 or not sys.platform.startswith("linux"):
+        for draw, path in jobs:
+            save_figure(draw(), path)
+        return
+    global _JOBS
+    _JOBS = jobs
+    try:
+        with mp.get_context("fork").Pool(min(len(jobs), max(1, len(os.sched_getaffinity(0))))) as pool:
+            pool.map(_draw, range(len(jobs)), chunksize=1)
+    finally:
+        _JOBS = []
 
 
 def save_figure(ax_or_axes, path) -> None:
