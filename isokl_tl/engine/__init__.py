@@ -25,6 +25,6 @@ from isokl_tl.engine.paths import DecodePath, decode_path, make_decoder
 from isokl_tl.engine.pool import release
 from isokl_tl.engine.scoring import GREEDY, Sampling, kl_from_logprobs
 
-__all__ = ["Decoder", "DecoderFactory", "DecodePath", "FastDecoder", "GREEDY", "GraphDecoder", "KVCache",
+__all__ = ["Decoder", "DecoderFactory", "DecodePath", "FastDecoder", "Forks", "GREEDY", "GraphDecoder", "KVCache",
            "Observer", "ReferenceDecoder", "Sampling", "decode_batch", "decode_path", "has_hook",
            "kl_from_logprobs", "make_decoder", "relayout_for_decode", "release", "unsupported_reason"]
