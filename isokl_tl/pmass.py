@@ -242,14 +242,15 @@ class ForkReader:
 
     def at_rows(self, offset: int) -> Forks:
         """The engine's fork settings for a batch whose row 0 is rollout row `offset`."""
-        def read(t: int, rows: Tensor, logits: Tensor) -> None:
+        def read(t: int, rows: Tensor, logits: Tensor) -> None:    # kept on the device: no wait per fork
             pm, pt, top = answer_mass(logits, self.answer, self.n_true)
-            self.reads.append((t, rows.cpu() + offset, pm.cpu(), pt.cpu(), top.cpu()))
+            self.reads.append((t, rows.cpu() + offset, pm, pt, top))
         return Forks(tuple(self.forks), self.tail, read)
 
     def result(self, rollouts: Rollouts) -> ForkPMass:
         """The forks read for these rollouts, censored past each row's content, in `fork_pmass`'s order."""
         content = (rollouts.gen_len - rollouts.eos.long()).tolist()
+        self.reads = [(t, rows, pm.cpu(), pt.cpu(), top.cpu()) for t, rows, pm, pt, top in self.reads]
         records = [{"row": int(r), "prompt": int(rollouts.prompt_index[r]), "alpha": float(rollouts.alpha[r]),
                     "coeff": float(rollouts.coeff[r]), "fork": t, "pmass": float(pm[i]), "p_true": float(pt[i]),
                     "argmax": int(top[i])}
