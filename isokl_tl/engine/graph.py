@@ -63,6 +63,7 @@ class GraphDecoder(FastDecoder):
         self.warmed = False           # an eager step has run (compiled kernels) before any capture
         self.captured: Steering | SteeringGroup | None = None   # the steering the graph reads
         self.bias: Tensor | None = None
+        self.forks: dict[tuple[int, int], dict] = {}   # per fork shape: its buffers and graph (one rollout's)
 
     def hold(self, steering: Steering | SteeringGroup | None) -> None:
         """Mark `steering` as the one the graph (about to be captured) reads; its directions become
@@ -108,6 +109,7 @@ class GraphDecoder(FastDecoder):
             self.write_at = torch.empty(1, dtype=torch.long, device=dev)
             self.logits = torch.empty_like(logits)         # the latest logits, in a fixed buffer
             self.graph, self.captured = None, None
+        self.forks = {}                # fork graphs serve one rollout (they read its steering's tensors)
         # in place: a kept graph reads these very tensors
         self.pos_ids.copy_(mask.sum(1))                    # rotary position of the next token
         self.write_at.fill_(self.cache.length)
@@ -215,6 +217,81 @@ class GraphDecoder(FastDecoder):
     def step(self, tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         self.tok_buf.copy_(tokens)
         return self._run(lambda: None)
+
+    def _static_fork_fits(self) -> bool:
+        """Whether the fork can run on fixed shapes: every layer attends through SDPA over the
+        whole cache (no soft cap, no sliding window: those layers fork the eager way)."""
+        return not any(self.exact(i) for i in range(self.model.cfg.n_layers))
+
+    @torch.no_grad()
+    def fork(self, tail: Int[Tensor, "rows tail"]) -> Float[Tensor, "rows d_vocab"]:
+        """`FastDecoder.fork` on fixed shapes: the tail's queries attend over the whole cache under
+        its key mask plus the tail's own slots up to each query, its keys go to the slots from
+        the write position on (device tensors, as in a step), and nothing is undone afterwards
+        (the cache mask is never touched; the next steps overwrite those slots). Run eagerly the
+        first time for a tail shape, then captured as a CUDA graph and replayed, once per fork."""
+        if not self._static_fork_fits():
+            return super().fork(tail)
+        n, width = tail.shape
+        if self.cache.length + width > self.cache.capacity:
+            raise ValueError(f"fork past the cache capacity of {self.cache.capacity} tokens")
+        f = self.forks.get((n, width))
+        if f is None:
+            dev = tail.device
+            f = self.forks[(n, width)] = {"tok": torch.empty_like(tail), "span": torch.arange(width, device=dev),
+                                          "out": None, "graph": None}
+        f["tok"].copy_(tail)
+        if self.steering is not None:      # the tail's first column; always generated positions
+            self.steering.offset = self.cache.length
+        handles = _handles(self.steering)
+        coeffs = [h.coeff for h in handles]
+        for h in handles:                  # the first n rows' coefficients: views of the same tensors
+            if torch.is_tensor(h.coeff):
+                h.coeff = h.coeff[:n]
+        try:
+            if not self.use_graph or f["out"] is None:
+                logits = self._static_fork(f)
+                if f["out"] is None:
+                    f["out"] = torch.empty_like(logits)
+                f["out"].copy_(logits)
+            else:
+                if f["graph"] is None:
+                    f["graph"] = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(f["graph"]):
+                        f["out"].copy_(self._static_fork(f))
+                f["graph"].replay()
+        finally:
+            for h, c in zip(handles, coeffs):
+                h.coeff = c
+        return f["out"]
+
+    def _static_fork(self, f: dict) -> Tensor:
+        m, tok, span = self.model, f["tok"], f["span"]
+        n, width = tok.shape
+        slots = self.write_at + span                                   # where the tail's keys go
+        pos = self.pos_ids[:n, None] + span[None, :]                   # the tail's rotary positions
+        cols = torch.arange(self.cache.capacity, device=tok.device)
+        own = (cols[None, :] >= slots[:1, None]) & (cols[None, :] <= slots[:, None])      # [tail, key]
+        seen = self.cache.mask[:n].bool()[:, None, :] | own[None]
+        bias = torch.zeros(seen.shape, dtype=self.cache.k[0].dtype, device=tok.device)
+        bias = bias.masked_fill_(~seen, float("-inf"))[:, None]         # [rows, 1, tail, key]
+        if self.rotary is not None:
+            tables = self.rotary.rows(pos)
+            resid = m.hook_embed(m.embed(tok))
+        else:
+            tables = [(None, None)] * m.cfg.n_layers
+            resid = m.hook_embed(m.embed(tok)) + m.hook_pos_embed(m.pos_embed.W_pos[pos])
+        x = None
+        for i in range(m.cfg.n_layers):
+            resid, q, k, v = self._qkv(i, resid, x)
+            if self.rotary is not None:
+                q, k = self.rotary.rotate_qk(q, k, *tables[i])
+                q = m.blocks[i].attn.hook_rot_q(q)
+            keys, values = self.cache.k[i][:n], self.cache.v[i][:n]
+            keys.index_copy_(2, slots, k.transpose(1, 2))
+            values.index_copy_(2, slots, v.transpose(1, 2))
+            resid, x = self._finish(i, resid, self._attend(q, keys, values, bias))
+        return self._logits(resid, x)
 
     @torch.no_grad()
     def scored_step(self, score: Callable[[Tensor], Tensor]) -> Float[Tensor, "batch d_vocab"]:

@@ -1,0 +1,49 @@
+"""On the GPU: fork pmass read while the sweep decodes (captured fork graphs of the CUDA-graph
+decoder) against the reference `fork_pmass` over the finished rollouts, the embedded model in
+float32; prints the largest differences and the time each way.
+
+    python benchmarks/check_forks_gpu.py
+"""
+
+import time
+
+import torch
+
+from isokl_tl import load_model
+from isokl_tl.hooks import default_layer, hook_name
+from isokl_tl.pmass import ForkReader, Splice, fork_pmass, fork_schedule
+from isokl_tl.prompts import load_prompts
+from isokl_tl.rollout import rollout
+from isokl_tl.tokens import prompt_ids
+
+
+def main() -> None:
+    model = load_model(device="cuda", dtype=torch.float32)
+    hook = hook_name(default_layer(model))
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(model.cfg.d_model, generator=g)
+    v = (v / v.norm()).cuda()
+    prompts = [prompt_ids(model.tokenizer, p) for p in load_prompts("eval")[:8]] * 4
+    coeffs = torch.tensor([0.0, 20.0, 40.0, 80.0]).repeat_interleave(8)
+    forks = fork_schedule(128, every=8)
+    for generated_only in (False, True):
+        reader = ForkReader(model, forks, Splice())
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = rollout(model, prompts, coeffs, direction=v, hook=hook, window=128, forks=reader,
+                    generated_only=generated_only)
+        got = reader.result(r).frame
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        ref = fork_pmass(model, r, v, forks, Splice()).frame
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        same = (got[["row", "fork"]].values == ref[["row", "fork"]].values).all()
+        print(f"generated_only={generated_only}: {len(got)} forks, same rows/forks {same}, argmax agree "
+              f"{(got.argmax.values == ref.argmax.values).mean():.4f}, max |d pmass| "
+              f"{(got.pmass - ref.pmass).abs().max():.2e}, max |d p_true| {(got.p_true - ref.p_true).abs().max():.2e}; "
+              f"sweep with forks {t1 - t0:.2f} s, reference pmass {t2 - t1:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
