@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -335,9 +336,16 @@ class Run:
 
     def run_all(self) -> None:
         """Check every input, then every stage in order; finished stages with matching settings
-        are reused."""
+        are reused. The figures' libraries load in the background meanwhile (matplotlib takes a
+        second or so to import; the stages mostly wait on the model)."""
+        if not self.current("plot"):
+            threading.Thread(target=_load_plots, daemon=True, name="isokl-tl plots import").start()
         self.check()
         self.begin()
         self.plot()
+
+
+def _load_plots() -> None:
+    import isokl_tl.plots  # noqa: F401
 
 
