@@ -270,3 +270,57 @@ def layers_cmd(model, device, dtype, out, **kw) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.group("grid", invoke_without_command=True)
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="The grid file: [shared] settings, [axes] to cross, optional [[exclude]] (docs/studies.md).")
+@click.option("--out", "out", default=None, help="The study directory: cells/, grid.json, report.csv/.md/.png.")
+@click.option("--dry-run", is_flag=True, help="List the cells and whether each is complete; run nothing.")
+@click.option("--executor", type=click.Choice(("local",)), default="local", show_default=True,
+              help="What runs the cells: local worker processes (one per visible GPU for cuda cells).")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes [default: one per visible GPU for cuda cells, else 1].")
+@click.pass_context
+@user_errors
+def grid_cmd(ctx, config, out, dry_run, executor, workers) -> None:
+    """Run a study: a grid of cells (each an ordinary run directory) and its report.
+
+    `isokl-tl grid --config grid.toml --out STUDY` runs every cell not yet complete (a rerun skips
+    finished cells and retries failed ones), then writes the report; `isokl-tl grid report STUDY`
+    writes the report alone."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None or out is None:
+        raise click.UsageError("give --config GRID_FILE and --out STUDY_DIR (or: isokl-tl grid report STUDY_DIR)")
+    from isokl_tl.grid import Grid, finished
+
+    cells = Grid.from_toml(config).cells()
+    if dry_run:
+        for c in cells:
+            click.echo(f"{c.name:40s} {'complete' if finished(c, out) else 'to run'}")
+        click.echo(f"{len(cells)} cells")
+        return
+    from isokl_tl.executors import run_grid
+    from isokl_tl.study import write_report
+
+    state = run_grid(cells, out, executor=executor, workers=workers, log=lambda m: click.echo(m, err=True))
+    table = write_report(out)
+    click.echo(f"{state.count('done')} done, {state.count('failed')} failed of {len(cells)} cells; "
+               f"report: {Path(out) / 'report.md'} ({len(table)} rows)")
+    if state.count("failed"):
+        for name, c in state.cells.items():
+            if c["state"] == "failed":
+                click.echo(f"  {name}: {c['error']}", err=True)
+        ctx.exit(1)
+
+
+@grid_cmd.command("report")
+@click.argument("study", type=click.Path(file_okay=False))
+@user_errors
+def grid_report_cmd(study) -> None:
+    """Write a study's report (report.csv, report.md, report.png) from its finished cells."""
+    from isokl_tl.study import write_report
+
+    table = write_report(study)
+    click.echo(f"{Path(study) / 'report.md'}: {len(table)} rows")

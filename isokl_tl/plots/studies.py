@@ -4,6 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 from isokl_tl.plots.cell import plot_kl_bands
 from isokl_tl.plots.style import styled
@@ -91,3 +92,45 @@ def plot_methods_dose_response(results: dict[str, tuple[SurvivalTable, pd.DataFr
         out.append(plot_dose_response(table, by_signal=by_signal, kl=kl, fig=sub))
         sub.suptitle(name, x=0.01, ha="left", fontweight="bold")
     return np.concatenate(out)
+
+
+@styled
+def plot_study(table: pd.DataFrame, *, fig=None) -> np.ndarray:
+    """A study's cells compared (`study.study_table`): S at the window's end against alpha, one
+    line per cell (left), and c* with its 90% interval (right): against the layer, one line per
+    combination of the other axes, when the study crosses layers, else one row per cell."""
+    axes_cols = [c for c in table.columns if c not in ("cell", "c_star", "c_star_lo", "c_star_hi", "converged",
+                                                       "heldout_alpha1", "alpha", "n", "died", "censored", "S_mid",
+                                                       "S_end", "median", "median_lo", "median_hi")]
+    cells = list(dict.fromkeys(table.cell))
+    if fig is None:
+        fig = plt.figure(figsize=(11, 0.9 + max(3.2, 0.28 * len(cells))))
+    ax_s, ax_c = fig.subplots(1, 2, squeeze=True)
+    colors = dict(zip(cells, sns.color_palette("tab10" if len(cells) <= 10 else "husl", len(cells))))
+    styles = ["-", "--", "-.", ":"]
+    for k, (cell, g) in enumerate(table.groupby("cell", sort=False)):
+        g = g.sort_values("alpha")
+        ax_s.plot(g.alpha, g.S_end, marker="o", ms=3, color=colors[cell], ls=styles[k % len(styles)], label=cell)
+    ax_s.set(xlabel="alpha (dose, multiples of each cell's c*)", ylabel="S at the window's end",
+             title="survival at the end of the window", ylim=(-0.05, 1.05))
+    per_cell = table.drop_duplicates("cell")
+    if "layer" in axes_cols and per_cell.layer.nunique() > 1:
+        others = [c for c in axes_cols if c != "layer"]
+        for key, g in per_cell.groupby(others, sort=False) if others else [("all", per_cell)]:
+            g = g.sort_values("layer")
+            ax_c.errorbar(g.layer, g.c_star, yerr=[g.c_star - g.c_star_lo.fillna(g.c_star),
+                                                   g.c_star_hi.fillna(g.c_star) - g.c_star],
+                          marker="o", capsize=3, label=", ".join(map(str, key if isinstance(key, tuple) else (key,))))
+        ax_c.set(xlabel="layer", ylabel="c*", title="c* by layer (90% bootstrap)")
+        ax_c.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_c.legend(fontsize=7, title=", ".join(others) or None, title_fontsize=7)
+    else:
+        y = np.arange(len(per_cell))
+        ax_c.errorbar(per_cell.c_star, y, xerr=[per_cell.c_star - per_cell.c_star_lo.fillna(per_cell.c_star),
+                                                per_cell.c_star_hi.fillna(per_cell.c_star) - per_cell.c_star],
+                      fmt="o", color="k", capsize=3)
+        ax_c.set_yticks(y, per_cell.cell, fontsize=7)
+        ax_c.invert_yaxis()
+        ax_c.set(xlabel="c*", title="c* per cell (90% bootstrap)")
+    ax_s.legend(fontsize=7, title="cell", title_fontsize=7, loc="upper left", bbox_to_anchor=(-0.02, -0.18), ncol=2)
+    return np.array([ax_s, ax_c])

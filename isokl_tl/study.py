@@ -1,0 +1,72 @@
+"""The report of a study (`isokl_tl.grid`): one long-format table over cells x alphas, read from the
+cells' run directories, and figures that compare cells.
+
+Per (cell, alpha): the cell's axis values; c* with its 90% bootstrap interval and whether the
+search converged (the cell's calibration); the held-out statistic at alpha 1 over the whole window
+(`calibration_transfer.json`, where there is one); and the survival table's n, died, censored,
+S(mid), S(end), the median death token with its 95% interval (inf: not reached).
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from isokl_tl.grid import CELLS, GRID
+from isokl_tl.manifest import write_atomic, write_csv
+from isokl_tl.survival import format_token
+
+REPORT_CSV, REPORT_MD, REPORT_FIG = "report.csv", "report.md", "report.png"
+COLUMNS = ["c_star", "c_star_lo", "c_star_hi", "converged", "heldout_alpha1", "alpha", "n", "died", "censored",
+           "S_mid", "S_end", "median", "median_lo", "median_hi"]
+
+
+def study_table(study: str | Path) -> pd.DataFrame:
+    """The table over the study's finished cells (grid.json says which), axes first."""
+    study = Path(study)
+    if not (study / GRID).exists():
+        raise ValueError(f"{study} holds no study ({GRID}); run `isokl-tl grid --config FILE --out {study}`")
+    cells = json.loads((study / GRID).read_text())["cells"]
+    axes = list(next(iter(cells.values()))["axes"]) if cells else []
+    rows = []
+    for name, c in cells.items():
+        if c["state"] != "done":
+            continue
+        d = study / CELLS / name
+        cal = json.loads((d / "calibration.json").read_text())
+        lo, hi = cal["interval"] or (float("nan"), float("nan"))
+        moved = d / "calibration_transfer.json"
+        held = json.loads(moved.read_text())["whole_window"]["value"] if moved.exists() else float("nan")
+        table = pd.read_csv(d / "survival_table.csv")
+        for t in table.to_dict("records"):
+            rows.append({"cell": name, **c["axes"], "c_star": cal["c_star"], "c_star_lo": lo, "c_star_hi": hi,
+                         "converged": cal["converged"], "heldout_alpha1": held, **t})
+    return pd.DataFrame(rows, columns=["cell", *axes, *COLUMNS])
+
+
+def report_markdown(table: pd.DataFrame) -> str:
+    axes = [c for c in table.columns if c not in ("cell", *COLUMNS)]
+    head = [*axes, "c* (90% CI)", "conv.", "held-out KL at 1", "alpha", "n", "died", "S(end)", "median token (95% CI)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.itertuples(index=False):
+        d = r._asdict()
+        ci = f" ({d['c_star_lo']:.3g}-{d['c_star_hi']:.3g})" if pd.notna(d["c_star_lo"]) else ""
+        lines.append("| " + " | ".join([*(str(d[a]) for a in axes), f"{d['c_star']:.4g}{ci}", "yes" if d["converged"] else "no",
+                                        f"{d['heldout_alpha1']:.3g}", f"{d['alpha']:g}", str(d["n"]), str(d["died"]),
+                                        f"{d['S_end']:.2f}",
+                                        f"{format_token(d['median'])} ({format_token(d['median_lo'])}-"
+                                        f"{format_token(d['median_hi'])})"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: str | Path) -> pd.DataFrame:
+    """report.csv, report.md and report.png in the study directory; returns the table."""
+    from isokl_tl.plots import plot_study, save_figure
+
+    study = Path(study)
+    table = study_table(study)
+    write_csv(study / REPORT_CSV, table)
+    write_atomic(study / REPORT_MD, lambda p: p.write_text(report_markdown(table)))
+    if len(table):
+        save_figure(plot_study(table), study / REPORT_FIG)
+    return table

@@ -1,0 +1,120 @@
+"""Studies: a grid of cells run by the local executor, its report, resume and faults."""
+
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from isokl_tl_cli.main import main
+
+from isokl_tl.grid import Grid
+
+SHARED = """
+[shared]
+model = "tiny-random"
+window = 16
+n_prompts = 3
+calib_window = 12
+n_calib = 3
+fork_every = 8
+min_base_pmass = 0.001
+bootstrap = 20
+alphas = [0, 1, 2]
+"""
+
+
+def _grid(tmp_path, axes: str, extra: str = ""):
+    f = tmp_path / "grid.toml"
+    f.write_text(SHARED + extra + "\n[axes]\n" + axes)
+    return f
+
+
+def _invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _results(run) -> dict[str, bytes]:
+    """Every result file of a run directory; the manifest and calibration timings excluded."""
+    out = {}
+    for p in sorted(run.iterdir()):
+        if p.is_dir() or p.name == "manifest.json":
+            continue
+        data = p.read_bytes()
+        if p.name == "calibration.json":
+            cal = json.loads(data)
+            for h in cal["history"]:
+                del h["seconds"]
+            data = json.dumps(cal, sort_keys=True).encode()
+        out[p.name] = data
+    return out
+
+
+def test_a_grid_runs_its_cells_writes_the_report_and_reruns_nothing(tmp_path):
+    grid = _grid(tmp_path, 'method = ["mean_diff", "pca"]\nlayer = [1, 2]\n')
+    study = tmp_path / "study"
+    dry = _invoke(["grid", "--config", str(grid), "--out", str(study), "--dry-run"])
+    assert dry.exit_code == 0 and "4 cells" in dry.output and not study.exists()
+    res = _invoke(["grid", "--config", str(grid), "--out", str(study), "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    cells = sorted(p.name for p in (study / "cells").iterdir())
+    assert cells == ["method-mean_diff__layer-1", "method-mean_diff__layer-2", "method-pca__layer-1",
+                     "method-pca__layer-2"]
+    state = json.loads((study / "grid.json").read_text())
+    assert state["counts"]["done"] == 4
+    report = pd.read_csv(study / "report.csv")
+    assert len(report) == 4 * 3 and set(report.method) == {"mean_diff", "pca"} and set(report.layer) == {1, 2}
+    assert (report.c_star_lo <= report.c_star).all() and (report.c_star <= report.c_star_hi).all()
+    assert (study / "report.md").exists() and (study / "report.png").stat().st_size > 10_000
+    again = _invoke(["grid", "--config", str(grid), "--out", str(study), "--workers", "2"])
+    assert again.exit_code == 0 and "4 of 4 cells complete already" in again.output
+    assert _invoke(["grid", "report", str(study)]).exit_code == 0
+
+
+def test_a_failed_cell_is_recorded_the_others_finish_and_a_killed_worker_resumes(tmp_path, monkeypatch):
+    grid = _grid(tmp_path, 'layer = [1, 99]\n', extra='rows_per_batch = 4\n')
+    study = tmp_path / "study"
+    res = _invoke(["grid", "--config", str(grid), "--out", str(study)])
+    assert res.exit_code == 1
+    state = json.loads((study / "grid.json").read_text())["cells"]
+    assert state["layer-1"]["state"] == "done" and state["layer-99"]["state"] == "failed"
+    assert "layer 99" in state["layer-99"]["error"] and "\n" not in state["layer-99"]["error"]
+    assert "Traceback" in (study / "cells" / "layer-99" / "error.txt").read_text()
+    # a worker killed mid-sweep: its cell is failed, with its saved parts kept; a rerun resumes it
+    grid = _grid(tmp_path, 'layer = [2]\n', extra='rows_per_batch = 4\n')
+    monkeypatch.setenv("ISOKL_TL_KILL_AFTER", "rollout:0")
+    res = _invoke(["grid", "--config", str(grid), "--out", str(study)])
+    assert res.exit_code == 1
+    cell = json.loads((study / "grid.json").read_text())["cells"]["layer-2"]
+    assert cell["state"] == "failed" and "died" in cell["error"]
+    assert list((study / "cells" / "layer-2" / ".partial").glob("rollout-*/*"))
+    monkeypatch.delenv("ISOKL_TL_KILL_AFTER")
+    res = _invoke(["grid", "--config", str(grid), "--out", str(study)])
+    assert res.exit_code == 0, res.output
+    # ... to exactly what `isokl-tl run` makes, uninterrupted, with the cell's settings (one worker
+    # uses every core, as the command does: float sums depend on the thread count)
+    whole = tmp_path / "whole"
+    args = ["run", "--model", "tiny-random", "--window", "16", "--n-prompts", "3", "--calib-window", "12",
+            "--n-calib", "3", "--fork-every", "8", "--min-base-pmass", "0.001", "--bootstrap", "20", "--alphas",
+            "0 1 2", "--rows-per-batch", "4", "--layer", "2", "--out", str(whole)]
+    assert _invoke(args).exit_code == 0
+    assert _results(study / "cells" / "layer-2") == _results(whole)
+
+
+@pytest.mark.parametrize("axes,msg", [
+    ('methd = ["pca"]\n', "unknown setting 'methd'"),
+    ('method = ["pca", "nope"]\n', "cell method-nope: unknown direction method 'nope'"),
+    ('method = "pca"\n', "axis 'method' must be a non-empty list"),
+    ('window = [8, 8]\n', "repeats a value"),
+])
+def test_a_bad_grid_is_one_line_before_anything_runs(tmp_path, axes, msg):
+    grid = _grid(tmp_path, axes)
+    res = CliRunner().invoke(main, ["grid", "--config", str(grid), "--out", str(tmp_path / "s")])
+    assert res.exit_code != 0 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_exclusions_leave_cells_out():
+    grid = Grid.from_dict({"shared": {"model": "tiny-random"}, "axes": {"method": ["mean_diff", "pca"], "layer": [1, 2]},
+                           "exclude": [{"method": "pca", "layer": 2}]})
+    assert [c.name for c in grid.cells()] == ["method-mean_diff__layer-1", "method-mean_diff__layer-2",
+                                              "method-pca__layer-1"]
