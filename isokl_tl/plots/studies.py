@@ -108,11 +108,15 @@ def plot_study(table: pd.DataFrame, *, fig=None) -> np.ndarray:
     ax_s, ax_c = fig.subplots(1, 2, squeeze=True)
     colors = dict(zip(cells, sns.color_palette("tab10" if len(cells) <= 10 else "husl", len(cells))))
     styles = ["-", "--", "-.", ":"]
+    n = len(cells)
     for k, (cell, g) in enumerate(table.groupby("cell", sort=False)):
         g = g.sort_values("alpha")
-        ax_s.plot(g.alpha, g.S_end, marker="o", ms=3, color=colors[cell], ls=styles[k % len(styles)], label=cell)
-    ax_s.set(xlabel="alpha (dose, multiples of each cell's c*)", ylabel="S at the window's end",
-             title="survival at the end of the window", ylim=(-0.05, 1.05))
+        nudge = 0.03 * (k - (n - 1) / 2) / max(n - 1, 1)      # lines that coincide stay visible
+        ax_s.plot(g.alpha, g.S_end + nudge, marker="o", ms=3, color=colors[cell], ls=styles[k % len(styles)],
+                  label=cell)
+    ax_s.set(xlabel="alpha (dose, multiples of each cell's c*)"
+             + ("\n(lines that coincide are offset by at most ±0.015 to stay visible)" if n > 1 else ""),
+             ylabel="S at the window's end", title="survival at the end of the window", ylim=(-0.05, 1.05))
     per_cell = table.drop_duplicates("cell")
     if "layer" in axes_cols and per_cell.layer.nunique() > 1:
         others = [c for c in axes_cols if c != "layer"]
@@ -132,5 +136,5 @@ def plot_study(table: pd.DataFrame, *, fig=None) -> np.ndarray:
         ax_c.set_yticks(y, per_cell.cell, fontsize=7)
         ax_c.invert_yaxis()
         ax_c.set(xlabel="c*", title="c* per cell (90% bootstrap)")
-    ax_s.legend(fontsize=7, title="cell", title_fontsize=7, loc="upper left", bbox_to_anchor=(-0.02, -0.18), ncol=2)
+    ax_s.legend(fontsize=7, title="cell", title_fontsize=7, loc="upper left", bbox_to_anchor=(-0.02, -0.25), ncol=2)
     return np.array([ax_s, ax_c])
