@@ -6,11 +6,17 @@ same library code as `isokl-tl run`, so a cell killed mid-way resumes from its s
 missing cells only when called again.
 
 Executors:
-- `local` (the only one so far): worker processes started fresh (`spawn`), one per visible GPU
+- `local` (the default): worker processes started fresh (`spawn`), one per visible GPU
   with `CUDA_VISIBLE_DEVICES` set to it for cells on `cuda`, else `workers` CPU processes (each
   with its share of the cores). A failed cell's traceback is in its directory (`error.txt`). A worker keeps the models it has loaded, so cells of the same
   model load it once per worker. A worker that dies (killed, out of memory) leaves its cell
   `failed` with the reason; the cell's saved parts stay for the next call.
+- `ray`: one Ray task per cell asking for one GPU (cuda cells) or one CPU, on the cluster at
+  `ray_address` or on a Ray started for the call (`pip install 'isokl-tl[ray]'`).
+- `slurm`: a submitit job array, one cell a task (`Slurm` settings; `Slurm(local=True)` runs the
+  array through submitit's local executor instead, `pip install 'isokl-tl[slurm]'`).
+Each task runs `run_cell`, as a local worker does, so a cell's files do not depend on the executor
+(given the same number of threads per process).
 """
 
 import multiprocessing as mp
@@ -18,13 +24,14 @@ import os
 import queue
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from isokl_tl.grid import Cell, GridState, finished
 
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "ray", "slurm")
 ERROR = "error.txt"          # a failed cell's traceback, in its run directory
 
 
@@ -33,8 +40,13 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _worker(tasks, results, threads: int | None) -> None:
-    """A worker process: run cells from `tasks` until None, reporting to `results`."""
+_MODELS: dict = {}           # the models this process has loaded, for the cells it runs next
+
+
+def run_cell(name: str, config: dict, cell_dir: str, threads: int | None = None) -> tuple[str, str | None]:
+    """Run one cell in this process (`Run.run_all`, resuming from its saved parts): ("done", None),
+    or ("failed", its one-line error) with the traceback in the cell's `error.txt`. The process
+    keeps the models it loads for the cells it runs next."""
     import torch
 
     from isokl_tl.config import RunConfig
@@ -43,26 +55,29 @@ def _worker(tasks, results, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    models = {}
+    try:
+        cfg = RunConfig.from_dict(config)
+        key = (cfg.model, cfg.device, cfg.dtype)
+        if key not in _MODELS:
+            _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        Run(cell_dir, cfg, model=_MODELS[key], progress=False, log=lambda m: None).run_all()
+    except Exception as e:            # the cell failed (its traceback in its directory)
+        Path(cell_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cell_dir) / ERROR).write_text(traceback.format_exc())
+        return "failed", one_line(e)
+    (Path(cell_dir) / ERROR).unlink(missing_ok=True)
+    return "done", None
+
+
+def _worker(tasks, results, threads: int | None) -> None:
+    """A local worker process: run cells from `tasks` until None, reporting to `results`."""
     while True:
         item = tasks.get()
         if item is None:
             return
         name, config, cell_dir = item
         results.put((name, "running", None, os.getpid()))
-        try:
-            cfg = RunConfig.from_dict(config)
-            key = (cfg.model, cfg.device, cfg.dtype)
-            if key not in models:
-                models[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-            Run(cell_dir, cfg, model=models[key], progress=False, log=lambda m: None).run_all()
-        except Exception as e:        # the cell failed (its traceback in its directory); the worker goes on
-            Path(cell_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cell_dir) / ERROR).write_text(traceback.format_exc())
-            results.put((name, "failed", one_line(e), os.getpid()))
-        else:
-            (Path(cell_dir) / ERROR).unlink(missing_ok=True)
-            results.put((name, "done", None, os.getpid()))
+        results.put((name, *run_cell(name, config, cell_dir, threads), os.getpid()))
 
 
 def _gpus() -> list[str]:
@@ -74,11 +89,36 @@ def _gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+@dataclass(frozen=True)
+class Slurm:
+    """Settings of the `slurm` executor's job array (submitit)."""
+
+    partition: str | None = None
+    gpus: int = 1                 # per task (cells on cuda); 0 for CPU cells
+    time: int = 240               # minutes per task
+    cpus: int = 4                 # per task
+    parallelism: int = 64         # array tasks at once
+    local: bool = False           # submitit's local executor (subprocesses here), not Slurm
+
+
+def _need(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"the {extra} executor needs {module}: pip install 'isokl-tl[{extra}]'") from None
+
+
 def run_grid(cells: list[Cell], study: str | Path, *, executor: str = "local", workers: int | None = None,
-             progress: bool = True, log=print) -> GridState:
+             ray_address: str | None = None, slurm: Slurm = Slurm(), progress: bool = True, log=print) -> GridState:
     """Run every cell not yet complete; returns the final states (also in `STUDY_DIR/grid.json`)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        _need("ray", "ray")
+    if executor == "slurm":
+        _need("submitit", "slurm")
     study = Path(study)
     state = GridState(study, cells)
     todo = []
@@ -92,8 +132,117 @@ def run_grid(cells: list[Cell], study: str | Path, *, executor: str = "local", w
     if len(todo) < len(cells):
         log(f"[grid] {len(cells) - len(todo)} of {len(cells)} cells complete already, skipped")
     if todo:
-        _local(todo, study, state, workers, progress, log)
+        if executor == "local":
+            _local(todo, study, state, workers, progress, log)
+        elif executor == "ray":
+            _ray(todo, study, state, workers, ray_address, progress, log)
+        else:
+            _slurm(todo, study, state, slurm, progress, log)
     return state
+
+
+class _Progress:
+    """The grid's progress bar: cells done, running, failed, and the time left at this pace."""
+
+    def __init__(self, total: int, state: GridState, progress: bool):
+        self.bar = tqdm(total=total, desc="grid", unit="cell", disable=not progress)
+        self.state, self.left, self.start, self.total = state, total, time.perf_counter(), total
+
+    def finished(self, running: int) -> None:
+        self.left -= 1
+        self.bar.update(1)
+        self.show(running)
+
+    def show(self, running: int) -> None:
+        done_now = self.total - self.left
+        eta = (time.perf_counter() - self.start) / done_now * self.left if done_now else None
+        self.bar.set_postfix_str(f"done {self.state.count('done')}, running {running}, failed "
+                                 f"{self.state.count('failed')}" + (f", ~{eta:.0f}s left" if eta is not None else ""))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, address: str | None,
+         progress: bool, log) -> None:
+    """One Ray task per cell, asking for one GPU (cuda cells) or one CPU; against `address`, or a
+    Ray started here with `workers` CPUs (and the GPUs it sees). Cells' results land in the study
+    directory, which must be on a filesystem every node shares."""
+    import ray
+
+    cuda = any(c.config.device.startswith("cuda") for c in todo)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else (workers or os.cpu_count()),
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        threads = None if cuda else 1
+        task = ray.remote(num_gpus=1 if cuda else 0, num_cpus=1, max_retries=0)(run_cell)
+        refs = {task.remote(c.name, c.config.to_dict(), str(c.dir(study.resolve())), threads): c.name for c in todo}
+        for name in refs.values():
+            state.cells[name].update(state="running", error=None)
+        state.save()
+        log(f"[grid] {len(todo)} cells as Ray tasks ({'1 GPU' if cuda else '1 CPU'} each)")
+        bar = _Progress(len(todo), state, progress)
+        try:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                for ref in ready:
+                    name = refs.pop(ref)
+                    try:
+                        what, error = ray.get(ref)
+                    except Exception as e:          # the task's process died
+                        what, error = "failed", one_line(e)
+                    state.set(name, what, error)
+                    if what == "failed":
+                        log(f"[grid] {name} failed: {error}")
+                    bar.finished(len(refs))
+        finally:
+            bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _slurm(todo: list[Cell], study: Path, state: GridState, s: Slurm, progress: bool, log) -> None:
+    """A submitit job array, one cell a task (submitit's local executor with `s.local`). A task
+    that is preempted or times out is requeued by Slurm (submitit checkpoints it) and its cell
+    resumes from its saved parts; the logs are in `STUDY_DIR/slurm/`."""
+    import submitit
+
+    folder = study / "slurm"
+    cuda = any(c.config.device.startswith("cuda") for c in todo)
+    if s.local:
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=s.time, gpus_per_node=s.gpus if cuda else 0)
+    else:
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        ex.update_parameters(timeout_min=s.time, slurm_partition=s.partition, gpus_per_node=s.gpus if cuda else 0,
+                             cpus_per_task=s.cpus, slurm_array_parallelism=s.parallelism, name="isokl-tl-grid")
+    threads = None if cuda else (1 if s.local else s.cpus)
+    jobs = ex.map_array(run_cell, [c.name for c in todo], [c.config.to_dict() for c in todo],
+                        [str(c.dir(study.resolve())) for c in todo], [threads] * len(todo))
+    for c in todo:
+        state.cells[c.name].update(state="running", error=None)
+    state.save()
+    log(f"[grid] {len(todo)} cells as a job array ({'local' if s.local else 'slurm'}; job {jobs[0].job_id})")
+    bar = _Progress(len(todo), state, progress)
+    pending = dict(zip(jobs, (c.name for c in todo)))
+    try:
+        while pending:
+            for job in [j for j in pending if j.done()]:
+                name = pending.pop(job)
+                try:
+                    what, error = job.result()
+                except Exception as e:              # the task died, timed out for good, was cancelled
+                    what, error = "failed", one_line(e)
+                state.set(name, what, error)
+                if what == "failed":
+                    log(f"[grid] {name} failed: {error}")
+                bar.finished(len(pending))
+            time.sleep(0.5)
+    finally:
+        bar.close()
 
 
 def _local(todo: list[Cell], study: Path, state: GridState, workers: int | None, progress: bool, log) -> None:
@@ -124,20 +273,17 @@ def _local(todo: list[Cell], study: Path, state: GridState, workers: int | None,
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
     log(f"[grid] {len(todo)} cells on {n} worker(s)" + (f", GPUs {', '.join(gpus[:n])}" if gpus else ""))
     running: dict[int, str] = {}
-    left, start = len(todo), time.perf_counter()
-    bar = tqdm(total=len(todo), desc="grid", unit="cell", disable=not progress)
+    bar = _Progress(len(todo), state, progress)
     try:
-        while left:
+        while bar.left:
             try:
                 name, what, error, pid = results.get(timeout=1.0)
             except queue.Empty:
                 for p in procs:              # a worker gone mid-cell: that cell failed
                     if not p.is_alive() and p.pid in running:
-                        name = running.pop(p.pid)
-                        state.set(name, "failed", f"the worker running it died (exit code {p.exitcode})")
-                        left -= 1
-                        bar.update(1)
-                if not any(p.is_alive() for p in procs) and left:
+                        state.set(running.pop(p.pid), "failed", f"the worker running it died (exit code {p.exitcode})")
+                        bar.finished(len(running))
+                if not any(p.is_alive() for p in procs) and bar.left:
                     for c in todo:
                         if state.cells[c.name]["state"] in ("pending", "running"):
                             state.set(c.name, "failed", "no worker left to run it")
@@ -146,18 +292,12 @@ def _local(todo: list[Cell], study: Path, state: GridState, workers: int | None,
             state.set(name, what, error)
             if what == "running":
                 running[pid] = name
-            else:
-                running.pop(pid, None)
-                left -= 1
-                bar.update(1)
-                if what == "failed":
-                    log(f"[grid] {name} failed: {error}")
-            done, failed = state.count("done"), state.count("failed")
-            elapsed = time.perf_counter() - start
-            finished_now = len(todo) - left
-            eta = elapsed / finished_now * left if finished_now else float("nan")
-            bar.set_postfix_str(f"done {done}, running {len(running)}, failed {failed}, "
-                                f"~{eta:.0f}s left" if finished_now else f"running {len(running)}")
+                bar.show(len(running))
+                continue
+            running.pop(pid, None)
+            if what == "failed":
+                log(f"[grid] {name} failed: {error}")
+            bar.finished(len(running))
     finally:
         bar.close()
         for p in procs:

@@ -118,3 +118,28 @@ def test_exclusions_leave_cells_out():
                            "exclude": [{"method": "pca", "layer": 2}]})
     assert [c.name for c in grid.cells()] == ["method-mean_diff__layer-1", "method-mean_diff__layer-2",
                                               "method-pca__layer-1"]
+
+
+def test_ray_and_submitit_executors_give_the_local_executors_cells_byte_for_byte(tmp_path):
+    """The same two cells through the local executor (two workers: one thread each), a local Ray
+    (2 CPUs, a task per cell) and submitit's local executor (a job array): identical files."""
+    grid = _grid(tmp_path, 'layer = [1, 2]\n')
+    runs = {"local": ["--workers", "2"], "ray": ["--executor", "ray", "--workers", "2"],
+            "slurm": ["--executor", "slurm", "--slurm-local"]}
+    for name, extra in runs.items():
+        res = _invoke(["grid", "--config", str(grid), "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, (name, res.output)
+    for cell in ("layer-1", "layer-2"):
+        local = _results(tmp_path / "local" / "cells" / cell)
+        assert len(local) >= 15
+        for name in ("ray", "slurm"):
+            assert _results(tmp_path / name / "cells" / cell) == local, (name, cell)
+
+
+def test_a_missing_executor_extra_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)          # import ray -> ImportError
+    grid = _grid(tmp_path, 'layer = [1]\n')
+    res = CliRunner().invoke(main, ["grid", "--config", str(grid), "--out", str(tmp_path / "s"), "--executor", "ray"])
+    assert res.exit_code != 0 and "pip install 'isokl-tl[ray]'" in res.output

@@ -55,10 +55,19 @@ def _plain_log_ticks(ax: Axes) -> None:
 _JOBS: list = []        # the figures `save_figures` hands to its forked workers (read after the fork)
 
 
-def _draw(i: int) -> None:
+def _child() -> None:
+    """A forked figure worker: default signal handlers (a parent under a job scheduler may ignore
+    SIGTERM, which the pool uses to stop its workers), one thread."""
+    import signal
+
     import torch
 
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
     torch.set_num_threads(1)          # a forked worker does not share the parent's thread pool
+
+
+def _draw(i: int) -> None:
     draw, path = _JOBS[i]
     save_figure(draw(), path)
 
@@ -77,10 +86,15 @@ def save_figures(jobs: list[tuple[Callable[[], object], Path]]) -> None:
         return
     global _JOBS
     _JOBS = jobs
+    pool = mp.get_context("fork").Pool(min(len(jobs), max(1, len(os.sched_getaffinity(0)))), initializer=_child)
     try:
-        with mp.get_context("fork").Pool(min(len(jobs), max(1, len(os.sched_getaffinity(0))))) as pool:
-            pool.map(_draw, range(len(jobs)), chunksize=1)
+        pool.map(_draw, range(len(jobs)), chunksize=1)
+        pool.close()                  # the workers finish and exit
+    except BaseException:
+        pool.terminate()
+        raise
     finally:
+        pool.join()
         _JOBS = []
 
 
