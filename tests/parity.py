@@ -1,4 +1,8 @@
-"""The one check every fast decoder passes: the same rollouts as TransformerLens's own forward."""
+"""Checks shared by several test modules: the same rollouts as TransformerLens's own forward (every
+fast decoder), and a run directory's result files (runs that must agree byte for byte)."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -15,3 +19,20 @@ def same_as_reference(model, decoder, prompts, coeffs, *, atol: float = 1e-4, **
     assert torch.equal(got.gen_len, ref.gen_len) and torch.equal(got.eos, ref.eos)
     torch.testing.assert_close(got.kl, ref.kl, atol=atol, rtol=0, equal_nan=True)
     return got, ref
+
+
+def result_files(run: Path) -> dict[str, bytes]:
+    """Every result file of a run directory; the manifest (timings, command line) and the
+    calibration's timings excluded."""
+    out = {}
+    for p in sorted(Path(run).iterdir()):
+        if p.is_dir() or p.name == "manifest.json":
+            continue
+        data = p.read_bytes()
+        if p.name == "calibration.json":
+            cal = json.loads(data)
+            for h in cal["history"]:
+                del h["seconds"]
+            data = json.dumps(cal, sort_keys=True).encode()
+        out[p.name] = data
+    return out

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from isokl_tl_cli.main import main
+from parity import result_files
 
 from isokl_tl.grid import Grid
 
@@ -31,22 +32,6 @@ def _grid(tmp_path, axes: str, extra: str = ""):
 
 def _invoke(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
-
-
-def _results(run) -> dict[str, bytes]:
-    """Every result file of a run directory; the manifest and calibration timings excluded."""
-    out = {}
-    for p in sorted(run.iterdir()):
-        if p.is_dir() or p.name == "manifest.json":
-            continue
-        data = p.read_bytes()
-        if p.name == "calibration.json":
-            cal = json.loads(data)
-            for h in cal["history"]:
-                del h["seconds"]
-            data = json.dumps(cal, sort_keys=True).encode()
-        out[p.name] = data
-    return out
 
 
 def test_a_grid_runs_its_cells_writes_the_report_and_reruns_nothing(tmp_path):
@@ -97,7 +82,7 @@ def test_a_failed_cell_is_recorded_the_others_finish_and_a_killed_worker_resumes
             "--n-calib", "3", "--fork-every", "8", "--min-base-pmass", "0.001", "--bootstrap", "20", "--alphas",
             "0 1 2", "--rows-per-batch", "4", "--layer", "2", "--out", str(whole)]
     assert _invoke(args).exit_code == 0
-    assert _results(study / "cells" / "layer-2") == _results(whole)
+    assert result_files(study / "cells" / "layer-2") == result_files(whole)
 
 
 @pytest.mark.parametrize("axes,msg", [
@@ -130,10 +115,10 @@ def test_ray_and_submitit_executors_give_the_local_executors_cells_byte_for_byte
         res = _invoke(["grid", "--config", str(grid), "--out", str(tmp_path / name), *extra])
         assert res.exit_code == 0, (name, res.output)
     for cell in ("layer-1", "layer-2"):
-        local = _results(tmp_path / "local" / "cells" / cell)
+        local = result_files(tmp_path / "local" / "cells" / cell)
         assert len(local) >= 15
         for name in ("ray", "slurm"):
-            assert _results(tmp_path / name / "cells" / cell) == local, (name, cell)
+            assert result_files(tmp_path / name / "cells" / cell) == local, (name, cell)
 
 
 def test_a_missing_executor_extra_is_one_line(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from isokl_tl_cli.main import main
+from parity import result_files
 from safetensors.torch import save_file
 
 BASE = ["--model", "tiny-random", "--calib-window", "12", "--n-calib", "3", "--bootstrap", "20"]
@@ -130,38 +131,22 @@ def _cli(out: Path, *extra: str, kill: str | None = None) -> subprocess.Complete
                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
 
 
-def _results(run: Path) -> dict[str, bytes]:
-    """Every result file; the manifest (timings, command line) and calibration timings excluded."""
-    out = {}
-    for p in sorted(run.iterdir()):
-        if p.is_dir() or p.name == "manifest.json":
-            continue
-        data = p.read_bytes()
-        if p.name == "calibration.json":
-            cal = json.loads(data)
-            for h in cal["history"]:
-                del h["seconds"]
-            data = json.dumps(cal, sort_keys=True).encode()
-        out[p.name] = data
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
     res = _cli(out)
     assert res.returncode == 0, res.stderr
-    return _results(out)
+    return result_files(out)
 
 
 @pytest.mark.parametrize("kill", ["rollout:1", "pmass:0"])
-def test_killed_run_resumes_to_identical_results(tmp_path, reference, kill):
+def test_killed_run_resumes_to_identicalresult_files(tmp_path, reference, kill):
     """A sweep killed mid-way resumes from its saved parts (fork pmass read along); the pmass
     stage's own parts are those of the reference path (`--forks-after-sweep`)."""
     extra = ("--forks-after-sweep",) if kill.startswith("pmass") else ()
     if extra:
         assert _cli(tmp_path / "after", *extra).returncode == 0
-        reference = _results(tmp_path / "after")
+        reference = result_files(tmp_path / "after")
     out = tmp_path / "run"
     res = _cli(out, *extra, kill=kill)
     assert res.returncode == -9, res.stderr          # SIGKILL, mid-stage
@@ -170,14 +155,14 @@ def test_killed_run_resumes_to_identical_results(tmp_path, reference, kill):
     res = _cli(out, *extra)
     assert res.returncode == 0, res.stderr
     assert f"[{stage}] running" in res.stderr and "[calibrate] up to date" in res.stderr
-    assert _results(out) == reference
+    assert result_files(out) == reference
     assert not list((out / ".partial").glob("*/*"))      # parts are cleaned up once merged
 
 
 def test_same_command_twice_gives_the_same_bytes(tmp_path, reference):
     out = tmp_path / "run"
     assert _cli(out).returncode == 0
-    got = _results(out)
+    got = result_files(out)
     assert set(got) == set(reference) and len(got) >= 15
     assert got == reference
 
@@ -205,4 +190,4 @@ def test_a_sampled_run_resumed_with_other_rows_per_batch_equals_an_uninterrupted
     assert res.returncode == 0, res.stderr
     assert "[rollout] 1 saved part(s) were cut with other settings" in res.stderr
     assert "[calibrate] up to date" in res.stderr
-    assert _results(out) == _results(whole)
+    assert result_files(out) == result_files(whole)
