@@ -61,6 +61,9 @@ def direction_options(f):
                      help="Direction method [default: mean_diff]."),
         click.option("--pairs", default=None, help="Contrastive pairs: shipped set name or JSONL file [default: pairs]."),
         click.option("--seed", type=int, default=None, help="Seed (random direction, sampling, bootstrap) [default: 0]."),
+        click.option("--resample-pairs/--no-resample-pairs", default=None,
+                     help="Build the direction from a bootstrap resample of the pairs drawn with --seed (a study's "
+                          "seeds then give across-seed intervals) [default: no-resample-pairs]."),
         click.option("--gate/--no-gate", default=None,
                      help="Add the direction through a cosine gate, h + c max(cos(h, v), 0) v: only where the "
                           "residual already leans along v [default: no-gate]."),

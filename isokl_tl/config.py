@@ -29,6 +29,7 @@ class RunConfig:
     layer: int | None = None
     pairs: str = "pairs"
     seed: int = 0
+    resample_pairs: bool = False
     gate: bool = False
     sign: str = "positive"
     direction_file: str | None = None
@@ -105,6 +106,9 @@ class RunConfig:
             raise ValueError("give a direction file or an SAE feature, not both")
         if (self.sae is None) != (self.feature is None):
             raise ValueError("an SAE direction needs both --sae DIR and --feature N")
+        if self.resample_pairs and (self.external or self.method == "random"):
+            raise ValueError("--resample-pairs draws the contrastive pairs a direction is built from; "
+                             "this direction is not built from pairs")
         if self.external and self.method not in ("mean_diff", "directional_ablation"):
             raise ValueError(f"--method {self.method} builds a direction from the pairs; with a direction "
                              "file or an SAE feature give no method (added) or directional_ablation")
@@ -157,7 +161,8 @@ class RunConfig:
         return fork_schedule(self.window, every=self.fork_every, n_log=self.fork_log)
 
     _STAGE_KEYS = {
-        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed", "gate", "direction_file",
+        "direction": ("model", "dtype", "method", "hook", "layer", "pairs", "seed", "resample_pairs", "gate",
+                      "direction_file",
                       "direction_key", "sae", "feature"),
         "calibrate": ("calib_prompts", "n_calib", "calib_window", "target", "quantile", "statistic",
                       "tol", "bootstrap", "generated_only", "corpus", "sign"),
@@ -170,7 +175,7 @@ class RunConfig:
     }
     # Settings added after runs were made, keyed only when not at these defaults, so that older run
     # directories stay current
-    _LATER_KEYS = {"gate": False, "corpus": "corpus", "sign": "positive", "direction_file": None, "direction_key": None, "sae": None, "feature": None,
+    _LATER_KEYS = {"gate": False, "corpus": "corpus", "sign": "positive", "resample_pairs": False, "direction_file": None, "direction_key": None, "sae": None, "feature": None,
                    "death_signal": "pmass", "repetition_threshold": THRESHOLDS["repetition"],
                    "compression_threshold": THRESHOLDS["compression"],
                    "surprisal_threshold": THRESHOLDS["surprisal"]}

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
@@ -172,10 +173,18 @@ def _gap(pos: Tensor, neg: Tensor, v: Tensor) -> float:
 
 
 def compute_direction(model: HookedTransformer, pairs: list[ContrastPair], hook: str,
-                      method: str = "mean_diff", *, seed: int = 0) -> Direction:
+                      method: str = "mean_diff", *, seed: int = 0, resample: bool = False) -> Direction:
+    """The direction of `method` at `hook` from the contrastive `pairs`. With `resample`, from a
+    bootstrap resample of the pairs (as many, drawn with replacement, seeded by `seed`): directions
+    of several seeds then show how much the direction owes to the particular pairs (a study's
+    across-seed intervals). `seed` also seeds the random method."""
     check_method(method)
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 contrastive pairs, got {len(pairs)}")
+    drawn = None
+    if resample:
+        drawn = np.random.default_rng(seed).integers(0, len(pairs), len(pairs)).tolist()
+        pairs = [pairs[i] for i in drawn]
     pos, neg = pair_activations(model, pairs, hook)
     diffs = pos - neg
     mean_diff = diffs.mean(0)
@@ -194,6 +203,8 @@ def compute_direction(model: HookedTransformer, pairs: list[ContrastPair], hook:
         v = torch.randn(model.cfg.d_model, generator=g)
         v, raw = v / v.norm(), 1.0
         extra = {"seed": seed}
+    if drawn is not None:
+        extra = {**extra, "resampled_pairs": drawn, "resample_seed": seed}
     resid_norm = float(torch.cat([pos, neg]).norm(dim=-1).median())
     return Direction(vector=v.float().cpu(), method=method, hook=hook, raw_norm=raw,
                      projection_gap=_gap(pos, neg, v), resid_norm=resid_norm, n_pairs=len(pairs),

@@ -174,7 +174,8 @@ class Run:
                 d = self._external_direction()
             else:
                 hook = resolve_hook(self.model, self.cfg.hook, self.cfg.layer)
-                d = compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method, seed=self.cfg.seed)
+                d = compute_direction(self.model, load_pairs(self.cfg.pairs), hook, self.cfg.method, seed=self.cfg.seed,
+                                      resample=self.cfg.resample_pairs)
             (d.gated() if self.cfg.gate else d).save(self.dir)
         self._stage("direction", go, force)
         return Direction.load(self.dir)

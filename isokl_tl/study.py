@@ -17,6 +17,7 @@ from isokl_tl.manifest import write_atomic, write_csv
 from isokl_tl.survival import format_token
 
 REPORT_CSV, REPORT_MD, REPORT_FIG = "report.csv", "report.md", "report.png"
+SEEDS_CSV, SEEDS_MD = "report_seeds.csv", "report_seeds.md"
 COLUMNS = ["c_star", "c_star_lo", "c_star_hi", "converged", "heldout_alpha1", "alpha", "n", "died", "censored",
            "S_mid", "S_end", "median", "median_lo", "median_hi"]
 
@@ -59,8 +60,35 @@ def report_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Across seeds, for a study with a `seed` axis: per combination of the other axes and alpha,
+    the seeds behind it and the mean, min and max of c* and of S(end) over them. (With
+    `resample_pairs`, a seed draws the pairs the direction is built from, so the spread is how much
+    the result owes to the particular pairs.)"""
+    axes = [c for c in table.columns if c not in ("cell", "seed", *COLUMNS)]
+    out = (table.groupby([*axes, "alpha"], sort=False)
+           .agg(seeds=("seed", "nunique"), c_star=("c_star", "mean"), c_star_min=("c_star", "min"),
+                c_star_max=("c_star", "max"), S_end=("S_end", "mean"), S_end_min=("S_end", "min"),
+                S_end_max=("S_end", "max"))
+           .reset_index())
+    return out
+
+
+def seeds_markdown(seeds: pd.DataFrame) -> str:
+    axes = [c for c in seeds.columns if c not in ("alpha", "seeds", "c_star", "c_star_min", "c_star_max", "S_end",
+                                                    "S_end_min", "S_end_max")]
+    head = [*axes, "alpha", "seeds", "c* mean (min-max)", "S(end) mean (min-max)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in seeds.to_dict("records"):
+        lines.append("| " + " | ".join([*(str(r[a]) for a in axes), f"{r['alpha']:g}", str(r["seeds"]),
+                                        f"{r['c_star']:.4g} ({r['c_star_min']:.4g}-{r['c_star_max']:.4g})",
+                                        f"{r['S_end']:.2f} ({r['S_end_min']:.2f}-{r['S_end_max']:.2f})"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(study: str | Path) -> pd.DataFrame:
-    """report.csv, report.md and report.png in the study directory; returns the table."""
+    """report.csv, report.md and report.png in the study directory (and, for a study with a `seed`
+    axis, the across-seed table report_seeds.csv/.md); returns the table."""
     from isokl_tl.plots import plot_study, save_figure
 
     study = Path(study)
@@ -69,4 +97,8 @@ def write_report(study: str | Path) -> pd.DataFrame:
     write_atomic(study / REPORT_MD, lambda p: p.write_text(report_markdown(table)))
     if len(table):
         save_figure(plot_study(table), study / REPORT_FIG)
+    if "seed" in table.columns and table.seed.nunique() > 1:
+        seeds = seed_table(table)
+        write_csv(study / SEEDS_CSV, seeds)
+        write_atomic(study / SEEDS_MD, lambda p: p.write_text(seeds_markdown(seeds)))
     return table

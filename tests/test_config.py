@@ -26,7 +26,8 @@ def test_the_defaults_shown_in_help_are_run_config_defaults(command):
              "record_acts": {False: "no-record-acts", True: "record-acts"},
              "keep_weak": {False: "drop-weak", True: "keep-weak"},
              "gate": {False: "no-gate", True: "gate"},
-             "inline_forks": {False: "forks-after-sweep", True: "inline-forks"}}
+             "inline_forks": {False: "forks-after-sweep", True: "inline-forks"},
+             "resample_pairs": {False: "no-resample-pairs", True: "resample-pairs"}}
     for p in main.commands[command].params:
         m = re.search(r"\[default: (.*)\]\.?$", p.help or "") if isinstance(p, click.Option) else None
         if not m or p.name not in defaults or defaults[p.name] is None:   # None: a rule, e.g. the hook

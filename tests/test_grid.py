@@ -128,3 +128,30 @@ def test_a_missing_executor_extra_is_one_line(tmp_path, monkeypatch):
     grid = _grid(tmp_path, 'layer = [1]\n')
     res = CliRunner().invoke(main, ["grid", "--config", str(grid), "--out", str(tmp_path / "s"), "--executor", "ray"])
     assert res.exit_code != 0 and "pip install 'isokl-tl[ray]'" in res.output
+
+
+def test_seeds_resample_the_pairs_and_the_report_spans_them(tmp_path, tiny):
+    """With resample_pairs, a seed draws the pairs (with replacement) the direction is built from:
+    other seeds, other directions; the study's report gives the spread over seeds."""
+    import torch
+
+    from isokl_tl.directions import compute_direction
+    from isokl_tl.prompts import load_pairs
+
+    pairs = load_pairs()[:8]
+    hook = "blocks.2.hook_resid_post"
+    a, b = (compute_direction(tiny, pairs, hook, seed=s, resample=True) for s in (1, 2))
+    again = compute_direction(tiny, pairs, hook, seed=1, resample=True)
+    assert torch.equal(a.vector, again.vector) and not torch.equal(a.vector, b.vector)
+    drawn = a.extra["resampled_pairs"]
+    assert len(drawn) == 8 and len(set(drawn)) < 8                  # with replacement
+    chosen = compute_direction(tiny, [pairs[i] for i in drawn], hook)
+    torch.testing.assert_close(a.vector, chosen.vector)
+    grid = _grid(tmp_path, 'seed = [1, 2]\n', extra="resample_pairs = true\n")
+    study = tmp_path / "study"
+    assert _invoke(["grid", "--config", str(grid), "--out", str(study)]).exit_code == 0
+    seeds = pd.read_csv(study / "report_seeds.csv")
+    report = pd.read_csv(study / "report.csv")
+    assert list(seeds.seeds.unique()) == [2] and len(seeds) == 3          # per alpha, over both seeds
+    assert seeds.c_star_min.iloc[0] == report.c_star.min() and seeds.c_star_max.iloc[0] == report.c_star.max()
+    assert report.c_star.nunique() == 2
