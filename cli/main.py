@@ -268,10 +268,6 @@ def layers_cmd(model, device, dtype, out, **kw) -> None:
     click.echo(study.to_markdown(), nl=False)
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.group("grid", invoke_without_command=True)
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="The grid file: [shared] settings, [axes] to cross, optional [[exclude]] (docs/studies.md).")
@@ -337,3 +333,7 @@ def grid_report_cmd(study) -> None:
 
     table = write_report(study)
     click.echo(f"{Path(study) / 'report.md'}: {len(table)} rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -94,6 +94,14 @@ def plot_methods_dose_response(results: dict[str, tuple[SurvivalTable, pd.DataFr
     return np.concatenate(out)
 
 
+def _spread(g: pd.DataFrame) -> list:
+    """c*'s error bar lengths below and above it (0 where the bootstrap interval, interpolated
+    from the evaluations, does not reach past c* on that side, or is missing)."""
+    lo = (g.c_star - g.c_star_lo.fillna(g.c_star)).clip(lower=0)
+    hi = (g.c_star_hi.fillna(g.c_star) - g.c_star).clip(lower=0)
+    return [lo, hi]
+
+
 @styled
 def plot_study(table: pd.DataFrame, *, fig=None) -> np.ndarray:
     """A study's cells compared (`study.study_table`): S at the window's end against alpha, one
@@ -122,16 +130,14 @@ def plot_study(table: pd.DataFrame, *, fig=None) -> np.ndarray:
         others = [c for c in axes_cols if c != "layer"]
         for key, g in per_cell.groupby(others, sort=False) if others else [("all", per_cell)]:
             g = g.sort_values("layer")
-            ax_c.errorbar(g.layer, g.c_star, yerr=[g.c_star - g.c_star_lo.fillna(g.c_star),
-                                                   g.c_star_hi.fillna(g.c_star) - g.c_star],
+            ax_c.errorbar(g.layer, g.c_star, yerr=_spread(g),
                           marker="o", capsize=3, label=", ".join(map(str, key if isinstance(key, tuple) else (key,))))
         ax_c.set(xlabel="layer", ylabel="c*", title="c* by layer (90% bootstrap)")
         ax_c.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_c.legend(fontsize=7, title=", ".join(others) or None, title_fontsize=7)
     else:
         y = np.arange(len(per_cell))
-        ax_c.errorbar(per_cell.c_star, y, xerr=[per_cell.c_star - per_cell.c_star_lo.fillna(per_cell.c_star),
-                                                per_cell.c_star_hi.fillna(per_cell.c_star) - per_cell.c_star],
+        ax_c.errorbar(per_cell.c_star, y, xerr=_spread(per_cell),
                       fmt="o", color="k", capsize=3)
         ax_c.set_yticks(y, per_cell.cell, fontsize=7)
         ax_c.invert_yaxis()
