@@ -285,11 +285,13 @@ def layers_cmd(model, device, dtype, out, **kw) -> None:
 @click.option("--slurm-time", type=int, default=240, show_default=True, help="Slurm: minutes per task.")
 @click.option("--slurm-cpus", type=int, default=4, show_default=True, help="Slurm: CPUs per task.")
 @click.option("--slurm-parallelism", type=int, default=64, show_default=True, help="Slurm: array tasks at once.")
-@click.option("--slurm-local", is_flag=True, help="Run the job array through submitit's local executor (no Slurm).")
+@click.option("--slurm-local", is_flag=True,
+              help="Run the job array through submitit's local executor (no Slurm; every task at once).")
+@FORCE
 @click.pass_context
 @user_errors
 def grid_cmd(ctx, config, out, dry_run, executor, workers, ray_address, slurm_partition, slurm_gpus, slurm_time,
-             slurm_cpus, slurm_parallelism, slurm_local) -> None:
+             slurm_cpus, slurm_parallelism, slurm_local, force) -> None:
     """Run a study: a grid of cells (each an ordinary run directory) and its report.
 
     `isokl-tl grid --config grid.toml --out STUDY` runs every cell not yet complete (a rerun skips
@@ -313,7 +315,7 @@ def grid_cmd(ctx, config, out, dry_run, executor, workers, ray_address, slurm_pa
     slurm = Slurm(partition=slurm_partition, gpus=slurm_gpus, time=slurm_time, cpus=slurm_cpus,
                   parallelism=slurm_parallelism, local=slurm_local)
     state = run_grid(cells, out, executor=executor, workers=workers, ray_address=ray_address, slurm=slurm,
-                     log=lambda m: click.echo(m, err=True))
+                     force=force, log=lambda m: click.echo(m, err=True))
     table = write_report(out)
     click.echo(f"{state.count('done')} done, {state.count('failed')} failed of {len(cells)} cells; "
                f"report: {Path(out) / 'report.md'} ({len(table)} rows)")

@@ -40,13 +40,15 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-_MODELS: dict = {}           # the models this process has loaded, for the cells it runs next
+_MODELS: dict = {}           # the model this process loaded last, for the cells it runs next
 
 
-def run_cell(name: str, config: dict, cell_dir: str, threads: int | None = None) -> tuple[str, str | None]:
+def run_cell(name: str, config: dict, cell_dir: str, threads: int | None = None, force: bool = False
+             ) -> tuple[str, str | None]:
     """Run one cell in this process (`Run.run_all`, resuming from its saved parts): ("done", None),
     or ("failed", its one-line error) with the traceback in the cell's `error.txt`. The process
-    keeps the models it loads for the cells it runs next."""
+    keeps the model it loaded last for the cells it runs next (cells of the same model in a row
+    load it once). With `force`, a cell directory made with other settings is overwritten."""
     import torch
 
     from isokl_tl.config import RunConfig
@@ -59,8 +61,9 @@ def run_cell(name: str, config: dict, cell_dir: str, threads: int | None = None)
         cfg = RunConfig.from_dict(config)
         key = (cfg.model, cfg.device, cfg.dtype)
         if key not in _MODELS:
+            _MODELS.clear()               # one model at a time: a grid across models would fill the GPU
             _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        Run(cell_dir, cfg, model=_MODELS[key], progress=False, log=lambda m: None).run_all()
+        Run(cell_dir, cfg, model=_MODELS[key], progress=False, log=lambda m: None, force=force).run_all()
     except Exception as e:            # the cell failed (its traceback in its directory)
         Path(cell_dir).mkdir(parents=True, exist_ok=True)
         (Path(cell_dir) / ERROR).write_text(traceback.format_exc())
@@ -69,7 +72,7 @@ def run_cell(name: str, config: dict, cell_dir: str, threads: int | None = None)
     return "done", None
 
 
-def _worker(tasks, results, threads: int | None) -> None:
+def _worker(tasks, results, threads: int | None, force: bool) -> None:
     """A local worker process: run cells from `tasks` until None, reporting to `results`."""
     while True:
         item = tasks.get()
@@ -77,7 +80,7 @@ def _worker(tasks, results, threads: int | None) -> None:
             return
         name, config, cell_dir = item
         results.put((name, "running", None, os.getpid()))
-        results.put((name, *run_cell(name, config, cell_dir, threads), os.getpid()))
+        results.put((name, *run_cell(name, config, cell_dir, threads, force), os.getpid()))
 
 
 def _gpus() -> list[str]:
@@ -111,8 +114,10 @@ def _need(module: str, extra: str):
 
 
 def run_grid(cells: list[Cell], study: str | Path, *, executor: str = "local", workers: int | None = None,
-             ray_address: str | None = None, slurm: Slurm = Slurm(), progress: bool = True, log=print) -> GridState:
-    """Run every cell not yet complete; returns the final states (also in `STUDY_DIR/grid.json`)."""
+             ray_address: str | None = None, slurm: Slurm = Slurm(), force: bool = False, progress: bool = True,
+             log=print) -> GridState:
+    """Run every cell not yet complete; returns the final states (also in `STUDY_DIR/grid.json`).
+    With `force`, cell directories made with other direction settings are overwritten."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     if executor == "ray":
@@ -133,11 +138,11 @@ def run_grid(cells: list[Cell], study: str | Path, *, executor: str = "local", w
         log(f"[grid] {len(cells) - len(todo)} of {len(cells)} cells complete already, skipped")
     if todo:
         if executor == "local":
-            _local(todo, study, state, workers, progress, log)
+            _local(todo, study, state, workers, force, progress, log)
         elif executor == "ray":
-            _ray(todo, study, state, workers, ray_address, progress, log)
+            _ray(todo, study, state, workers, ray_address, force, progress, log)
         else:
-            _slurm(todo, study, state, slurm, progress, log)
+            _slurm(todo, study, state, slurm, force, progress, log)
     return state
 
 
@@ -163,7 +168,7 @@ class _Progress:
         self.bar.close()
 
 
-def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, address: str | None,
+def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, address: str | None, force: bool,
          progress: bool, log) -> None:
     """One Ray task per cell, asking for one GPU (cuda cells) or one CPU; against `address`, or a
     Ray started here with `workers` CPUs (and the GPUs it sees). Cells' results land in the study
@@ -176,9 +181,12 @@ def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, a
         ray.init(address=address, num_cpus=None if address else (workers or os.cpu_count()),
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
+        if cuda and ray.cluster_resources().get("GPU", 0) < 1:
+            raise ValueError("cells on cuda, but the Ray cluster has no GPU")
         threads = None if cuda else 1
         task = ray.remote(num_gpus=1 if cuda else 0, num_cpus=1, max_retries=0)(run_cell)
-        refs = {task.remote(c.name, c.config.to_dict(), str(c.dir(study.resolve())), threads): c.name for c in todo}
+        refs = {task.remote(c.name, c.config.to_dict(), str(c.dir(study.resolve())), threads, force): c.name
+                for c in todo}
         for name in refs.values():
             state.cells[name].update(state="running", error=None)
         state.save()
@@ -204,10 +212,10 @@ def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, a
             ray.shutdown()
 
 
-def _slurm(todo: list[Cell], study: Path, state: GridState, s: Slurm, progress: bool, log) -> None:
-    """A submitit job array, one cell a task (submitit's local executor with `s.local`). A task
-    that is preempted or times out is requeued by Slurm (submitit checkpoints it) and its cell
-    resumes from its saved parts; the logs are in `STUDY_DIR/slurm/`."""
+def _slurm(todo: list[Cell], study: Path, state: GridState, s: Slurm, force: bool, progress: bool, log) -> None:
+    """A submitit job array, one cell a task (submitit's local executor with `s.local`: every task
+    at once, for tests and small grids). A task that runs out of time or is preempted leaves its
+    cell failed with its saved parts; the next call resumes it. Logs in `STUDY_DIR/slurm/`."""
     import submitit
 
     folder = study / "slurm"
@@ -221,7 +229,7 @@ def _slurm(todo: list[Cell], study: Path, state: GridState, s: Slurm, progress: 
                              cpus_per_task=s.cpus, slurm_array_parallelism=s.parallelism, name="isokl-tl-grid")
     threads = None if cuda else (1 if s.local else s.cpus)
     jobs = ex.map_array(run_cell, [c.name for c in todo], [c.config.to_dict() for c in todo],
-                        [str(c.dir(study.resolve())) for c in todo], [threads] * len(todo))
+                        [str(c.dir(study.resolve())) for c in todo], [threads] * len(todo), [force] * len(todo))
     for c in todo:
         state.cells[c.name].update(state="running", error=None)
     state.save()
@@ -245,7 +253,8 @@ def _slurm(todo: list[Cell], study: Path, state: GridState, s: Slurm, progress: 
         bar.close()
 
 
-def _local(todo: list[Cell], study: Path, state: GridState, workers: int | None, progress: bool, log) -> None:
+def _local(todo: list[Cell], study: Path, state: GridState, workers: int | None, force: bool, progress: bool,
+           log) -> None:
     cuda = any(c.config.device.startswith("cuda") for c in todo)
     gpus = _gpus() if cuda else []
     if cuda and not gpus:
@@ -255,7 +264,10 @@ def _local(todo: list[Cell], study: Path, state: GridState, workers: int | None,
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for c in todo:
-        tasks.put((c.name, c.config.to_dict(), str(c.dir(study))))
+        config = c.config.to_dict()
+        if gpus:                             # each worker sees its one GPU as cuda (cuda:N is another worker's)
+            config["device"] = "cuda"
+        tasks.put((c.name, config, str(c.dir(study))))
     procs = []
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
@@ -263,7 +275,7 @@ def _local(todo: list[Cell], study: Path, state: GridState, workers: int | None,
             tasks.put(None)
             if gpus:                         # the child sees one GPU: set at its start, then restored
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            p = ctx.Process(target=_worker, args=(tasks, results, threads))    # not daemonic: draws figures in children
+            p = ctx.Process(target=_worker, args=(tasks, results, threads, force))    # not daemonic: draws figures in children
             p.start()
             procs.append(p)
     finally:

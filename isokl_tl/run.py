@@ -44,6 +44,7 @@ from isokl_tl.vectors import file_sha256, run_vector
 KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
 PMASS_ROWS_PER_PART = 16
 FORKS = ".forks"     # fork pmass read while the sweep decoded, with the pmass settings it was read under
+FORKS_KEY = "forks.json"   # in a saved sweep part: the pmass settings its fork reads were made under
 
 
 def _fault_point(stage: str, part: int) -> None:
@@ -247,10 +248,13 @@ class Run:
                                    forks=reader, progress=self.progress)
                     if reader is not None:
                         reader.result(done).save(part)
+                        write_json(part / FORKS_KEY, {"pmass": settings_hash(self.cfg.stage_settings("pmass"))})
                     done.save(part)                       # its metadata last: the part is complete
                     _fault_point("rollout", i)
                 parts.append(Rollouts.load(part))
-                if (part / files.PMASS).exists():
+                pmass_key = settings_hash(self.cfg.stage_settings("pmass"))
+                if (part / files.PMASS).exists() and (part / FORKS_KEY).exists() and \
+                        json.loads((part / FORKS_KEY).read_text()).get("pmass") == pmass_key:   # read as now
                     pm = ForkPMass.load(part)
                     forked.append(ForkPMass(pm.frame.assign(row=pm.frame.row + sl.start), pm.forks, pm.splice))
             whole = Rollouts.concat(parts) if len(parts) > 1 else parts[0]
@@ -269,7 +273,8 @@ class Run:
 
         def go(key):
             read = self.dir / FORKS / "settings.json"
-            if self.cfg.inline_forks and read.exists() and json.loads(read.read_text()).get("pmass") == key:
+            if (self.cfg.inline_forks and not force and read.exists()
+                    and json.loads(read.read_text()).get("pmass") == key):
                 self.log("[pmass] read while the sweep decoded")
                 ForkPMass.load(self.dir / FORKS).save(self.dir)
                 return

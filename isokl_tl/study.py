@@ -3,7 +3,7 @@ cells' run directories, and figures that compare cells.
 
 Per (cell, alpha): the cell's axis values; c* with its 90% bootstrap interval and whether the
 search converged (the cell's calibration); the held-out statistic at alpha 1 over the whole window
-(`calibration_transfer.json`, where there is one); and the survival table's n, died, censored,
+(`calibration_transfer.json`, where there is one; for -v's rows, -v's at alpha -1); and the survival table's n, died, censored,
 S(mid), S(end), the median death token with its 95% interval (inf: not reached).
 """
 
@@ -34,14 +34,19 @@ def study_table(study: str | Path) -> pd.DataFrame:
         if c["state"] != "done":
             continue
         d = study / CELLS / name
-        cal = json.loads((d / "calibration.json").read_text())
-        lo, hi = cal["interval"] or (float("nan"), float("nan"))
+        cals = {1: json.loads((d / "calibration.json").read_text())}
+        if (d / "calibration_negative.json").exists():            # --sign both: -v's for negative alphas
+            cals[-1] = json.loads((d / "calibration_negative.json").read_text())
         moved = d / "calibration_transfer.json"
-        held = json.loads(moved.read_text())["whole_window"]["value"] if moved.exists() else float("nan")
+        moved = json.loads(moved.read_text()) if moved.exists() else {}
         table = pd.read_csv(d / "survival_table.csv")
         for t in table.to_dict("records"):
+            cal = cals[-1] if t["alpha"] < 0 and -1 in cals else cals[1]
+            lo, hi = cal["interval"] or (float("nan"), float("nan"))
+            held = moved.get("negative", {}) if cal is cals.get(-1) else moved
             rows.append({"cell": name, **c["axes"], "c_star": cal["c_star"], "c_star_lo": lo, "c_star_hi": hi,
-                         "converged": cal["converged"], "heldout_alpha1": held, **t})
+                         "converged": cal["converged"],
+                         "heldout_alpha1": held.get("whole_window", {}).get("value", float("nan")), **t})
     return pd.DataFrame(rows, columns=["cell", *axes, *COLUMNS])
 
 

@@ -191,3 +191,25 @@ def test_a_sampled_run_resumed_with_other_rows_per_batch_equals_an_uninterrupted
     assert "[rollout] 1 saved part(s) were cut with other settings" in res.stderr
     assert "[calibrate] up to date" in res.stderr
     assert result_files(out) == result_files(whole)
+
+
+def test_a_sweep_resumed_under_other_fork_settings_does_not_mix_fork_reads(tmp_path):
+    """The parts of a killed sweep carry the fork pmass read under the settings of the time; resumed
+    with another fork schedule, the saved parts are reused (the rollouts are the same) but their
+    reads are not: every rollout's forks follow the new schedule."""
+    out = tmp_path / "run"
+    res = _cli(out, kill="rollout:0")
+    assert res.returncode == -9, res.stderr
+    res = subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", "run", *BASE, *SWEEP[:-4], "--fork-every", "4",
+                          *SWEEP[-4:], "--out", str(out)], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "ISOKL_TL_KILL_AFTER"})
+    assert res.returncode == 0, res.stderr
+    import pandas as pd
+
+    from isokl_tl.rollout import Rollouts
+
+    pm = pd.read_csv(out / "pmass.csv")
+    r = Rollouts.load(out)
+    content = (r.gen_len - r.eos.long()).tolist()
+    for row in range(r.n_rows):        # rows of the part saved before the kill included
+        assert set(pm[pm.row == row].fork) == {t for t in range(0, 17, 4) if t <= content[row]}, row
