@@ -200,3 +200,27 @@ def steer_sites(model: HookedTransformer, sites: list[Site], coeffs: list[Float[
                         s.method, start) for s, c in zip(sites, coeffs)]
     with model.hooks(fwd_hooks=[(h.hook, h) for h in handles]):
         yield SteeringGroup(handles)
+
+
+def handles(steering: Steering | SteeringGroup | None) -> list[Steering]:
+    """The `Steering`s of a steering block, one per site (none for None)."""
+    if steering is None:
+        return []
+    return list(steering.handles) if isinstance(steering, SteeringGroup) else [steering]
+
+
+@contextmanager
+def first_rows(steering: Steering | SteeringGroup | None, n: int) -> Iterator[None]:
+    """Inside the block, per-row coefficients are those of the batch's first `n` rows only: views
+    of the same tensors (a captured CUDA graph reading them sees later in-place updates); the
+    whole coefficients come back afterwards."""
+    hs = handles(steering)
+    kept = [h.coeff for h in hs]
+    for h in hs:
+        if torch.is_tensor(h.coeff):
+            h.coeff = h.coeff[:n]
+    try:
+        yield
+    finally:
+        for h, c in zip(hs, kept):
+            h.coeff = c

@@ -34,7 +34,7 @@ from isokl_tl.engine import attention, cpu_linear, fusion
 from isokl_tl.engine.decoder import Decoder
 from isokl_tl.engine.kv_cache import KVCache
 from isokl_tl.engine.scoring import triton_available
-from isokl_tl.hooks import Steering, SteeringGroup
+from isokl_tl.hooks import Steering, SteeringGroup, first_rows
 
 POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")   # blocks normalise sublayer outputs, and Q/K as whole vectors
 UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
@@ -282,19 +282,13 @@ class FastDecoder(Decoder):
         they are masked out again)."""
         cache, length, n = self.cache, self.cache.length, tail.shape[0]
         kept = (self.n_own, self.split)
-        handles = [] if self.steering is None else getattr(self.steering, "handles", [self.steering])
-        coeffs = [h.coeff for h in handles]
         if n < cache.mask.shape[0]:
             self.n_own, self.split = n, self.model.cfg.n_layers
-            for h in handles:
-                if torch.is_tensor(h.coeff):
-                    h.coeff = h.coeff[:n]
         try:
-            return self._forward(tail, torch.ones_like(tail))
+            with first_rows(self.steering, n):
+                return self._forward(tail, torch.ones_like(tail))
         finally:
             self.n_own, self.split = kept
-            for h, c in zip(handles, coeffs):
-                h.coeff = c
             cache.mask[:, length:length + tail.shape[1]] = 0
             cache.length = length
 

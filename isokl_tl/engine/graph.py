@@ -34,7 +34,7 @@ from transformer_lens import HookedTransformer
 
 from isokl_tl.engine import attention, fusion
 from isokl_tl.engine.fast import FastDecoder
-from isokl_tl.hooks import Steering, SteeringGroup
+from isokl_tl.hooks import Steering, SteeringGroup, first_rows, handles
 
 
 class GraphDecoder(FastDecoder):
@@ -68,7 +68,7 @@ class GraphDecoder(FastDecoder):
     def hold(self, steering: Steering | SteeringGroup | None) -> None:
         """Mark `steering` as the one the graph (about to be captured) reads; its directions become
         copies of their own, so that a later `adopt` never writes into a caller's tensor."""
-        for h in _handles(steering):
+        for h in handles(steering):
             h.direction = h.direction.clone()
         self.captured = steering
 
@@ -86,7 +86,7 @@ class GraphDecoder(FastDecoder):
         if self.captured is None:          # nothing captured: only the eager parts read steering
             self.steering = steering
             return
-        old, new = _handles(self.captured), _handles(steering)
+        old, new = handles(self.captured), handles(steering)
         if len(old) != len(new):
             raise ValueError("a different number of steering sites than the captured graph's")
         for a, b in zip(old, new):
@@ -243,12 +243,7 @@ class GraphDecoder(FastDecoder):
         f["tok"].copy_(tail)
         if self.steering is not None:      # the tail's first column; always generated positions
             self.steering.offset = self.cache.length
-        handles = _handles(self.steering)
-        coeffs = [h.coeff for h in handles]
-        for h in handles:                  # the first n rows' coefficients: views of the same tensors
-            if torch.is_tensor(h.coeff):
-                h.coeff = h.coeff[:n]
-        try:
+        with first_rows(self.steering, n):
             if not self.use_graph or f["out"] is None:
                 logits = self._static_fork(f)
                 if f["out"] is None:
@@ -260,9 +255,6 @@ class GraphDecoder(FastDecoder):
                     with torch.cuda.graph(f["graph"]):
                         f["out"].copy_(self._static_fork(f))
                 f["graph"].replay()
-        finally:
-            for h, c in zip(handles, coeffs):
-                h.coeff = c
         return f["out"]
 
     def _static_fork(self, f: dict) -> Tensor:
@@ -299,8 +291,3 @@ class GraphDecoder(FastDecoder):
         buffers) and returns the next tokens; then one step. Both go into the same graph, so a
         greedy decode step is a single graph replay with no other launch."""
         return self._run(lambda: self.tok_buf.copy_(score(self.logits)))
-
-def _handles(steering: Steering | SteeringGroup | None) -> list[Steering]:
-    if steering is None:
-        return []
-    return list(steering.handles) if isinstance(steering, SteeringGroup) else [steering]
