@@ -79,6 +79,12 @@ def load_calibrations(run_dir: str | Path) -> dict[int, Calibration]:
     return out
 
 
+def c_star_for(alpha: float, cals: dict[int, Calibration]) -> float:
+    """The c* an alpha is a multiple of: -v's where the run calibrated -v and alpha < 0 (a negative
+    alpha adds -v, `--sign`), else the run's own."""
+    return (cals[-1] if alpha < 0 and -1 in cals else cals.get(1, cals.get(-1))).c_star
+
+
 def statistic_label(cal: "Calibration") -> str:
     """What a calibration's statistic is, in words (with its window)."""
     if cal.statistic == "delta_ce":

@@ -91,6 +91,27 @@ def signal_frame(tokens: np.ndarray, gen_len: np.ndarray, decode, base_logprob: 
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
 
 
+def rollout_signals(rollouts, decode) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """`signal_frame` of a sweep's `Rollouts`, and the text signals they recorded (no surprisal
+    for rollouts saved before base log-probabilities were)."""
+    r = rollouts
+    recorded = tuple(k for k in TEXT_SIGNALS if k != "surprisal" or not bool(r.base_logprob[r.mask].isnan().all()))
+    return signal_frame(r.tokens.numpy(), r.gen_len.numpy(), decode, r.base_logprob.numpy()), recorded
+
+
+def dying_by(by_signal: pd.DataFrame, pmass_deaths: pd.DataFrame, signal: str) -> pd.DataFrame:
+    """The survival table's rows (`survival.deaths`'s) dying by `signal` instead of pmass: the
+    same rollouts (for flips, those that can flip) with that signal's time and event."""
+    if signal == "pmass":
+        return pmass_deaths
+    chosen = by_signal[by_signal.signal == signal].set_index("row")
+    if chosen.empty:
+        raise ValueError(f"no rollout can die by {signal!r} here (no rollout was recorded with it, or, for "
+                         "flips, no question has a known answer the unsteered model gets right)")
+    rows = pmass_deaths[pmass_deaths.row.isin(chosen.index)]
+    return rows.assign(time=rows.row.map(chosen.time), event=rows.row.map(chosen.event))
+
+
 def deaths_by_signal(signals: pd.DataFrame, pmass_deaths: pd.DataFrame, thresholds: dict[str, float],
                      flip_deaths: pd.DataFrame | None = None, *, text_signals: tuple[str, ...] = TEXT_SIGNALS
                      ) -> pd.DataFrame:

@@ -258,3 +258,22 @@ class ForkReader:
         frame = pd.DataFrame.from_records(records, columns=COLUMNS)
         frame = frame.sort_values(["row", "fork"], kind="stable", ignore_index=True)
         return ForkPMass(frame=frame, forks=list(self.forks), splice=self.splice)
+
+
+READ_UNDER = "read_under.json"   # beside fork reads saved during a sweep: the pmass settings they were read under
+
+
+def save_reads(reads: ForkPMass, where: str | Path, key: str) -> None:
+    """Fork pmass read during a sweep, saved with the hash of the pmass settings it was read under."""
+    reads.save(where)
+    write_json(Path(where) / READ_UNDER, {"pmass": key})
+
+
+def load_reads(where: str | Path, key: str, row_offset: int = 0) -> ForkPMass | None:
+    """The fork reads saved in `where` if they were read under the pmass settings `key` (their
+    rows shifted by `row_offset`), else None."""
+    where = Path(where)
+    if not (where / READ_UNDER).exists() or json.loads((where / READ_UNDER).read_text()).get("pmass") != key:
+        return None
+    pm = ForkPMass.load(where)
+    return ForkPMass(pm.frame.assign(row=pm.frame.row + row_offset), pm.forks, pm.splice) if row_offset else pm

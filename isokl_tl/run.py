@@ -5,14 +5,12 @@ Each stage records a hash of its settings (which include every upstream stage's)
 a stage whose hash and outputs are already there is skipped, so a rerun resumes and changing, say,
 the death threshold reruns only survival and figures. Long stages save their work in parts under
 `.partial/` as they go; the parts are keyed by the stage's settings and by the execution settings
-that cut them (`RunConfig.EXECUTION`), so a resumed stage reuses only parts cut the same way.
+that cut them (`RunConfig.EXECUTION`, `isokl_tl.parts`), so a resumed stage reuses only parts cut
+the same way.
 `check()` reads every input a run will need before any stage runs.
 """
 
-import json
-import os
 import shutil
-import signal
 import threading
 import time
 from pathlib import Path
@@ -24,32 +22,33 @@ from transformer_lens import HookedTransformer
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.activations import Record
 from isokl_tl.answers import flip_deaths
-from isokl_tl.calibrate import CORPUS_STATISTICS, Calibration, CalibrationError, calibrate_many, load_calibrations
-from isokl_tl.coherence import TEXT_SIGNALS, deaths_by_signal, signal_frame
+from isokl_tl.calibrate import (
+    CORPUS_STATISTICS,
+    Calibration,
+    CalibrationError,
+    c_star_for,
+    calibrate_many,
+    load_calibrations,
+)
+from isokl_tl.coherence import deaths_by_signal, dying_by, rollout_signals
 from isokl_tl.config import RunConfig
 from isokl_tl.corpus import MAX_TOKENS, corpus_ids
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling
 from isokl_tl.hooks import check_direction, resolve_hook
 from isokl_tl.inputs import check_inputs
-from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv, write_json
+from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv
 from isokl_tl.models import load_model
-from isokl_tl.pmass import ForkPMass, ForkReader, fork_pmass
+from isokl_tl.parts import fault_point, parts_folder
+from isokl_tl.pmass import ForkPMass, ForkReader, fork_pmass, load_reads, save_reads
 from isokl_tl.prompts import known_answers, load_corpus, load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
 from isokl_tl.tokens import chunks, prompt_ids
-from isokl_tl.vectors import file_sha256, run_vector
+from isokl_tl.vectors import run_vector, source_changed
 
-KILL_ENV = "ISOKL_TL_KILL_AFTER"   # test hook: "stage:part" makes the process SIGKILL itself there
 PMASS_ROWS_PER_PART = 16
 FORKS = ".forks"     # fork pmass read while the sweep decoded, with the pmass settings it was read under
-FORKS_KEY = "forks.json"   # in a saved sweep part: the pmass settings its fork reads were made under
-
-
-def _fault_point(stage: str, part: int) -> None:
-    if os.environ.get(KILL_ENV) == f"{stage}:{part}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Run:
@@ -116,14 +115,7 @@ class Run:
         outputs = self.OUTPUTS[stage] + ([files.CALIBRATION_NEGATIVE] if stage == "calibrate" and self.cfg.sign == "both"
                                          else [])
         return self.manifest.stage_current(stage, settings_hash(self.cfg.stage_settings(stage)),
-                                           outputs) and not self._direction_file_changed()
-
-    def _direction_file_changed(self) -> bool:
-        source = self.cfg.direction_source()
-        if source is None or not source.is_file() or not (self.dir / files.DIRECTION_META).exists():
-            return False
-        saved = json.loads((self.dir / files.DIRECTION_META).read_text()).get("extra", {}).get("sha256")
-        return saved is not None and saved != file_sha256(source)
+                                           outputs) and not source_changed(self.cfg.direction_source(), self.dir)
 
     def _stage(self, stage: str, fn, force: bool = False) -> bool:
         settings = self.cfg.stage_settings(stage)
@@ -142,21 +134,6 @@ class Run:
         self.log(f"[{stage}] done in {secs:.1f}s")
         self._checked.add(stage)
         return True
-
-    def _partials(self, stage: str, key: str) -> Path:
-        """The folder of a stage's saved parts, keyed by its settings and by the execution settings
-        that cut the parts; parts of the same stage cut otherwise are dropped (with a line)."""
-        cut = settings_hash({k: getattr(self.cfg, k) for k in RunConfig.EXECUTION})
-        path = self.dir / ".partial" / f"{stage}-{key}-{cut}"
-        for other in (self.dir / ".partial").glob(f"{stage}-*"):
-            if other != path:
-                n = sum(1 for _ in other.iterdir())
-                if n:
-                    self.log(f"[{stage}] {n} saved part(s) were cut with other settings "
-                             f"({', '.join(RunConfig.EXECUTION)}, or the stage's own); starting afresh")
-                shutil.rmtree(other)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
     def _vector(self, d: Direction):
         """The saved direction, checked against the model (size, dtype, finite)."""
@@ -226,15 +203,13 @@ class Run:
             alphas = self.cfg.sweep_alphas()
             rows = [p for _ in alphas for p in ids]
             alpha = torch.tensor([a for a in alphas for _ in ids])
-            # a negative alpha adds -v: at a multiple of -v's own c* where the run calibrated -v (`--sign`)
-            c_star = torch.tensor([(cals[-1] if a < 0 and -1 in cals else cals.get(1, cals.get(-1))).c_star
-                                   for a in alphas for _ in ids])
-            coeff = alpha * c_star
+            coeff = alpha * torch.tensor([c_star_for(a, cals) for a in alphas for _ in ids])
             index = torch.tensor([i for _ in alphas for i in range(len(ids))])
-            parts_dir, parts, forked = self._partials("rollout", key), [], []
+            parts_dir, parts, forked = parts_folder(self.dir, self.cfg, "rollout", key, self.log), [], []
             # fork pmass is read as the sweep decodes (`pmass.ForkReader`), for the pmass stage to
             # take if its settings are still these then (not while recording activations)
             inline = self.cfg.inline_forks and not self.cfg.record_acts
+            pmass_key = settings_hash(self.cfg.stage_settings("pmass"))
             for i, sl in enumerate(chunks(len(rows), self.cfg.rows_per_batch)):
                 part = parts_dir / f"{i:04d}"
                 if not (part / files.ROLLOUTS_META).exists():
@@ -247,23 +222,16 @@ class Run:
                                    alpha=alpha[sl], record=Record() if self.cfg.record_acts else None,
                                    forks=reader, progress=self.progress)
                     if reader is not None:
-                        reader.result(done).save(part)
-                        write_json(part / FORKS_KEY, {"pmass": settings_hash(self.cfg.stage_settings("pmass"))})
+                        save_reads(reader.result(done), part, pmass_key)
                     done.save(part)                       # its metadata last: the part is complete
-                    _fault_point("rollout", i)
+                    fault_point("rollout", i)
                 parts.append(Rollouts.load(part))
-                pmass_key = settings_hash(self.cfg.stage_settings("pmass"))
-                if (part / files.PMASS).exists() and (part / FORKS_KEY).exists() and \
-                        json.loads((part / FORKS_KEY).read_text()).get("pmass") == pmass_key:   # read as now
-                    pm = ForkPMass.load(part)
-                    forked.append(ForkPMass(pm.frame.assign(row=pm.frame.row + sl.start), pm.forks, pm.splice))
+                forked.append(load_reads(part, pmass_key, sl.start))     # None: read under other settings
             whole = Rollouts.concat(parts) if len(parts) > 1 else parts[0]
             whole.save(self.dir, self.model.tokenizer)
             shutil.rmtree(self.dir / FORKS, ignore_errors=True)
-            if forked and len(forked) == len(parts):
-                ForkPMass.concat(forked).save(self.dir / FORKS)
-                write_json(self.dir / FORKS / "settings.json",
-                           {"pmass": settings_hash(self.cfg.stage_settings("pmass"))})
+            if all(f is not None for f in forked):
+                save_reads(ForkPMass.concat(forked), self.dir / FORKS, pmass_key)
             shutil.rmtree(parts_dir)
         self._stage("rollout", go, force)
         return Rollouts.load(self.dir)
@@ -272,20 +240,19 @@ class Run:
         d, r = self.direction(), self.rollout()
 
         def go(key):
-            read = self.dir / FORKS / "settings.json"
-            if (self.cfg.inline_forks and not force and read.exists()
-                    and json.loads(read.read_text()).get("pmass") == key):
+            read = load_reads(self.dir / FORKS, key) if self.cfg.inline_forks and not force else None
+            if read is not None:
                 self.log("[pmass] read while the sweep decoded")
-                ForkPMass.load(self.dir / FORKS).save(self.dir)
+                read.save(self.dir)
                 return
             vector, splice = self._vector(d), self.cfg.splice_spec()
-            parts_dir, parts = self._partials("pmass", key), []
+            parts_dir, parts = parts_folder(self.dir, self.cfg, "pmass", key, self.log), []
             for i, sl in enumerate(chunks(r.n_rows, PMASS_ROWS_PER_PART)):
                 part = parts_dir / f"{i:04d}"
                 if not (part / files.PMASS).exists():
                     fork_pmass(self.model, r, vector, self.cfg.forks(), splice,
                                rows=list(range(r.n_rows))[sl], progress=self.progress).save(part)
-                    _fault_point("pmass", i)
+                    fault_point("pmass", i)
                 parts.append(ForkPMass.load(part))
             ForkPMass.concat(parts).save(self.dir)
             shutil.rmtree(parts_dir)
@@ -299,24 +266,13 @@ class Run:
             rule = self.cfg.death_rule()
             by_pmass = deaths(pm.frame, rule)
             r = self.rollout()
-            signals = signal_frame(r.tokens.numpy(), r.gen_len.numpy(), self.model.tokenizer.decode,
-                                   r.base_logprob.numpy())
+            signals, recorded = rollout_signals(r, self.model.tokenizer.decode)
             flips = flip_deaths(pm.frame, known_answers(self.cfg.prompts)[: self.cfg.n_prompts])
-            recorded = tuple(k for k in TEXT_SIGNALS       # rollouts saved before base log-probs were: no surprisal
-                             if k != "surprisal" or not bool(r.base_logprob[r.mask].isnan().all()))
             by_signal = deaths_by_signal(signals, by_pmass, self.cfg.coherence_thresholds(), flips,
                                          text_signals=recorded)
             write_csv(self.dir / files.COHERENCE, signals)
             write_csv(self.dir / files.SIGNALS, by_signal)
-            per_row = by_pmass
-            if self.cfg.death_signal != "pmass":       # the same rollouts, dying by the chosen signal
-                chosen = by_signal[by_signal.signal == self.cfg.death_signal].set_index("row")
-                if chosen.empty:
-                    raise ValueError(f"no rollout can die by {self.cfg.death_signal!r} here (no rollout was "
-                                     "recorded with it, or, for flips, no question has a known answer the "
-                                     "unsteered model gets right)")
-                per_row = by_pmass[by_pmass.row.isin(chosen.index)]      # flips: rows that can flip
-                per_row = per_row.assign(time=per_row.row.map(chosen.time), event=per_row.row.map(chosen.event))
+            per_row = dying_by(by_signal, by_pmass, self.cfg.death_signal)
             survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak, rule=rule).save(self.dir)
         self._stage("survival", go, force)
         return SurvivalTable.load(self.dir)

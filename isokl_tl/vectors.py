@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from isokl_tl.manifest import DIRECTION_META
+
 FORMATS = (".safetensors", ".pt", ".pth", ".npy", ".gguf")
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
@@ -146,3 +148,13 @@ def run_vector(model, cfg) -> tuple[Float[Tensor, " d"], str, dict]:
     vector, source = read_vector(cfg.direction_file, key=cfg.direction_key, layer=layer)
     return vector, hook, source
 
+
+
+def source_changed(source: Path | None, run_dir: str | Path) -> bool:
+    """Whether the file a run's direction was read from (`RunConfig.direction_source`) is still
+    there but is no longer the file whose hash the run saved."""
+    meta = Path(run_dir) / DIRECTION_META
+    if source is None or not source.is_file() or not meta.exists():
+        return False
+    saved = json.loads(meta.read_text()).get("extra", {}).get("sha256")
+    return saved is not None and saved != file_sha256(source)
