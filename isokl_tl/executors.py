@@ -8,14 +8,14 @@ missing cells only when called again.
 Executors:
 - `local` (the default): worker processes started fresh (`spawn`), one per visible GPU
   with `CUDA_VISIBLE_DEVICES` set to it for cells on `cuda`, else `workers` CPU processes (each
-  with its share of the cores). A failed cell's traceback is in its directory (`error.txt`). A worker keeps the models it has loaded, so cells of the same
-  model load it once per worker. A worker that dies (killed, out of memory) leaves its cell
+  with its share of the cores). A worker keeps the model it loaded last, so cells of the same
+  model in a row load it once. A worker that dies (killed, out of memory) leaves its cell
   `failed` with the reason; the cell's saved parts stay for the next call.
 - `ray`: one Ray task per cell asking for one GPU (cuda cells) or one CPU, on the cluster at
   `ray_address` or on a Ray started for the call (`pip install 'isokl-tl[ray]'`).
 - `slurm`: a submitit job array, one cell a task (`Slurm` settings; `Slurm(local=True)` runs the
   array through submitit's local executor instead, `pip install 'isokl-tl[slurm]'`).
-Each task runs `run_cell`, as a local worker does, so a cell's files do not depend on the executor
+Each task runs `cells.run_cell`, as a local worker does, so a cell's files do not depend on the executor
 (given the same number of threads per process).
 """
 
@@ -23,55 +23,15 @@ import multiprocessing as mp
 import os
 import queue
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from isokl_tl.cells import one_line, run_cell
 from isokl_tl.grid import Cell, GridState, finished
 
 EXECUTORS = ("local", "ray", "slurm")
-ERROR = "error.txt"          # a failed cell's traceback, in its run directory
-
-
-def one_line(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-_MODELS: dict = {}           # the model this process loaded last, for the cells it runs next
-
-
-def run_cell(name: str, config: dict, cell_dir: str, threads: int | None = None, force: bool = False
-             ) -> tuple[str, str | None]:
-    """Run one cell in this process (`Run.run_all`, resuming from its saved parts): ("done", None),
-    or ("failed", its one-line error) with the traceback in the cell's `error.txt`. The process
-    keeps the model it loaded last for the cells it runs next (cells of the same model in a row
-    load it once). With `force`, a cell directory made with other settings is overwritten."""
-    import torch
-
-    from isokl_tl.config import RunConfig
-    from isokl_tl.models import load_model
-    from isokl_tl.run import Run
-
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        cfg = RunConfig.from_dict(config)
-        key = (cfg.model, cfg.device, cfg.dtype)
-        if key not in _MODELS:
-            _MODELS.clear()               # one model at a time: a grid across models would fill the GPU
-            _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        Run(cell_dir, cfg, model=_MODELS[key], progress=False, log=lambda m: None, force=force).run_all()
-    except Exception as e:            # the cell failed (its traceback in its directory)
-        Path(cell_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cell_dir) / ERROR).write_text(traceback.format_exc())
-        return "failed", one_line(e)
-    (Path(cell_dir) / ERROR).unlink(missing_ok=True)
-    return "done", None
-
-
 def _worker(tasks, results, threads: int | None, force: bool) -> None:
     """A local worker process: run cells from `tasks` until None, reporting to `results`."""
     while True:
