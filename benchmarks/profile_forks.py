@@ -5,9 +5,8 @@ with the device synchronised, against a decode step.
     python benchmarks/profile_forks.py
 """
 
-import time
-
 import torch
+from profile_gpu_step import timed  # a function's milliseconds on the GPU, synchronised
 
 from isokl_tl import load_model
 from isokl_tl.engine import make_decoder
@@ -15,16 +14,6 @@ from isokl_tl.hooks import Site, default_layer, hook_name, steer_sites
 from isokl_tl.pmass import Splice
 from isokl_tl.prompts import load_prompts
 from isokl_tl.tokens import left_pad, pad_id, prompt_ids
-
-
-def timed(fn, n=10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
 
 
 def main() -> None:
@@ -43,11 +32,11 @@ def main() -> None:
         logits = dec.prefill(torch.cat([tokens, tokens]), torch.cat([mask, mask]))
         nxt = logits.argmax(-1)
         print(f"decoder {dec.name}; tail {len(tail)} tokens; batch {b} steered + {b} partners")
-        print(f"fork after the prompt: {timed(lambda: dec.fork(tail.expand(b, -1))):.2f} ms")
+        print(f"fork after the prompt: {timed(lambda: dec.fork(tail.expand(b, -1)), 10):.2f} ms")
         for _ in range(256):
             nxt = dec.step(nxt).argmax(-1)
-        print(f"decode step: {timed(lambda: dec.step(nxt)):.2f} ms")
-        print(f"fork after 256 steps: {timed(lambda: dec.fork(tail.expand(b, -1))):.2f} ms")
+        print(f"decode step: {timed(lambda: dec.step(nxt), 10):.2f} ms")
+        print(f"fork after 256 steps: {timed(lambda: dec.fork(tail.expand(b, -1)), 10):.2f} ms")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             dec.fork(tail.expand(b, -1))
