@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
@@ -207,6 +207,22 @@ def handles(steering: Steering | SteeringGroup | None) -> list[Steering]:
     if steering is None:
         return []
     return list(steering.handles) if isinstance(steering, SteeringGroup) else [steering]
+
+
+@contextmanager
+def rows_of(steering: Steering | SteeringGroup | None, rows: Int[Tensor, " keep"]) -> Iterator[None]:
+    """Inside the block, per-row coefficients are those of these batch rows only (copies: for an
+    eager pass, not a captured graph); the whole coefficients come back afterwards."""
+    hs = handles(steering)
+    kept = [h.coeff for h in hs]
+    for h in hs:
+        if torch.is_tensor(h.coeff):
+            h.coeff = h.coeff[rows.to(h.coeff.device)]
+    try:
+        yield
+    finally:
+        for h, c in zip(hs, kept):
+            h.coeff = c
 
 
 @contextmanager

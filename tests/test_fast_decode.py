@@ -103,3 +103,57 @@ def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_dir
     got, _ = same_as_reference(tiny, Recording, prompts, coeffs, eos=stops, **kw)
     assert splits == [{"blocks.2.hook_resid_post": 2, "blocks.1.hook_resid_pre": 1, "hook_embed": 0}[hook]]
     assert len(set(got.gen_len.tolist())) > 1                 # rows really left at different steps
+
+
+@pytest.mark.parametrize("decoder", DECODERS.values(), ids=DECODERS)
+@pytest.mark.parametrize("generated_only", [False, True])
+@pytest.mark.parametrize("hook", ["blocks.2.hook_resid_post", "blocks.1.hook_resid_pre", "hook_embed"])
+def test_rows_of_one_prompt_share_the_prefill(tiny, tiny_direction, decoder, generated_only, hook):
+    """A sweep's rows repeat each prompt at every coefficient: at prefill the blocks below the
+    steering site run once per distinct prompt (`share_prefix(same=...)`), every row's cache gets
+    its prompt's keys, and from the first step each row decodes on its own. Tokens and KL match
+    TransformerLens's path, with EOS inside the window (rows leave the CPU batch)."""
+    prompts = _prompts(tiny, 3)
+    rows = [prompts[i] for i in (0, 1, 2, 0, 1, 2, 0, 2)]        # 3 distinct prompts in 8 rows
+    coeffs = torch.tensor([0.0, 0.0, 0.0, 6.0, 6.0, 6.0, 12.0, 12.0])
+    kw = dict(direction=tiny_direction.vector, hook=hook, window=16, generated_only=generated_only)
+    ran = []
+
+    class Counting(decoder):
+        def _forward(self, tokens, mask):
+            d = self.distinct
+            ran.append(None if d is None else (d.below.tolist(), d.above.tolist()))
+            return super()._forward(tokens, mask)
+    plain = rollout(tiny, rows, coeffs, decoder=ReferenceDecoder, **kw)
+    got, _ = same_as_reference(tiny, Counting, rows, coeffs, eos=[int(plain.tokens[4, 5])], **kw)
+    # below the site one row per prompt; from it on one per prompt and coefficient: the three at 0,
+    # (their base partners repeat them), 3 at 6 and 2 at 12, or with steering from the first
+    # generated token on (unsteered at prefill) one per prompt there too
+    assert ran[0] == ([0, 1, 2], [0, 1, 2] if generated_only else [0, 1, 2, 3, 4, 5, 6, 7])
+    assert all(r is None for r in ran[1:])                        # shared at prefill only
+    assert got.kl[3:].nan_to_num().max() > 1e-2
+
+
+def test_no_prefill_sharing_while_a_hook_below_the_site_would_see_it(tiny, tiny_direction):
+    prompts = _prompts(tiny, 2)
+    rows, seen = prompts * 3, []
+    with tiny.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: seen.append(x.shape[0]))]):
+        rollout(tiny, rows, torch.tensor([0.0, 0.0, 3.0, 3.0, 6.0, 6.0]), direction=tiny_direction.vector,
+                hook="blocks.2.hook_resid_post", window=4, decoder=FastDecoder)
+    assert seen[0] == 6                                            # every own row, at prefill too
+
+
+@pytest.mark.parametrize("decoder", DECODERS.values(), ids=DECODERS)
+def test_unsteered_rows_of_one_prompt_share_the_prefill(tiny, tiny_direction, decoder):
+    """Every row at coefficient 0 (no base partners): rows of the same prompt still run the
+    prefill once."""
+    prompts = _prompts(tiny, 2)
+    ran = []
+
+    class Counting(decoder):
+        def _forward(self, tokens, mask):
+            ran.append(None if self.distinct is None else self.distinct.above.tolist())
+            return super()._forward(tokens, mask)
+    same_as_reference(tiny, Counting, prompts * 3, torch.zeros(6), direction=tiny_direction.vector,
+                      hook="blocks.2.hook_resid_post", window=8)
+    assert ran[0] == [0, 1]

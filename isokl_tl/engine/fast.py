@@ -24,6 +24,9 @@ or the architecture is not covered (`unsupported_reason`), `make_decoder` return
 `ReferenceDecoder`.
 """
 
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -34,7 +37,7 @@ from isokl_tl.engine import attention, cpu_linear, fusion
 from isokl_tl.engine.decoder import Decoder
 from isokl_tl.engine.kv_cache import KVCache
 from isokl_tl.engine.scoring import triton_available
-from isokl_tl.hooks import Steering, SteeringGroup, first_rows
+from isokl_tl.hooks import Steering, SteeringGroup, first_rows, handles, rows_of
 
 POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")   # blocks normalise sublayer outputs, and Q/K as whole vectors
 UNFIRED_HOOKS = ("hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_result", "hook_attn_in",
@@ -70,6 +73,32 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Distinct:
+    """A prefill's distinct rows: the blocks below the first steering site run on `below` (one
+    batch row per distinct prompt), the blocks from it on run on `above` (one per distinct prompt
+    and steering coefficients); `low` and `high` give each batch row its index among them, `lift`
+    each row of `above` its index in `below`."""
+
+    below: Tensor
+    low: Tensor
+    above: Tensor
+    high: Tensor
+    lift: Tensor
+
+
+def first_of_each(key: Int[Tensor, "row k"]) -> tuple[Tensor, Tensor]:
+    """(the first row of each distinct row of `key`, ascending; every row's index among them)."""
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    n, dev = len(key), key.device
+    first = torch.full((int(inverse.max()) + 1,), n, device=dev).scatter_reduce(
+        0, inverse, torch.arange(n, device=dev), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=dev)
+    return first[order], rank[inverse]
+
+
 class FastDecoder(Decoder):
     """Static KV cache + SDPA decode step over the model's own modules (see module docstring)."""
 
@@ -101,6 +130,8 @@ class FastDecoder(Decoder):
         self.split = 0                 # layers below `split` run on the first `n_own` rows only
         self.n_own: int | None = None
         self.partner_of: Tensor | None = None
+        self.site_block = 0            # the first block steered (`share_prefix`)
+        self.distinct: Distinct | None = None     # during a prefill of repeated rows (`_distinct`)
         self.post_norm = cfg.original_architecture in POST_NORM
         self.head_norm = bool(getattr(cfg, "use_qk_norm", False)) and not self.post_norm   # Qwen3's QK norm
         self.sandwich = bool(cfg.use_normalization_before_and_after)    # Gemma 2/3: norms after sublayers too
@@ -115,17 +146,48 @@ class FastDecoder(Decoder):
         tokens, same mask, no steering below it (base partners of steered rows). Blocks below
         `split` then run on the first `n_own` rows only (their KV caches hold those rows), and
         the residual stream is widened to the whole batch when block `split` begins. Exact:
-        those rows would compute the same numbers. Call before `prefill`."""
+        those rows would compute the same numbers. Call before `prefill`.
+
+        At prefill the same holds for every row of the same prompt (a sweep's rows repeat each
+        prompt at every coefficient): `prefill` runs the blocks below `split` once per distinct
+        prompt, and the later blocks once per distinct prompt and coefficients (`Distinct`)."""
         self.n_own, self.partner_of, self.split = n_own, partner_of, split if len(partner_of) else 0
+        self.site_block = split
 
     def _rows(self, i: int) -> int | None:
         """How many batch rows block i runs on (None: all)."""
         return self.n_own if i < self.split else None
 
+    def _lower(self, i: int, t: Tensor) -> Tensor:
+        """The rows of `t` (one per batch row) that block i runs on."""
+        if self.distinct is not None:
+            return t[self.distinct.below if i < self.site_block else self.distinct.above]
+        return t[:self._rows(i)]
+
     def _widen(self, i: int, resid: Tensor) -> Tensor:
+        if self.distinct is not None:
+            return resid[self.distinct.lift] if i == self.site_block and i > 0 else resid
         if i == self.split and self.split > 0:
             return torch.cat([resid, resid[self.partner_of]])
         return resid
+
+    def _distinct(self, tokens: Tensor, mask: Tensor) -> Distinct | None:
+        """A prefill's distinct rows (`Distinct`), or None where no row repeats another or a hook
+        other than the steering's is registered (it would see fewer rows). Rows are alike below
+        the first site when their prompts are (tokens and mask); from it on, when their steering
+        coefficients are too (those that act at prefill: not with steering from a later start)."""
+        steered = handles(self.steering)
+        count = Counter(h.hook for h in steered)
+        if any(len(hp._forward_hooks) > count[name] for name, hp in self.model.hook_dict.items()):
+            return None
+        prompt = torch.cat([tokens, mask], 1)
+        coeffs = [h.coeff.float().view(torch.int32).long()[:, None] for h in steered
+                  if torch.is_tensor(h.coeff) and h.start < tokens.shape[1]]
+        below, low = first_of_each(prompt)
+        above, high = first_of_each(torch.cat([prompt, *coeffs], 1))
+        if len(above) == len(tokens) and (self.site_block == 0 or len(below) == (self._rows(0) or len(tokens))):
+            return None
+        return Distinct(below, low, above, high, low[above])
 
     def _qkv(self, i: int, resid: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Block i up to its (unrotated) Q, K and V, with TransformerLens's hooks: returns the
@@ -189,7 +251,7 @@ class FastDecoder(Decoder):
         mlp_out = block.hook_mlp_out(mlp_out)
         if i + 1 == m.cfg.n_layers:
             return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], m.ln_final)
-        if i + 1 == self.split:             # the residual is widened before the next block
+        if i + 1 == (self.site_block if self.distinct is not None else self.split):   # widened before the next block
             return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], None)
         nxt = m.blocks[i + 1]
         return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post, nxt.hook_resid_pre], nxt.ln1)
@@ -216,7 +278,12 @@ class FastDecoder(Decoder):
         if self.rotary is not None:
             q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
             q = self.model.blocks[i].attn.hook_rot_q(q)
-        keys, values = self.cache.write(i, k, v)
+        if self.distinct is not None:       # every row's cache gets the keys of the row it repeats
+            spread = self.distinct.low if i < self.site_block else self.distinct.high
+            keys, values = self.cache.write(i, k[spread[:self._rows(i)]], v[spread[:self._rows(i)]])
+            keys, values = self._lower(i, keys), self._lower(i, values)
+        else:
+            keys, values = self.cache.write(i, k, v)
         if self.exact(i):
             mask = attn_mask
             if self.windows[i] is not None:
@@ -254,15 +321,21 @@ class FastDecoder(Decoder):
             self.steering.offset = start
         # rotary positions as TransformerLens counts them: unmasked tokens before, from 0
         pos = (mask_now.cumsum(1) - 1).clamp(min=0)[:, start:]
-        tables = self.rotary.rows(pos) if self.rotary is not None else [(None, None)] * m.cfg.n_layers
-        resid, x = m.hook_embed(m.embed(tokens[:self._rows(0)])), None
+        if self.rotary is None:
+            low = high = [(None, None)] * m.cfg.n_layers
+        elif self.distinct is None:
+            low = high = self.rotary.rows(pos)
+        else:                               # the rows each block runs on
+            low, high = self.rotary.rows(pos[self.distinct.below]), self.rotary.rows(pos[self.distinct.above])
+        resid, x = m.hook_embed(m.embed(self._lower(0, tokens))), None
         if self.rotary is None:             # learned positions: TransformerLens's own module, same positions
-            resid = resid + m.hook_pos_embed(m.pos_embed(tokens[:self._rows(0)], start, mask_now[:self._rows(0)]))
+            resid = resid + m.hook_pos_embed(m.pos_embed(self._lower(0, tokens), start, self._lower(0, mask_now)))
         for i in range(m.cfg.n_layers):
             resid = self._widen(i, resid)
-            resid, x = self._layer(i, resid, x, keys[:self._rows(i)], *tables[i])
+            resid, x = self._layer(i, resid, x, self._lower(i, keys), *(low if i < self.site_block else high)[i])
         cache.length = end
-        return self._logits(resid, x)
+        logits = self._logits(resid, x)
+        return logits if self.distinct is None else logits[self.distinct.high]
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
@@ -272,7 +345,14 @@ class FastDecoder(Decoder):
         shapes = [(self._rows(i) or b, self.n_kv, self.cache.capacity, cfg.d_head) for i in range(cfg.n_layers)]
         # a decoder serving another rollout of its shape (`engine.pool`) clears its buffers in place
         self.reused = self.cache.reset(shapes, b, cfg.dtype, tokens.device)
-        return self._forward(tokens, mask)
+        self.distinct = self._distinct(tokens, mask)
+        if self.distinct is None:
+            return self._forward(tokens, mask)
+        try:                                # the steering acts on the rows of `above` meanwhile
+            with rows_of(self.steering, self.distinct.above):
+                return self._forward(tokens, mask)
+        finally:
+            self.distinct = None
 
     @torch.no_grad()
     def fork(self, tail: Int[Tensor, "rows tail"]) -> Float[Tensor, "rows d_vocab"]:
