@@ -1,8 +1,9 @@
 """Large batches on the GPU: the CUDA-graph decoder's step time, steered tokens per second (each
 with its per-token KL against a base partner) and peak memory at several batch sizes, for a
-random-init model of a named shape in bf16.
+random-init model of a named shape in bf16; with the device memory `engine.batching` expects
+such a batch to take (its per-row bound, plus the weights) and the rows per batch it would pick.
 
-    python benchmarks/bench_batches.py --shape qwen2.5-0.5b --batches 64,128,256
+    python benchmarks/bench_batches.py --shape qwen2.5-0.5b --batches 64,128,256,512,1024
 """
 
 import argparse
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from isokl_tl.engine import GraphDecoder, release
+from isokl_tl.engine import GraphDecoder, batch_rows, batching, release
 from isokl_tl.hooks import hook_name
 from isokl_tl.models import load_model
 from isokl_tl.models.checkpoints import SHAPES, make_checkpoint
@@ -40,8 +41,10 @@ def main() -> None:
     v = torch.randn(model.cfg.d_model, generator=g)
     v = v / v.norm()
     print(f"{a.shape}, bf16, {torch.cuda.get_device_name()}, {a.new} new tokens, prompts of {a.prompt_len}")
-    print("| steered rows (+ partners) | ms per step | steered tokens/s | peak memory GiB |")
-    print("|---:|---:|---:|---:|")
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    per_row = batching.row_bytes(model, a.prompt_len, a.prompt_len + a.new)
+    print("| steered rows (+ partners) | ms per step | steered tokens/s | peak memory GiB | expected at most GiB |")
+    print("|---:|---:|---:|---:|---:|")
     for b in (int(x) for x in a.batches.split(",")):
         prompts = torch.randint(5, 600, (b, a.prompt_len), generator=g).tolist()
         coeff = torch.full((b,), 8.0)
@@ -57,8 +60,12 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         secs = statistics.median(times)
         print(f"| {b} (+{b}) | {1000 * secs / a.new:.3f} | {b * a.new / secs:,.0f} | "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} |", flush=True)
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} | {(weights + b * per_row) / 2**30:.2f} |", flush=True)
         release(model)
+    for n in (64, 512, 4096):
+        prompts = [[5] * a.prompt_len] * n
+        print(f"rows per batch the engine picks for {n} rows of this shape: {batch_rows(model, prompts, a.new)} "
+              f"(free now {batching.available_bytes(torch.device('cuda')) / 2**30:.1f} GiB)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """On the GPU: fork pmass read while the sweep decodes (captured fork graphs of the CUDA-graph
 decoder) against the reference `fork_pmass` over the finished rollouts, the embedded model in
-float32; prints the largest differences and the time each way.
+float32; prints the largest differences and the time each way. The prompts repeat at four
+coefficients (their prefill shares blocks, `FastDecoder`'s distinct rows), and the rollouts
+themselves are checked against TransformerLens's own forward (`ReferenceDecoder`) too.
 
     python benchmarks/check_forks_gpu.py
 """
@@ -10,6 +12,7 @@ import time
 import torch
 
 from isokl_tl import load_model
+from isokl_tl.engine import ReferenceDecoder
 from isokl_tl.hooks import default_layer, hook_name
 from isokl_tl.pmass import ForkReader, Splice, fork_pmass, fork_schedule
 from isokl_tl.prompts import load_prompts
@@ -43,6 +46,11 @@ def main() -> None:
               f"{(got.argmax.values == ref.argmax.values).mean():.4f}, max |d pmass| "
               f"{(got.pmass - ref.pmass).abs().max():.2e}, max |d p_true| {(got.p_true - ref.p_true).abs().max():.2e}; "
               f"sweep with forks {t1 - t0:.2f} s, reference pmass {t2 - t1:.2f} s")
+        plain = rollout(model, prompts, coeffs, direction=v, hook=hook, window=128, generated_only=generated_only,
+                        decoder=ReferenceDecoder)
+        agree = (r.tokens == plain.tokens).long().cumprod(1).bool()           # still on the same prefix
+        print(f"  rollouts against TransformerLens's forward: tokens agree {(r.tokens == plain.tokens).float().mean():.4f}, "
+              f"max |d KL| on the shared prefix {(r.kl - plain.kl).abs()[agree].nan_to_num().max():.2e}")
 
 
 if __name__ == "__main__":

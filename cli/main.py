@@ -16,6 +16,7 @@ from isokl_tl_cli.options import (
     model_options,
     out_option,
     pmass_options,
+    rows_per_batch_option,
     survival_options,
     sweep_options,
 )
@@ -114,7 +115,7 @@ def direction(out, force, **kw) -> None:
 @hook_options
 @direction_options
 @calibration_options
-@click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch [default: 64].")
+@rows_per_batch_option
 @FORCE
 @out_option
 @user_errors

@@ -25,6 +25,26 @@ def _alphas(ctx, param, value):
         raise click.BadParameter(f"{' '.join(value)!r}: give numbers separated by spaces or commas") from None
 
 
+class RowsPerBatch(click.ParamType):
+    """A positive number of rows, or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r}: give a number of rows or auto", param, ctx)
+
+
+rows_per_batch_option = click.option(
+    "--rows-per-batch", type=RowsPerBatch(), default=None,
+    help="Rollout rows per forward batch, or auto: 64 on the CPU, on a GPU as many as fit half its free "
+         "memory, up to 512 [default: auto].")
+
+
 def _stack(f, options):
     for opt in reversed(options):
         f = opt(f)
@@ -121,7 +141,7 @@ def sweep_options(f):
                      help="Also record, per generated token, every layer's residual projected on the "
                           "direction, its norm and ||steered - base||, and the steered hook's residual "
                           "(float16) -> activations.safetensors [default: no-record-acts]."),
-        click.option("--rows-per-batch", type=int, default=None, help="Rollout rows per forward batch [default: 64]."),
+        rows_per_batch_option,
         click.option("--inline-forks/--forks-after-sweep", "inline_forks", default=None,
                      help="Read fork pmass off each rollout's own cache while the sweep decodes, or afterwards "
                           "from the saved rollouts (the reference path; same numbers within 1e-5) "

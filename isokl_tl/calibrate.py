@@ -95,7 +95,7 @@ def statistic_label(cal: "Calibration") -> str:
 
 
 def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list[int]],
-              settings: CalibrationSettings = CalibrationSettings(), *, rows_per_batch: int = 64,
+              settings: CalibrationSettings = CalibrationSettings(), *, rows_per_batch: int | None = None,
               progress: bool = False) -> Calibration:
     """Find c* for `direction` over the calibration `prompts` (token ids, chat-rendered; for the
     `delta_ce` statistic, corpus passages: `corpus.corpus_ids`)."""
@@ -107,7 +107,7 @@ def calibrate(model: HookedTransformer, direction: Direction, prompts: list[list
 
 
 def calibrate_many(model: HookedTransformer, directions: list[Direction], prompts: list[list[int]],
-                   settings: CalibrationSettings = CalibrationSettings(), *, rows_per_batch: int = 64,
+                   settings: CalibrationSettings = CalibrationSettings(), *, rows_per_batch: int | None = None,
                    progress: bool = False) -> list[Calibration | CalibrationError]:
     """Calibrate several directions (other layers, methods) in lockstep: every round rolls out the
     next candidates of every unfinished search in the same batches (each row steered at its own

@@ -70,12 +70,14 @@ class RunConfig:
     repetition_threshold: float = THRESHOLDS["repetition"]
     compression_threshold: float = THRESHOLDS["compression"]
     surprisal_threshold: float = THRESHOLDS["surprisal"]
-    rows_per_batch: int = 64
+    rows_per_batch: int | str = "auto"     # or a number; "auto": the engine picks (`engine.batch_rows`)
     inline_forks: bool = True
 
     def __post_init__(self):
         check_method(self.method)
-        for name in ("window", "calib_window", "n_prompts", "n_calib", "rows_per_batch"):
+        if self.rows_per_batch != "auto" and not (isinstance(self.rows_per_batch, int) and self.rows_per_batch > 0):
+            raise ValueError(f"rows-per-batch must be a positive number or auto, got {self.rows_per_batch!r}")
+        for name in ("window", "calib_window", "n_prompts", "n_calib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.alphas:
@@ -186,6 +188,11 @@ class RunConfig:
     # `inline_forks`, how fork pmass is computed (read while the sweep decodes, or afterwards from
     # the saved rollouts: `Run.pmass`), gives the same numbers within 1e-5: an execution setting too.
     EXECUTION = ("device", "rows_per_batch", "inline_forks")
+
+    @property
+    def batch_rows(self) -> int | None:
+        """Rollout rows per batch as the library takes them: None where the engine picks."""
+        return None if self.rows_per_batch == "auto" else self.rows_per_batch
 
     def stage_settings(self, stage: str) -> dict:
         """This stage's settings plus every upstream stage's (so a change invalidates downstream)."""

@@ -18,6 +18,7 @@ from isokl_tl.hooks import Site, steer_sites
 from isokl_tl.tokens import chunks, left_pad, pad_id, require_tokenizer, text_ids
 
 MAX_TOKENS = 256            # a passage's tokens beyond this are not scored
+CE_ROWS = 16                # passages per teacher-forced batch, unless told
 
 
 def corpus_ids(tokenizer, texts: list[str], *, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
@@ -33,13 +34,13 @@ def corpus_ids(tokenizer, texts: list[str], *, max_tokens: int = MAX_TOKENS) -> 
 
 @torch.no_grad()
 def token_ce(model: HookedTransformer, ids: list[list[int]], coeffs: Float[Tensor, " row"], *,
-             sites: list[Site], site: Int[Tensor, " row"], rows_per_batch: int = 16) -> Float[Tensor, "row pos"]:
+             sites: list[Site], site: Int[Tensor, " row"], rows_per_batch: int | None = None) -> Float[Tensor, "row pos"]:
     """Per row (a passage, a coefficient, a site index): the steered model's cross-entropy of every
     token after the first, teacher-forced, in float32; right-aligned like the passages (column j of
     a row of n tokens is its token j - (width - n) + 1), NaN where the row has no token."""
     tokens, mask = left_pad(ids, pad_id(model.tokenizer), model.cfg.device)
     out = torch.full((len(ids), tokens.shape[1] - 1), float("nan"))
-    for sl in chunks(len(ids), rows_per_batch):
+    for sl in chunks(len(ids), rows_per_batch or CE_ROWS):
         rows = site[sl]
         per_site = [torch.where(rows == i, coeffs[sl], 0.0) for i in range(len(sites))]
         with steer_sites(model, sites, per_site):

@@ -91,7 +91,7 @@ def fit_curvature(cal: Calibration, small: float = 0.3, extra: list[dict] = ()) 
 
 
 def _probe(model: HookedTransformer, found: dict[int, tuple[Direction, Calibration]],
-           prompts: list[list[int]], s: CalibrationSettings, rows_per_batch: int
+           prompts: list[list[int]], s: CalibrationSettings, rows_per_batch: int | None
            ) -> tuple[dict[int, list[dict]], pd.DataFrame]:
     """One batched rollout over the calibration prompts, for every calibrated layer at c* (recording
     every layer's residual) and at c*/8 and c*/4 (the small-c end of the KL law). Returns the
@@ -121,7 +121,7 @@ def _probe(model: HookedTransformer, found: dict[int, tuple[Direction, Calibrati
 
 
 def _heldout_pmass(model: HookedTransformer, ablations: dict[int, tuple[Direction, float]],
-                   prompts: list[list[int]], window: int, splice: Splice, rows_per_batch: int
+                   prompts: list[list[int]], window: int, splice: Splice, rows_per_batch: int | None
                    ) -> dict[int, tuple[float, float]]:
     """Held-out rollouts of the unsteered model and of every layer's ablation at its c*, in one
     batch; then fork pmass at the start, middle and end of the window. Per layer: (mean pmass,
@@ -189,7 +189,7 @@ def layer_study(model: HookedTransformer, pairs: list[ContrastPair], prompts: li
                 layers: list[int], *, method: str = "mean_diff",
                 settings: CalibrationSettings = CalibrationSettings(window=32, bootstrap=0),
                 heldout: list[list[int]] | None = None, splice: Splice = Splice(),
-                rows_per_batch: int = 64, progress: bool = False) -> LayerStudy:
+                rows_per_batch: int | None = None, progress: bool = False) -> LayerStudy:
     """The per-layer table (and propagation profiles). Layers run batched: every layer's (and every
     ablation's) calibration runs in lockstep in shared batches, then one rollout probes them all,
     then one rollout gives the held-out ablation runs. A layer whose calibration fails keeps its

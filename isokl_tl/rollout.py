@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from isokl_tl.activations import Activations, Record, Recorder
-from isokl_tl.engine import GREEDY, DecoderFactory, Forks, Sampling, decode_batch, make_decoder
+from isokl_tl.engine import GREEDY, DecoderFactory, Forks, Sampling, batch_rows, decode_batch, make_decoder
 from isokl_tl.hooks import Site
 from isokl_tl.manifest import (
     ACTIVATIONS,
@@ -173,14 +173,15 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
             direction: Float[Tensor, " d_model"] | None = None, hook: str | None = None,
             method: str = "add", sites: list[Site] | None = None, site: Int[Tensor, " row"] | None = None,
             window: int = 64, generated_only: bool = False, sampling: Sampling = GREEDY,
-            eos: list[int] | None = None, rows_per_batch: int = 64,
+            eos: list[int] | None = None, rows_per_batch: int | None = None,
             decoder: DecoderFactory = make_decoder, prompt_index: Int[Tensor, " row"] | None = None,
             alpha: Float[Tensor, " row"] | None = None, record: Record | None = None,
             forks: ForkProbe | None = None, progress: bool = False) -> Rollouts:
     """Decode `window` tokens for every row (prompt ids, coefficient) and score them as it goes.
 
     Rows are processed `rows_per_batch` at a time (each with its base partner, so the forward
-    batch is twice that). EOS ids default to the tokenizer's end-of-turn tokens. `record` also
+    batch is twice that); None lets the engine pick (`engine.batch_rows`: 64 on the CPU, as many
+    as fit half the free memory on a GPU, up to 512). EOS ids default to the tokenizer's end-of-turn tokens. `record` also
     records activations along the way (`isokl_tl.activations`; `Rollouts.acts`), and `forks` (a
     `pmass.ForkReader`) reads fork pmass along the way (not together with `record`: the fork tails
     would be recorded too).
@@ -202,6 +203,8 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
         raise ValueError(f"window must be a positive number of tokens, got {window}")
     if len(prompts) != len(coeffs):
         raise ValueError(f"{len(prompts)} prompts but {len(coeffs)} coefficients: give one per row")
+    if rows_per_batch is None:
+        rows_per_batch = batch_rows(model, prompts, window, 0 if forks is None else len(forks.at_rows(0).tail))
     if rows_per_batch <= 0:
         raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
     if forks is not None and record is not None:

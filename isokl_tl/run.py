@@ -13,6 +13,7 @@ the same way.
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +35,7 @@ from isokl_tl.coherence import deaths_by_signal, dying_by, rollout_signals
 from isokl_tl.config import RunConfig
 from isokl_tl.corpus import MAX_TOKENS, corpus_ids
 from isokl_tl.directions import Direction, compute_direction
-from isokl_tl.engine import Sampling
+from isokl_tl.engine import Sampling, batch_rows
 from isokl_tl.hooks import check_direction, resolve_hook
 from isokl_tl.inputs import check_inputs
 from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv
@@ -172,7 +173,7 @@ class Run:
                            for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
             signed = [d if sign == 1 else d.negated() for sign in self.cfg.signs()]
             cals = calibrate_many(self.model, signed, prompts, self.cfg.calibration_settings(),
-                                  rows_per_batch=self.cfg.rows_per_batch, progress=self.progress)
+                                  rows_per_batch=self.cfg.batch_rows, progress=self.progress)
             for cal in cals:
                 if isinstance(cal, CalibrationError):
                     raise cal
@@ -205,12 +206,15 @@ class Run:
             alpha = torch.tensor([a for a in alphas for _ in ids])
             coeff = alpha * torch.tensor([c_star_for(a, cals) for a in alphas for _ in ids])
             index = torch.tensor([i for _ in alphas for i in range(len(ids))])
-            parts_dir, parts, forked = parts_folder(self.dir, self.cfg, "rollout", key, self.log), [], []
             # fork pmass is read as the sweep decodes (`pmass.ForkReader`), for the pmass stage to
             # take if its settings are still these then (not while recording activations)
             inline = self.cfg.inline_forks and not self.cfg.record_acts
             pmass_key = settings_hash(self.cfg.stage_settings("pmass"))
-            for i, sl in enumerate(chunks(len(rows), self.cfg.rows_per_batch)):
+            tail = len(self.cfg.splice_spec().token_ids(self.model.tokenizer)) if inline else 0
+            per_batch = self.cfg.batch_rows or batch_rows(self.model, rows, self.cfg.window, tail)   # cuts the parts
+            cut = replace(self.cfg, rows_per_batch=per_batch)
+            parts_dir, parts, forked = parts_folder(self.dir, cut, "rollout", key, self.log), [], []
+            for i, sl in enumerate(chunks(len(rows), per_batch)):
                 part = parts_dir / f"{i:04d}"
                 if not (part / files.ROLLOUTS_META).exists():
                     reader = ForkReader(self.model, self.cfg.forks(), self.cfg.splice_spec()) if inline else None
@@ -218,7 +222,7 @@ class Run:
                                    hook=d.hook, method=d.intervention, window=self.cfg.window,
                                    generated_only=self.cfg.generated_only,
                                    sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),
-                                   rows_per_batch=self.cfg.rows_per_batch, prompt_index=index[sl],
+                                   rows_per_batch=per_batch, prompt_index=index[sl],
                                    alpha=alpha[sl], record=Record() if self.cfg.record_acts else None,
                                    forks=reader, progress=self.progress)
                     if reader is not None:

@@ -17,6 +17,7 @@ from isokl_tl.manifest import write_atomic, write_csv
 from isokl_tl.survival import format_token
 
 REPORT_CSV, REPORT_MD, REPORT_FIG = "report.csv", "report.md", "report.png"
+FACETS_FIG = "report_facets.png"
 SEEDS_CSV, SEEDS_MD = "report_seeds.csv", "report_seeds.md"
 COLUMNS = ["c_star", "c_star_lo", "c_star_hi", "converged", "heldout_alpha1", "alpha", "n", "died", "censored",
            "S_mid", "S_end", "median", "median_lo", "median_hi"]
@@ -92,9 +93,9 @@ def seeds_markdown(seeds: pd.DataFrame) -> str:
 
 
 def write_report(study: str | Path) -> pd.DataFrame:
-    """report.csv, report.md and report.png in the study directory (and, for a study with a `seed`
+    """report.csv, report.md, report.png and report_facets.png in the study directory (and, for a study with a `seed`
     axis, the across-seed table report_seeds.csv/.md); returns the table."""
-    from isokl_tl.plots import plot_study, save_figure
+    from isokl_tl.plots import plot_study, plot_study_facets, save_figure
 
     study = Path(study)
     table = study_table(study)
@@ -102,6 +103,7 @@ def write_report(study: str | Path) -> pd.DataFrame:
     write_atomic(study / REPORT_MD, lambda p: p.write_text(report_markdown(table)))
     if len(table):
         save_figure(plot_study(table), study / REPORT_FIG)
+        save_figure(plot_study_facets(table), study / FACETS_FIG)
     if "seed" in table.columns and table.seed.nunique() > 1:
         seeds = seed_table(table)
         write_csv(study / SEEDS_CSV, seeds)

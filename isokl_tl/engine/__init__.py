@@ -9,11 +9,13 @@ for steering, `isokl_tl.tokens` for padding), never the science.
   arithmetic) and `graph` (`GraphDecoder`: fixed-shape steps replayed as CUDA graphs);
   `paths` picks one per model.
 - `loop`: the one decode loop (`decode_batch`); `scoring`: per-step choice, KL and records;
-  `pool`: decoders kept for later batches of the same shape.
+  `pool`: decoders kept for later batches of the same shape; `batching`: how many rows a batch
+  takes when the caller does not say.
 - `fusion`, `cpu_linear`, `layout`: joined projections, oneDNN-packed CPU multiplies, and the
   weight layout the decoders read; `kernels/`: the Triton kernels (CUDA, or Triton's interpreter).
 """
 
+from isokl_tl.engine.batching import batch_rows
 from isokl_tl.engine.decoder import Decoder, ReferenceDecoder
 from isokl_tl.engine.fast import FastDecoder, unsupported_reason
 from isokl_tl.engine.fusion import has_hook
@@ -26,5 +28,5 @@ from isokl_tl.engine.pool import release
 from isokl_tl.engine.scoring import GREEDY, Sampling, kl_from_logprobs
 
 __all__ = ["Decoder", "DecoderFactory", "DecodePath", "FastDecoder", "Forks", "GREEDY", "GraphDecoder", "KVCache",
-           "Observer", "ReferenceDecoder", "Sampling", "decode_batch", "decode_path", "has_hook",
+           "Observer", "ReferenceDecoder", "Sampling", "batch_rows", "decode_batch", "decode_path", "has_hook",
            "kl_from_logprobs", "make_decoder", "relayout_for_decode", "release", "unsupported_reason"]

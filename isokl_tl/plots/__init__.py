@@ -10,9 +10,9 @@ that compare methods or layers.
 """
 
 from isokl_tl.plots.cell import plot_aggregate, plot_calibration, plot_kl_bands, plot_spaghetti
-from isokl_tl.plots.studies import plot_layers, plot_methods, plot_methods_dose_response, plot_study
+from isokl_tl.plots.studies import plot_layers, plot_methods, plot_methods_dose_response, plot_study, plot_study_facets
 from isokl_tl.plots.style import save_figure
 from isokl_tl.plots.survival import plot_dose_response, plot_survival, plot_threshold_sweep
 
 __all__ = ["plot_aggregate", "plot_calibration", "plot_dose_response", "plot_kl_bands", "plot_layers",
-           "plot_methods", "plot_methods_dose_response", "plot_spaghetti", "plot_study", "plot_survival", "plot_threshold_sweep", "save_figure"]
+           "plot_methods", "plot_methods_dose_response", "plot_spaghetti", "plot_study", "plot_study_facets", "plot_survival", "plot_threshold_sweep", "save_figure"]

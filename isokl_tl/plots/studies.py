@@ -102,14 +102,19 @@ def _spread(g: pd.DataFrame) -> list:
     return [lo, hi]
 
 
+def study_axes(table: pd.DataFrame) -> list[str]:
+    """The columns of a study table (`study.study_table`) that are the study's axes."""
+    from isokl_tl.study import COLUMNS
+
+    return [c for c in table.columns if c not in ("cell", *COLUMNS)]
+
+
 @styled
 def plot_study(table: pd.DataFrame, *, fig=None) -> np.ndarray:
     """A study's cells compared (`study.study_table`): S at the window's end against alpha, one
     line per cell (left), and c* with its 90% interval (right): against the layer, one line per
     combination of the other axes, when the study crosses layers, else one row per cell."""
-    axes_cols = [c for c in table.columns if c not in ("cell", "c_star", "c_star_lo", "c_star_hi", "converged",
-                                                       "heldout_alpha1", "alpha", "n", "died", "censored", "S_mid",
-                                                       "S_end", "median", "median_lo", "median_hi")]
+    axes_cols = study_axes(table)
     cells = list(dict.fromkeys(table.cell))
     if fig is None:
         fig = plt.figure(figsize=(11, 0.9 + max(3.2, 0.28 * len(cells))))
@@ -144,3 +149,74 @@ def plot_study(table: pd.DataFrame, *, fig=None) -> np.ndarray:
         ax_c.set(xlabel="c*", title="c* per cell (90% bootstrap)")
     ax_s.legend(fontsize=7, title="cell", title_fontsize=7, loc="upper left", bbox_to_anchor=(-0.02, -0.25), ncol=2)
     return np.array([ax_s, ax_c])
+
+
+def _label(value) -> str:
+    """An axis value as a panel or line label (a model file by its name)."""
+    text = str(value)
+    return text.rsplit("/", 1)[-1] if "/" in text else text
+
+
+def _c_star_text(cells: pd.DataFrame) -> str:
+    """c* of the cells behind one line: with its 90% interval for one cell, else the mean and
+    the range over them (seeds)."""
+    if len(cells) == 1:
+        c = cells.iloc[0]
+        ci = f" ({c.c_star_lo:.3g}-{c.c_star_hi:.3g})" if pd.notna(c.c_star_lo) else ""
+        return f"c* {c.c_star:.3g}{ci}"
+    return f"c* {cells.c_star.mean():.3g} ({cells.c_star.min():.3g}-{cells.c_star.max():.3g} over {len(cells)})"
+
+
+@styled
+def plot_study_facets(table: pd.DataFrame, *, fig=None) -> np.ndarray:
+    """A study's cells side by side (`study.study_table`): one panel per model (rows) and per
+    method (columns), where the study crosses them, each with S at the window's end against
+    alpha, one line per combination of the other axes (the same colour in every panel). Cells
+    that differ only by seed make one line: their mean, with the range over the seeds shaded.
+    Each line's label gives its c* (with its 90% bootstrap interval, or its range over seeds)."""
+    axes_cols = study_axes(table)
+    facet_rows = "model" if "model" in axes_cols and table.model.nunique() > 1 else None
+    facet_cols = "method" if "method" in axes_cols and table.method.nunique() > 1 else None
+    lines = [c for c in axes_cols if c not in (facet_rows, facet_cols, "seed")]
+    row_values = list(dict.fromkeys(table[facet_rows])) if facet_rows else [None]
+    col_values = list(dict.fromkeys(table[facet_cols])) if facet_cols else [None]
+    keys = list(dict.fromkeys(map(tuple, table[lines].values.tolist()))) if lines else [()]
+    colors = dict(zip(keys, sns.color_palette("tab10" if len(keys) <= 10 else "husl", len(keys))))
+    if fig is None:
+        fig = plt.figure(figsize=(1.2 + 3.6 * len(col_values), 0.8 + 3.2 * len(row_values)))
+    grid = fig.subplots(len(row_values), len(col_values), sharex=True, sharey=True, squeeze=False)
+    for i, rv in enumerate(row_values):
+        for j, cv in enumerate(col_values):
+            ax, sub = grid[i, j], table
+            if facet_rows:
+                sub = sub[sub[facet_rows] == rv]
+            if facet_cols:
+                sub = sub[sub[facet_cols] == cv]
+            groups = sub.groupby(lines, sort=False) if lines else [((), sub)]
+            for k, (key, g) in enumerate(groups):
+                key = key if isinstance(key, tuple) else (key,)
+                per = g.groupby("alpha").S_end.agg(["mean", "min", "max"])
+                nudge = 0.03 * (k - (len(keys) - 1) / 2) / max(len(keys) - 1, 1)   # coinciding lines stay visible
+                name = ", ".join(f"{a} {_label(v)}" for a, v in zip(lines, key))
+                label = f"{name}: {_c_star_text(g.drop_duplicates('cell'))}" if name else _c_star_text(
+                    g.drop_duplicates("cell"))
+                ax.plot(per.index, per["mean"] + nudge, marker="o", ms=3, color=colors[key], label=label)
+                if g.cell.nunique() > 1:
+                    ax.fill_between(per.index, per["min"], per["max"], color=colors[key], alpha=0.15, lw=0)
+            title = " · ".join(_label(v) for v in (rv, cv) if v is not None)
+            ax.set_title(title or "all cells", fontsize=9)
+            ax.set_ylim(-0.05, 1.05)
+            ax.legend(fontsize=6, loc="lower left", frameon=False)
+            if i == len(row_values) - 1:
+                ax.set_xlabel("alpha (multiples of the cell's c*)")
+            if j == 0:
+                ax.set_ylabel("S at the window's end")
+    seeds = "seed" in axes_cols and table.seed.nunique() > 1
+    fig.suptitle("survival at the end of the window, per " + " and ".join(
+        x for x in (facet_rows, facet_cols) if x) if facet_rows or facet_cols else "survival at the end of the window",
+        fontsize=10)
+    notes = ["lines that coincide are offset by at most ±0.015"]
+    if seeds:
+        notes.insert(0, "line: mean over seeds, shaded: their range")
+    fig.text(0.5, -0.01, "; ".join(notes), ha="center", va="top", fontsize=7, color="0.35")
+    return grid.ravel()
