@@ -160,11 +160,12 @@ def _label(value) -> str:
 def _c_star_text(cells: pd.DataFrame) -> str:
     """c* of the cells behind one line: with its 90% interval for one cell, else the mean and
     the range over them (seeds)."""
+    late = "" if cells.converged.all() else ", not converged"
     if len(cells) == 1:
         c = cells.iloc[0]
-        ci = f" ({c.c_star_lo:.3g}-{c.c_star_hi:.3g})" if pd.notna(c.c_star_lo) else ""
-        return f"c* {c.c_star:.3g}{ci}"
-    return f"c* {cells.c_star.mean():.3g} ({cells.c_star.min():.3g}-{cells.c_star.max():.3g} over {len(cells)})"
+        ci = f" ({c.c_star_lo:.4g}-{c.c_star_hi:.4g}{late})" if pd.notna(c.c_star_lo) else (f" ({late[2:]})" if late else "")
+        return f"c* {c.c_star:.4g}{ci}"
+    return f"c* {cells.c_star.mean():.4g} ({cells.c_star.min():.4g}-{cells.c_star.max():.4g} over {len(cells)}{late})"
 
 
 @styled
@@ -206,7 +207,7 @@ def plot_study_facets(table: pd.DataFrame, *, fig=None) -> np.ndarray:
             title = " · ".join(_label(v) for v in (rv, cv) if v is not None)
             ax.set_title(title or "all cells", fontsize=9)
             ax.set_ylim(-0.05, 1.05)
-            ax.legend(fontsize=6, loc="lower left", frameon=False)
+            ax.legend(fontsize=6, loc="best", frameon=True, framealpha=0.85)
             if i == len(row_values) - 1:
                 ax.set_xlabel("alpha (multiples of the cell's c*)")
             if j == 0:
@@ -215,8 +216,9 @@ def plot_study_facets(table: pd.DataFrame, *, fig=None) -> np.ndarray:
     fig.suptitle("survival at the end of the window, per " + " and ".join(
         x for x in (facet_rows, facet_cols) if x) if facet_rows or facet_cols else "survival at the end of the window",
         fontsize=10)
-    notes = ["lines that coincide are offset by at most ±0.015"]
+    notes = ["lines that coincide are offset by at most ±0.015"] if len(keys) > 1 else []
     if seeds:
         notes.insert(0, "line: mean over seeds, shaded: their range")
-    fig.text(0.5, -0.01, "; ".join(notes), ha="center", va="top", fontsize=7, color="0.35")
+    if notes:
+        fig.text(0.5, -0.01, "; ".join(notes), ha="center", va="top", fontsize=7, color="0.35")
     return grid.ravel()
