@@ -11,7 +11,8 @@ Executors:
   with its share of the cores). A worker keeps the model it loaded last, so cells of the same
   model in a row load it once. A worker that dies (killed, out of memory) leaves its cell
   `failed` with the reason; the cell's saved parts stay for the next call.
-- `ray`: one Ray task per cell asking for one GPU (cuda cells) or one CPU, on the cluster at
+- `ray`: Ray actors, one per GPU of the cluster (cuda cells) or per CPU, each holding its GPU
+  and running cells one after another with the model it loaded kept, on the cluster at
   `ray_address` or on a Ray started for the call (`pip install 'isokl-tl[ray]'`).
 - `slurm`: a submitit job array, one cell a task (`Slurm` settings; `Slurm(local=True)` runs the
   array through submitit's local executor instead, `pip install 'isokl-tl[slurm]'`).
@@ -128,11 +129,22 @@ class _Progress:
         self.bar.close()
 
 
+class _CellWorker:
+    """A Ray actor holding one GPU (or one CPU) for its lifetime: it runs cells one after another
+    and keeps the model it loaded last, as a local worker does (a Ray *task* on a GPU gets a fresh
+    process each time: Ray does not reuse GPU task workers)."""
+
+    def run(self, name: str, config: dict, cell_dir: str, threads: int | None, force: bool) -> tuple:
+        return run_cell(name, config, cell_dir, threads, force)
+
+
 def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, address: str | None, force: bool,
          progress: bool, log) -> None:
-    """One Ray task per cell, asking for one GPU (cuda cells) or one CPU; against `address`, or a
-    Ray started here with `workers` CPUs (and the GPUs it sees). Cells' results land in the study
-    directory, which must be on a filesystem every node shares."""
+    """One Ray actor per GPU of the cluster (cuda cells) or per CPU (`workers`, or the cluster's),
+    each running cells from the queue; against `address`, or a Ray started here with `workers`
+    CPUs (and the GPUs it sees). An actor that dies leaves its cell failed and another takes its
+    place. Cells' results land in the study directory, which must be on a filesystem every node
+    shares."""
     import ray
 
     cuda = any(c.config.device.startswith("cuda") for c in todo)
@@ -141,30 +153,43 @@ def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, a
         ray.init(address=address, num_cpus=None if address else (workers or os.cpu_count()),
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        if cuda and ray.cluster_resources().get("GPU", 0) < 1:
+        have = ray.cluster_resources()
+        if cuda and have.get("GPU", 0) < 1:
             raise ValueError("cells on cuda, but the Ray cluster has no GPU")
         threads = None if cuda else 1
-        task = ray.remote(num_gpus=1 if cuda else 0, num_cpus=1, max_retries=0)(run_cell)
-        refs = {task.remote(c.name, c.config.to_dict(), str(c.dir(study.resolve())), threads, force): c.name
-                for c in todo}
-        for name in refs.values():
-            state.cells[name].update(state="running", error=None)
+        n = int(have["GPU"]) if cuda else (workers or int(have.get("CPU", 1)))
+        actor = ray.remote(num_gpus=1 if cuda else 0, num_cpus=1, max_restarts=0)(_CellWorker)
+        waiting, busy = list(todo), {}
+
+        def give(worker) -> None:
+            if waiting:
+                c = waiting.pop(0)
+                ref = worker.run.remote(c.name, c.config.to_dict(), str(c.dir(study.resolve())), threads, force)
+                busy[ref] = (worker, c.name)
+
+        for c in todo:
+            state.cells[c.name].update(state="running", error=None)
         state.save()
-        log(f"[grid] {len(todo)} cells as Ray tasks ({'1 GPU' if cuda else '1 CPU'} each)")
+        for _ in range(min(n, len(todo))):
+            give(actor.remote())
+        log(f"[grid] {len(todo)} cells on {min(n, len(todo))} Ray worker(s) ({'1 GPU' if cuda else '1 CPU'} each)")
         bar = _Progress(len(todo), state, progress)
         try:
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
+            while busy:
+                ready, _ = ray.wait(list(busy), num_returns=1)
                 for ref in ready:
-                    name = refs.pop(ref)
+                    worker, name = busy.pop(ref)
                     try:
                         what, error = ray.get(ref)
-                    except Exception as e:          # the task's process died
+                    except ray.exceptions.RayActorError as e:     # the worker's process died
+                        what, error, worker = "failed", one_line(e), actor.remote()
+                    except Exception as e:
                         what, error = "failed", one_line(e)
                     state.set(name, what, error)
                     if what == "failed":
                         log(f"[grid] {name} failed: {error}")
-                    bar.finished(len(refs))
+                    give(worker)
+                    bar.finished(len(busy))
         finally:
             bar.close()
     finally:

@@ -122,6 +122,24 @@ def test_ray_and_submitit_executors_give_the_local_executors_cells_byte_for_byte
             assert result_files(tmp_path / name / "cells" / cell) == local, (name, cell)
 
 
+def test_a_ray_worker_that_dies_leaves_its_cell_failed_and_another_takes_the_queue(tmp_path, monkeypatch):
+    """One Ray worker (an actor keeping its model): the first cell's process SIGKILLs itself in its
+    second sweep part, so that cell is failed with its saved parts; a new worker runs the second
+    cell (one part only, never killed); the rerun resumes the first."""
+    grid = _grid(tmp_path, 'rows_per_batch = [4, 100]\n', extra='layer = 2\n')
+    study = tmp_path / "study"
+    monkeypatch.setenv("ISOKL_TL_KILL_AFTER", "rollout:1")
+    res = _invoke(["grid", "--config", str(grid), "--out", str(study), "--executor", "ray", "--workers", "1"])
+    assert res.exit_code == 1
+    cells = json.loads((study / "grid.json").read_text())["cells"]
+    assert cells["rows_per_batch-4"]["state"] == "failed" and cells["rows_per_batch-100"]["state"] == "done"
+    assert list((study / "cells" / "rows_per_batch-4" / ".partial").glob("rollout-*/*"))
+    monkeypatch.delenv("ISOKL_TL_KILL_AFTER")
+    res = _invoke(["grid", "--config", str(grid), "--out", str(study), "--executor", "ray", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((study / "grid.json").read_text())["counts"]["done"] == 2
+
+
 def test_a_missing_executor_extra_is_one_line(tmp_path, monkeypatch):
     import sys
 
