@@ -65,7 +65,7 @@ def main() -> None:
     for n in (64, 512, 4096):
         prompts = [[5] * a.prompt_len] * n
         print(f"rows per batch the engine picks for {n} rows of this shape: {batch_rows(model, prompts, a.new)} "
-              f"(free now {batching.available_bytes(torch.device('cuda')) / 2**30:.1f} GiB)")
+              f"(its budget: {batching.budget_bytes(model) / 2**30:.1f} GiB)")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ class RowsPerBatch(click.ParamType):
 
 rows_per_batch_option = click.option(
     "--rows-per-batch", type=RowsPerBatch(), default=None,
-    help="Rollout rows per forward batch, or auto: 64 on the CPU, on a GPU as many as fit half its free "
-         "memory, up to 512 [default: auto].")
+    help="Rollout rows per forward batch, or auto: at most 64 on the CPU, on a GPU as many as fit 30% of its "
+         "memory beyond the weights, at most 512; spread evenly over the batches [default: auto].")
 
 
 def _stack(f, options):

@@ -75,7 +75,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_method(self.method)
-        if self.rows_per_batch != "auto" and not (isinstance(self.rows_per_batch, int) and self.rows_per_batch > 0):
+        if self.rows_per_batch != "auto" and not (type(self.rows_per_batch) is int and self.rows_per_batch > 0):
             raise ValueError(f"rows-per-batch must be a positive number or auto, got {self.rows_per_batch!r}")
         for name in ("window", "calib_window", "n_prompts", "n_calib"):
             if getattr(self, name) <= 0:

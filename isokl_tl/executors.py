@@ -157,8 +157,12 @@ def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, a
         if cuda and have.get("GPU", 0) < 1:
             raise ValueError("cells on cuda, but the Ray cluster has no GPU")
         threads = None if cuda else 1
-        n = int(have["GPU"]) if cuda else (workers or int(have.get("CPU", 1)))
-        actor = ray.remote(num_gpus=1 if cuda else 0, num_cpus=1, max_restarts=0)(_CellWorker)
+        cpus = int(have.get("CPU", 0))
+        # a GPU worker holds its GPU and no CPU (else CPUs short of GPUs would leave actors unscheduled)
+        n = int(have["GPU"]) if cuda else min(workers or cpus, cpus)
+        if n < 1:
+            raise ValueError("the Ray cluster has no CPU to run a cell on")
+        actor = ray.remote(num_gpus=1 if cuda else 0, num_cpus=0 if cuda else 1, max_restarts=0)(_CellWorker)
         waiting, busy = list(todo), {}
 
         def give(worker) -> None:
@@ -166,10 +170,9 @@ def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, a
                 c = waiting.pop(0)
                 ref = worker.run.remote(c.name, c.config.to_dict(), str(c.dir(study.resolve())), threads, force)
                 busy[ref] = (worker, c.name)
+                state.cells[c.name].update(state="running", error=None)
+                state.save()
 
-        for c in todo:
-            state.cells[c.name].update(state="running", error=None)
-        state.save()
         for _ in range(min(n, len(todo))):
             give(actor.remote())
         log(f"[grid] {len(todo)} cells on {min(n, len(todo))} Ray worker(s) ({'1 GPU' if cuda else '1 CPU'} each)")
@@ -182,13 +185,14 @@ def _ray(todo: list[Cell], study: Path, state: GridState, workers: int | None, a
                     try:
                         what, error = ray.get(ref)
                     except ray.exceptions.RayActorError as e:     # the worker's process died
-                        what, error, worker = "failed", one_line(e), actor.remote()
+                        what, error, worker = "failed", one_line(e), actor.remote() if waiting else None
                     except Exception as e:
                         what, error = "failed", one_line(e)
                     state.set(name, what, error)
                     if what == "failed":
                         log(f"[grid] {name} failed: {error}")
-                    give(worker)
+                    if worker is not None:
+                        give(worker)
                     bar.finished(len(busy))
         finally:
             bar.close()

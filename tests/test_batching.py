@@ -19,13 +19,16 @@ def test_cpu_batches_keep_64_rows_spread_evenly(tiny):
 def test_gpu_rows_follow_the_free_memory(tiny):
     p = [[1] * 40]
     need = batching.row_bytes(tiny, 40, 40 + 64, 0)
-    assert batching.gpu_rows(tiny, p, 64, 0, available=int(20 * need / batching.MEMORY_SHARE)) == 20
-    assert batching.gpu_rows(tiny, p, 64, 0, available=0) == 1
-    assert batching.gpu_rows(tiny, p, 64, 0, available=10**15) == batching.GPU_ROWS
+    assert batching.gpu_rows(tiny, p, 64, 0, budget=20 * need + need // 2) == 20
+    assert batching.gpu_rows(tiny, p, 64, 0, budget=0) == 1
+    assert batching.gpu_rows(tiny, p, 64, 0, budget=10**15) == batching.GPU_ROWS
     # longer windows, prompts and fork tails need more per row
     assert batching.row_bytes(tiny, 40, 600, 0) > batching.row_bytes(tiny, 40, 104, 0)
     assert batching.row_bytes(tiny, 400, 464, 0) > batching.row_bytes(tiny, 40, 464, 0)
     assert batching.row_bytes(tiny, 40, 464, 37) >= batching.row_bytes(tiny, 40, 464, 0)
+    # TransformerLens's own forward holds the prefill's logits at every position
+    assert batching.row_bytes(tiny, 40, 104, 0, full_logits=True) - batching.row_bytes(tiny, 40, 104, 0) >= \
+        2 * 40 * tiny.cfg.d_vocab * 4
 
 
 def test_a_rollout_left_to_pick_its_batches_equals_one_told(tiny, tiny_direction):
@@ -41,6 +44,6 @@ def test_a_rollout_left_to_pick_its_batches_equals_one_told(tiny, tiny_direction
 def test_run_config_takes_auto_or_a_positive_number():
     assert RunConfig().rows_per_batch == "auto" and RunConfig().batch_rows is None
     assert RunConfig(rows_per_batch=8).batch_rows == 8
-    for bad in (0, -3, "many"):
+    for bad in (0, -3, "many", True):
         with pytest.raises(ValueError, match="rows-per-batch must be a positive number or auto"):
             RunConfig(rows_per_batch=bad)

@@ -110,7 +110,7 @@ def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_dir
 @pytest.mark.parametrize("hook", ["blocks.2.hook_resid_post", "blocks.1.hook_resid_pre", "hook_embed"])
 def test_rows_of_one_prompt_share_the_prefill(tiny, tiny_direction, decoder, generated_only, hook):
     """A sweep's rows repeat each prompt at every coefficient: at prefill the blocks below the
-    steering site run once per distinct prompt (`share_prefix(same=...)`), every row's cache gets
+    steering site run once per distinct prompt (`FastDecoder._distinct`), every row's cache gets
     its prompt's keys, and from the first step each row decodes on its own. Tokens and KL match
     TransformerLens's path, with EOS inside the window (rows leave the CPU batch)."""
     prompts = _prompts(tiny, 3)

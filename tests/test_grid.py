@@ -198,3 +198,18 @@ def test_the_facets_put_models_in_rows_methods_in_columns_and_pool_seeds():
         assert [line.get_color() for line in ax.get_lines()] == [line.get_color() for line in axes[0].get_lines()]
     mean = axes[0].get_lines()[0].get_ydata()
     assert abs(mean[1] - 0.625) < 0.02                                 # mean over the seeds (nudged <= 0.015)
+
+
+def test_the_facets_take_axes_of_lists_and_missing_cells():
+    """Axis values that are lists (alphas, say) are labels; a model x method pair with no finished
+    cell gets a panel that says so."""
+    from isokl_tl.plots import plot_study_facets
+
+    rows = [dict(cell=f"c{i}", model=m, method=meth, alphas=[0, 1, i], c_star=1.0, c_star_lo=0.9, c_star_hi=1.1,
+                 converged=i != 1, heldout_alpha1=1.0, alpha=a, n=2, died=0, censored=2, S_mid=1.0, S_end=1.0,
+                 median=float("inf"), median_lo=float("inf"), median_hi=float("inf"))
+            for i, (m, meth) in enumerate([("m1", "pca"), ("m1", "random"), ("m2", "pca")]) for a in (0, 1)]
+    axes = plot_study_facets(pd.DataFrame(rows))
+    assert [t.get_text() for t in axes[3].texts] == ["no finished cell"]
+    assert axes[0].get_lines()[0].get_label() == "alphas [0, 1, 0]: c* 1 (0.9-1.1)"
+    assert axes[1].get_lines()[0].get_label().endswith("(0.9-1.1, not converged)")

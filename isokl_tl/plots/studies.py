@@ -176,6 +176,7 @@ def plot_study_facets(table: pd.DataFrame, *, fig=None) -> np.ndarray:
     that differ only by seed make one line: their mean, with the range over the seeds shaded.
     Each line's label gives its c* (with its 90% bootstrap interval, or its range over seeds)."""
     axes_cols = study_axes(table)
+    table = table.assign(**{c: table[c].map(_label) for c in axes_cols})     # labels (lists, paths: as text)
     facet_rows = "model" if "model" in axes_cols and table.model.nunique() > 1 else None
     facet_cols = "method" if "method" in axes_cols and table.method.nunique() > 1 else None
     lines = [c for c in axes_cols if c not in (facet_rows, facet_cols, "seed")]
@@ -193,6 +194,8 @@ def plot_study_facets(table: pd.DataFrame, *, fig=None) -> np.ndarray:
                 sub = sub[sub[facet_rows] == rv]
             if facet_cols:
                 sub = sub[sub[facet_cols] == cv]
+            if not len(sub):
+                ax.text(0.5, 0.5, "no finished cell", ha="center", va="center", transform=ax.transAxes, color="0.4")
             groups = sub.groupby(lines, sort=False) if lines else [((), sub)]
             for k, (key, g) in enumerate(groups):
                 key = key if isinstance(key, tuple) else (key,)
@@ -203,11 +206,13 @@ def plot_study_facets(table: pd.DataFrame, *, fig=None) -> np.ndarray:
                     g.drop_duplicates("cell"))
                 ax.plot(per.index, per["mean"] + nudge, marker="o", ms=3, color=colors[key], label=label)
                 if g.cell.nunique() > 1:
-                    ax.fill_between(per.index, per["min"], per["max"], color=colors[key], alpha=0.15, lw=0)
+                    ax.fill_between(per.index, per["min"] + nudge, per["max"] + nudge, color=colors[key], alpha=0.15,
+                                    lw=0)
             title = " · ".join(_label(v) for v in (rv, cv) if v is not None)
             ax.set_title(title or "all cells", fontsize=9)
             ax.set_ylim(-0.05, 1.05)
-            ax.legend(fontsize=6, loc="best", frameon=True, framealpha=0.85)
+            if len(sub):
+                ax.legend(fontsize=6, loc="best", frameon=True, framealpha=0.85)
             if i == len(row_values) - 1:
                 ax.set_xlabel("alpha (multiples of the cell's c*)")
             if j == 0:
