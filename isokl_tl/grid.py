@@ -22,9 +22,12 @@ holds each cell's state (pending, running, done, failed with its one-line error)
 import itertools
 import json
 import re
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from isokl_tl.config import ALIASES, STAGES, RunConfig, settle
 from isokl_tl.manifest import write_json
@@ -153,3 +156,25 @@ class GridState:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, {"cells": self.cells, "counts": {s: self.count(s) for s in STATES}})
+
+
+class GridProgress:
+    """The grid's progress bar: cells done, running, failed, and the time left at this pace."""
+
+    def __init__(self, total: int, state: GridState, progress: bool):
+        self.bar = tqdm(total=total, desc="grid", unit="cell", disable=not progress)
+        self.state, self.left, self.start, self.total = state, total, time.perf_counter(), total
+
+    def finished(self, running: int) -> None:
+        self.left -= 1
+        self.bar.update(1)
+        self.show(running)
+
+    def show(self, running: int) -> None:
+        done_now = self.total - self.left
+        eta = (time.perf_counter() - self.start) / done_now * self.left if done_now else None
+        self.bar.set_postfix_str(f"done {self.state.count('done')}, running {running}, failed "
+                                 f"{self.state.count('failed')}" + (f", ~{eta:.0f}s left" if eta is not None else ""))
+
+    def close(self) -> None:
+        self.bar.close()

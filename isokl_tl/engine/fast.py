@@ -25,7 +25,6 @@ or the architecture is not covered (`unsupported_reason`), `make_decoder` return
 """
 
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,7 @@ from transformer_lens import HookedTransformer
 
 from isokl_tl.engine import attention, cpu_linear, fusion
 from isokl_tl.engine.decoder import Decoder
+from isokl_tl.engine.distinct import Distinct, distinct_rows
 from isokl_tl.engine.kv_cache import KVCache
 from isokl_tl.engine.scoring import triton_available
 from isokl_tl.hooks import Steering, SteeringGroup, first_rows, handles, rows_of
@@ -71,32 +71,6 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     if hooked:
         return f"a hook is registered on {hooked[0]}, which the fast path does not fire"
     return None
-
-
-@dataclass(frozen=True)
-class Distinct:
-    """A prefill's distinct rows: the blocks below the first steering site run on `below` (one
-    batch row per distinct prompt), the blocks from it on run on `above` (one per distinct prompt
-    and steering coefficients); `low` and `high` give each batch row its index among them, `lift`
-    each row of `above` its index in `below`."""
-
-    below: Tensor
-    low: Tensor
-    above: Tensor
-    high: Tensor
-    lift: Tensor
-
-
-def first_of_each(key: Int[Tensor, "row k"]) -> tuple[Tensor, Tensor]:
-    """(the first row of each distinct row of `key`, ascending; every row's index among them)."""
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    n, dev = len(key), key.device
-    first = torch.full((int(inverse.max()) + 1,), n, device=dev).scatter_reduce(
-        0, inverse, torch.arange(n, device=dev), "amin")
-    order = first.argsort()
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order), device=dev)
-    return first[order], rank[inverse]
 
 
 class FastDecoder(Decoder):
@@ -176,18 +150,10 @@ class FastDecoder(Decoder):
         other than the steering's is registered (it would see fewer rows). Rows are alike below
         the first site when their prompts are (tokens and mask); from it on, when their steering
         coefficients are too (those that act at prefill: not with steering from a later start)."""
-        steered = handles(self.steering)
-        count = Counter(h.hook for h in steered)
+        count = Counter(h.hook for h in handles(self.steering))
         if any(len(hp._forward_hooks) > count[name] for name, hp in self.model.hook_dict.items()):
             return None
-        prompt = torch.cat([tokens, mask], 1)
-        coeffs = [h.coeff.float().view(torch.int32).long()[:, None] for h in steered
-                  if torch.is_tensor(h.coeff) and h.start < tokens.shape[1]]
-        below, low = first_of_each(prompt)
-        above, high = first_of_each(torch.cat([prompt, *coeffs], 1))
-        if len(above) == len(tokens) and (self.site_block == 0 or len(below) == (self._rows(0) or len(tokens))):
-            return None
-        return Distinct(below, low, above, high, low[above])
+        return distinct_rows(tokens, mask, self.steering, self.site_block, self._rows(0) or len(tokens))
 
     def _qkv(self, i: int, resid: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Block i up to its (unrotated) Q, K and V, with TransformerLens's hooks: returns the
