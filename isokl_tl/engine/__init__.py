@@ -18,7 +18,8 @@ for steering, `isokl_tl.tokens` for padding), never the science.
 
 from isokl_tl.engine.batching import batch_rows
 from isokl_tl.engine.decoder import Decoder, ReferenceDecoder
-from isokl_tl.engine.fast import FastDecoder, unsupported_reason
+from isokl_tl.engine.coverage import unsupported_reason
+from isokl_tl.engine.fast import FastDecoder
 from isokl_tl.engine.fusion import has_hook
 from isokl_tl.engine.graph import GraphDecoder
 from isokl_tl.engine.kv_cache import KVCache

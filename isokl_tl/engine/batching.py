@@ -20,6 +20,9 @@ import math
 import torch
 from transformer_lens import HookedTransformer
 
+from isokl_tl.engine.decoder import ReferenceDecoder
+from isokl_tl.engine.paths import decode_path
+
 CPU_ROWS = 64
 GPU_ROWS = 512          # beyond it the step grows about as fast as the batch: Qwen2.5-0.5B shape on an
                         # H200, 132k steered tokens/s at 512 rows, 143k at 1024 (BENCHMARKS.md)
@@ -67,9 +70,6 @@ def batch_rows(model: HookedTransformer, prompts: list[list[int]], window: int, 
 
 def gpu_rows(model: HookedTransformer, prompts: list[list[int]], window: int, tail: int, budget: int) -> int:
     """The most rows a GPU batch takes within `budget` bytes (at least 1, at most `GPU_ROWS`)."""
-    from isokl_tl.engine.decoder import ReferenceDecoder
-    from isokl_tl.engine.paths import decode_path
-
     width = max(len(p) for p in prompts)
     full = decode_path(model).decoder is ReferenceDecoder
     need = row_bytes(model, width, width + window + tail + (1 if tail else 0), tail, full_logits=full)

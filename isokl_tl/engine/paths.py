@@ -6,7 +6,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from isokl_tl.engine.decoder import Decoder, ReferenceDecoder
-from isokl_tl.engine.fast import FastDecoder, unsupported_reason
+from isokl_tl.engine.coverage import unsupported_reason
+from isokl_tl.engine.fast import FastDecoder
 from isokl_tl.engine.graph import GraphDecoder
 from isokl_tl.hooks import Steering, SteeringGroup
 
