@@ -182,9 +182,9 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
     Rows are processed `rows_per_batch` at a time (each with its base partner, so the forward
     batch is twice that); None lets the engine pick (`engine.batch_rows`: at most 64 on the CPU, on
     a GPU as many as fit 30% of its memory beyond the weights, at most 512). EOS ids default to the
-    tokenizer's end-of-turn tokens. `record` also records activations along the way (`isokl_tl.activations`; `Rollouts.acts`), and `forks` (a
-    `pmass.ForkReader`) reads fork pmass along the way (not together with `record`: the fork tails
-    would be recorded too).
+    tokenizer's end-of-turn tokens. `record` also records activations along the way
+    (`isokl_tl.activations`; `Rollouts.acts`), and `forks` (a `pmass.ForkReader`) reads fork pmass
+    along the way (not together with `record`: the fork tails would be recorded too).
 
     Steering acts at one site (`direction`, `hook`, `method`), or, to put the rows of several
     sites (layers, directions, methods) into the same batches, give `sites` and each row's index
