@@ -8,6 +8,7 @@ The threshold is absolute, or relative to the same prompt's unsteered pmass at f
 
 import json
 import math
+from statistics import NormalDist
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import pandas as pd
 from jaxtyping import Bool, Float, Real
 
 from isokl_tl.manifest import KM_CURVES, SURVIVAL, SURVIVAL_META, SURVIVAL_TABLE, write_csv, write_json
+
+_Z95 = NormalDist().inv_cdf(0.975)          # the two-sided 95% normal quantile
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ def _first_below(curve: np.ndarray, level: float, times: np.ndarray) -> float:
 
 
 def kaplan_meier(*, time: Real[np.ndarray, " n"], event: Bool[np.ndarray, " n"]) -> SurvivalCurve:
-    """Kaplan-Meier with a 95% log-log confidence band (scikit-survival)."""
+    """The Kaplan-Meier product-limit estimate of S(t), at every distinct time (death or
+    censoring), with a pointwise 95% band built on log(-log S) (Borgan and Liestol 1990) from
+    Greenwood's variance. Tests hold it equal to scikit-survival's `kaplan_meier_estimator`."""
     time = np.asarray(time, dtype=float)
     event = np.asarray(event, dtype=bool)
     if time.shape != event.shape or time.ndim != 1 or time.size == 0:
@@ -79,10 +84,21 @@ def kaplan_meier(*, time: Real[np.ndarray, " n"], event: Bool[np.ndarray, " n"])
                          f"{time.shape} and {event.shape}")
     if (time < 0).any():
         raise ValueError("survival times must be >= 0")
-    from sksurv.nonparametric import kaplan_meier_estimator  # scipy and sklearn load here, when used
-
-    t, s, ci = kaplan_meier_estimator(event, time, conf_type="log-log")
-    lo, hi = np.nan_to_num(ci[0], nan=0.0), np.nan_to_num(ci[1], nan=1.0)
+    t, at_t = np.unique(time, return_inverse=True)
+    died = np.bincount(at_t, weights=event, minlength=t.size)
+    left = np.bincount(at_t, minlength=t.size)                  # died or censored at t
+    at_risk = time.size - np.concatenate([[0], np.cumsum(left)[:-1]])
+    s = np.cumprod(1.0 - died / at_risk)
+    # Greenwood: Var(log S) = sum of d / (n (n - d)) over the times so far where someone outlives t
+    gw = np.cumsum(np.divide(died, at_risk * (at_risk - died), out=np.zeros(t.size),
+                             where=(died > 0) & (at_risk > died)))
+    log_s = np.log(np.maximum(s, np.finfo(float).tiny))
+    # the standard error of log(-log S) is sqrt(gw) / |log S|; S's bounds are S ** exp(-+ z se)
+    se = np.divide(np.sqrt(gw), -log_s, out=np.zeros(t.size), where=log_s < 0)
+    widen = np.exp(_Z95 * se)
+    alive = s > np.finfo(float).eps
+    lo = np.where(alive, np.exp(log_s * widen), 0.0)
+    hi = np.where(alive, np.exp(log_s / widen), 0.0)
     return SurvivalCurve(time=t, survival=s, ci_low=lo, ci_high=hi,
                          median=_first_below(s, 0.5, t),
                          median_ci=(_first_below(lo, 0.5, t), _first_below(hi, 0.5, t)),

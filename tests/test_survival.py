@@ -192,3 +192,27 @@ def test_heldout_kl_and_the_dose_response_by_signal():
     axes = plot_dose_response(table, by_signal=by_signal, kl=k.reset_index())
     assert len(axes) == 3 and len(axes[0].get_legend().get_texts()) == 4
     assert len(plot_dose_response(table)) == 2
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 12, 40, 200):
+        for censored in (0.0, 0.3, 1.0):
+            time = rng.integers(0, 12, n).astype(float) * 8          # fork times: many ties
+            yield time, rng.random(n) >= censored
+    yield np.array([0.0, 0.0, 8.0]), np.array([True, True, True])   # everyone dead, some at 0
+    yield np.array([4.0, 4.0, 9.5, 20.0]), np.array([True, False, True, False])
+
+
+@pytest.mark.parametrize("time,event", list(_cases()))
+def test_kaplan_meier_equals_scikit_survival(time, event):
+    """Our estimate and band against an independent implementation (scikit-survival, a test
+    dependency only)."""
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    km = kaplan_meier(time=time, event=event)
+    t, s, (lo, hi) = kaplan_meier_estimator(event, time, conf_type="log-log")
+    np.testing.assert_array_equal(km.time, t)
+    np.testing.assert_allclose(km.survival, s, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(km.ci_low, np.nan_to_num(lo, nan=0.0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(km.ci_high, np.nan_to_num(hi, nan=1.0), rtol=0, atol=1e-12)
