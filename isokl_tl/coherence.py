@@ -79,11 +79,13 @@ def signal_frame(tokens: np.ndarray, gen_len: np.ndarray, decode, base_logprob: 
     """Long format, one row per (rollout row, generated token): `repetition`, `compression`,
     `surprisal` (NaN without `base_logprob`). `decode(ids)` turns one token id list into text (each
     token alone: its own piece)."""
-    rows = []
+    rows, piece = [], {}            # each distinct token is decoded once
     for r in range(len(tokens)):
         n = int(gen_len[r])
         ids = [int(t) for t in tokens[r, :n]]
-        rep, comp = repetition(ids), compression([decode([i]) for i in ids])
+        for i in set(ids).difference(piece):
+            piece[i] = decode([i])
+        rep, comp = repetition(ids), compression([piece[i] for i in ids])
         sur = surprisal(base_logprob[r, :n]) if base_logprob is not None else np.full(n, np.nan)
         rows.append(pd.DataFrame({"row": r, "t": np.arange(1, len(ids) + 1), "repetition": rep,
                                   "compression": comp, "surprisal": sur}))
