@@ -296,8 +296,7 @@ class Run:
 
         def go(key):
             from isokl_tl.summary import write_figures, write_summary
-            write_figures(self.dir, self.cfg)
-            write_summary(self.dir, self.cfg)
+            write_figures(self.dir, self.cfg, meanwhile=lambda: write_summary(self.dir, self.cfg))
         self._stage("plot", go, force)
 
     def run_all(self) -> None:

@@ -1,6 +1,7 @@
 """What a finished run directory shows a reader: every figure, and `summary.md`; and the table and
 figure that compare the runs of several methods."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -25,8 +26,9 @@ from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalTable, format_token, sweep_markdown
 
 
-def write_figures(run_dir: Path, cfg) -> None:
-    """Every figure of a run, drawn side by side (`plots.save_figures`)."""
+def write_figures(run_dir: Path, cfg, meanwhile: Callable[[], None] | None = None) -> None:
+    """Every figure of a run, drawn side by side (`plots.save_figures`), the slowest first;
+    `meanwhile()` runs in this process while they are drawn."""
     from isokl_tl.plots import (
         plot_aggregate,
         plot_calibration,
@@ -42,15 +44,19 @@ def write_figures(run_dir: Path, cfg) -> None:
     st = SurvivalTable.load(run_dir)
     fig = files.FIGURES
     by_signal = pd.read_csv(run_dir / files.SIGNALS) if (run_dir / files.SIGNALS).exists() else None
-    kl = heldout_kl(r, cal, bootstrap=min(cfg.bootstrap, 200), seed=cfg.seed)
+
+    def dose_response():
+        kl = heldout_kl(r, cal, bootstrap=min(cfg.bootstrap, 200), seed=cfg.seed)
+        return plot_dose_response(st, by_signal=by_signal, kl=kl if len(kl) else None)
+
     save_figures([
         (lambda: plot_spaghetti(r, deaths=st.per_row, target=cal.target), run_dir / fig["spaghetti"]),
-        (lambda: plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True), run_dir / fig["normalised"]),
-        (lambda: plot_survival(st.curves, window=st.window), run_dir / fig["survival"]),
-        (lambda: plot_dose_response(st, by_signal=by_signal, kl=kl if len(kl) else None), run_dir / fig["dose_response"]),
         (lambda: plot_aggregate(r, pm.frame, target=cal.target), run_dir / fig["aggregate"]),
+        (lambda: plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True), run_dir / fig["normalised"]),
+        (dose_response, run_dir / fig["dose_response"]),
         (lambda: plot_calibration(cal), run_dir / fig["calibration"]),
-    ])
+        (lambda: plot_survival(st.curves, window=st.window), run_dir / fig["survival"]),
+    ], meanwhile)
 
 
 def write_threshold_sweep(run_dir: Path, sweep: pd.DataFrame) -> None:

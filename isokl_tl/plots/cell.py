@@ -2,17 +2,18 @@
 pmass, Kaplan-Meier survival and the dose response."""
 
 import math
-import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from isokl_tl.calibrate import Calibration
+from isokl_tl.plots.quantiles import nan_quantiles
 from isokl_tl.plots.style import ALIVE, DEAD, _ax, _plain_log_ticks, _symlog, styled
 from isokl_tl.rollout import Rollouts
 
@@ -72,7 +73,7 @@ def _trajectories(r: Rollouts, normalise_k: int | None, skip_first: bool) -> np.
     kl = r.kl.numpy().astype(float).copy()
     if normalise_k:
         lo = 1 if skip_first else 0
-        ref = np.nanquantile(kl[:, lo:lo + normalise_k], 0.95, axis=1)
+        ref = nan_quantiles(kl[:, lo:lo + normalise_k].T, 0.95)[0]
         kl = kl / np.where(ref > 0, ref, np.nan)[:, None]
     return kl
 
@@ -92,18 +93,22 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
     t = np.arange(r.window)
     for ax, a in zip(axes.flat, alphas):
         rows = np.nonzero(r.alpha.numpy() == a)[0]
+        alive, dead, ends = [], [], []          # one collection of lines per colour: far fewer artists
         for i in rows:
             y = pd.Series(kl[i]).rolling(rolling, min_periods=1).mean().to_numpy() if rolling > 1 else kl[i]
             d = died.get(int(i), math.inf)
-            ax.plot(t[t <= d], y[t <= d], color=ALIVE, lw=0.5, alpha=0.6)
+            alive.append(np.column_stack([t[t <= d], y[t <= d]]))
             if d < math.inf:
-                ax.plot(t[t >= d], y[t >= d], color=DEAD, lw=0.5, alpha=0.6)
+                dead.append(np.column_stack([t[t >= d], y[t >= d]]))
             if bool(r.eos[i]):
                 n = int(r.gen_len[i]) - 1
-                ax.plot([n], [y[n]], marker="|", color="k", ms=6)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN columns past every EOS
-            med = np.nanmedian(kl[rows], axis=0) if len(rows) else np.full(r.window, np.nan)
+                ends.append((n, y[n]))
+        for lines, color in ((alive, ALIVE), (dead, DEAD)):
+            if lines:
+                ax.add_collection(LineCollection(lines, colors=color, linewidths=0.5, alpha=0.6))
+        if ends:
+            ax.plot(*zip(*ends), marker="|", color="k", ms=6, ls="")
+        med = nan_quantiles(kl[rows], 0.5)[0] if len(rows) else np.full(r.window, np.nan)   # NaN past every EOS
         ax.plot(t, med, color="k", lw=1.2, label="median")
         if target is not None and not normalise_k:
             ax.axhline(target, color="0.3", ls="--", lw=0.8, label="target")
@@ -143,9 +148,7 @@ def plot_kl_bands(r: Rollouts, *, target: float | None = None, ax: Axes | None =
     t = np.arange(r.window)
     for a in alphas:
         rows = r.alpha.numpy() == a
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            q = np.nanquantile(kl[rows], [0.1, 0.25, 0.5, 0.75, 0.9], axis=0)
+        q = nan_quantiles(kl[rows], [0.1, 0.25, 0.5, 0.75, 0.9])
         ax.fill_between(t, q[0], q[4], color=palette[a], alpha=0.12, lw=0)
         ax.fill_between(t, q[1], q[3], color=palette[a], alpha=0.25, lw=0)
         ax.plot(t, q[2], color=palette[a], lw=1.2, label=f"{a:g}")
@@ -171,7 +174,11 @@ def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = N
     axes[0].set(xlabel="")
     alphas = sorted(set(r.alpha.tolist()))
     palette = dict(zip(alphas, sns.color_palette("rocket_r", len(alphas))))
-    sns.lineplot(data=pmass, x="fork", y="pmass", hue="alpha", palette=palette, ax=axes[1],
-                 legend=False, errorbar=("pi", 50), marker="o", markersize=3)
+    for a, g in pmass.groupby("alpha"):                  # the mean at each fork, the 25-75% band
+        by_fork = g.groupby("fork").pmass
+        q = by_fork.quantile([0.25, 0.75]).unstack()
+        mean = by_fork.mean()
+        axes[1].fill_between(q.index, q[0.25], q[0.75], color=palette[a], alpha=0.2, lw=0)
+        axes[1].plot(mean.index, mean.to_numpy(), color=palette[a], marker="o", markersize=3, mec="w", mew=0.5)
     axes[1].set(ylabel="pmass (mean, 25-75%)", xlabel="generated token (fork)", ylim=(0, 1))
     return axes

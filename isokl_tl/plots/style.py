@@ -4,6 +4,7 @@ and saving."""
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.ticker import FuncFormatter
+from PIL import Image
 
 from isokl_tl.manifest import write_atomic
 
@@ -23,7 +26,7 @@ def styled(f):
     global settings as they were."""
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        with sns.axes_style("whitegrid"), sns.plotting_context("paper"), plt.rc_context({"axes.titley": 1.0}):
             return f(*args, **kwargs)
     return wrapper
 
@@ -72,23 +75,29 @@ def _draw(i: int) -> None:
     save_figure(draw(), path)
 
 
-def save_figures(jobs: list[tuple[Callable[[], object], Path]]) -> None:
+def save_figures(jobs: list[tuple[Callable[[], object], Path]], meanwhile: Callable[[], None] | None = None) -> None:
     """Draw and save figures, `jobs` = [(function returning the axes, path), ...], each in a
     process of its own forked from this one (so they share the data already in memory and
     matplotlib, fonts included, already loaded) where the platform forks safely (Linux), one by
-    one elsewhere or for a single figure. A worker's error is raised here."""
+    one elsewhere or for a single figure; `meanwhile()` runs here while the workers draw. A
+    worker's error is raised here. Put the slowest figures first: workers take them in order."""
     import multiprocessing as mp
     import sys
 
     if len(jobs) < 2 or not sys.platform.startswith("linux"):
         for draw, path in jobs:
             save_figure(draw(), path)
+        if meanwhile is not None:
+            meanwhile()
         return
     global _JOBS
     _JOBS = jobs
     pool = mp.get_context("fork").Pool(min(len(jobs), max(1, len(os.sched_getaffinity(0)))), initializer=_child)
     try:
-        pool.map(_draw, range(len(jobs)), chunksize=1)
+        drawn = pool.map_async(_draw, range(len(jobs)), chunksize=1)
+        if meanwhile is not None:
+            meanwhile()
+        drawn.get()
         pool.close()                  # the workers finish and exit
     except BaseException:
         pool.terminate()
@@ -98,10 +107,28 @@ def save_figures(jobs: list[tuple[Callable[[], object], Path]]) -> None:
         _JOBS = []
 
 
+DPI = 130
+
+
 def save_figure(ax_or_axes, path) -> None:
+    """Lay the figure out (`tight_layout`, which makes room for every axes' labels and legends),
+    draw it once and write that image as a PNG; a figure with something outside its edges (a
+    key or note of the whole figure, a label too long for the room) is drawn again, cropped to
+    everything drawn (`bbox_inches="tight"`). Working out where everything goes costs nearly as
+    much as drawing, so a figure that fits is neither measured nor drawn twice."""
     fig = (ax_or_axes.flat[0] if isinstance(ax_or_axes, np.ndarray) else ax_or_axes).get_figure(root=True)
+    fig.set_dpi(DPI)
     if not fig.subfigs:                 # figures of subfigures are laid out by their own rows
-        fig.tight_layout()
-    write_atomic(Path(path), lambda p: fig.savefig(p, format="png", dpi=130, bbox_inches="tight",
-                                                   metadata={"Software": None}))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Tight layout not applied")   # then it is cropped
+            fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    drawn, room = fig.get_tightbbox(canvas.get_renderer()), fig.bbox_inches.padded(0.01)
+    if room.x0 <= drawn.x0 and room.y0 <= drawn.y0 and drawn.x1 <= room.x1 and drawn.y1 <= room.y1:
+        image = Image.fromarray(np.asarray(canvas.buffer_rgba()))
+        write_atomic(Path(path), lambda p: image.save(p, format="png", dpi=(DPI, DPI)))
+    else:
+        write_atomic(Path(path), lambda p: fig.savefig(p, format="png", dpi=DPI, bbox_inches="tight",
+                                                       metadata={"Software": None}))
     plt.close(fig)

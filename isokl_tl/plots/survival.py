@@ -1,8 +1,6 @@
 """Survival figures of one run: Kaplan-Meier curves, the dose response (per death signal, with the
 held-out KL), and the survival table under other death rules."""
 
-import math
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -72,16 +70,17 @@ def plot_dose_response(table: SurvivalTable, *, by_signal: pd.DataFrame | None =
         band = np.array([per_alpha[a].band_at(top) for a in alphas])
         axes[0].errorbar(x + dx, end, yerr=[np.subtract(end, band[:, 0]), np.subtract(band[:, 1], end)],
                          color=color, marker=marker, capsize=2, lw=1.2, label=label)
-        for i, a in enumerate(alphas):
-            c = per_alpha[a]
-            if math.isfinite(c.median):
-                lo, hi = c.median_ci
-                axes[1].errorbar([i + dx], [c.median], yerr=[[c.median - lo], [(hi if math.isfinite(hi) else top)
-                                                                               - c.median]],
-                                 color=color, marker=marker, capsize=2)
-            else:
-                axes[1].annotate("", xy=(i + dx, top * 1.04), xytext=(i + dx, top * 0.88),
-                                 arrowprops={"arrowstyle": "->", "color": color})
+        med = np.array([per_alpha[a].median for a in alphas])
+        ci = np.array([per_alpha[a].median_ci for a in alphas])
+        got = np.isfinite(med)                 # one errorbar artist per signal, one arrow set
+        if got.any():
+            axes[1].errorbar((x + dx)[got], med[got], yerr=[med[got] - ci[got, 0],
+                                                            np.minimum(ci[got, 1], top) - med[got]],
+                             color=color, marker=marker, capsize=2, ls="")
+        if not got.all():                      # not reached: an arrow up at the window's end
+            axes[1].vlines((x + dx)[~got], top * 0.88, top * 1.02, color=color, lw=1)
+            axes[1].plot((x + dx)[~got], np.full((~got).sum(), top * 1.03), ls="", marker="^", ms=3.5,
+                         color=color)
     axes[0].set(ylim=(-0.05, 1.05), ylabel=f"S(t = {top})", title="survival at the end of the window (95% band)")
     axes[0].legend(fontsize=7, loc="best", title="death by" if by_signal is not None else None, title_fontsize=7)
     axes[1].set(ylim=(-0.04 * top, 1.1 * top), ylabel="median death token",
