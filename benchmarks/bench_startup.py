@@ -1,5 +1,6 @@
 """What a user waits for before any work: importing the library and the CLI, and loading the
-embedded model from its converted cache, each in a fresh process (median of `--repeats`).
+embedded model from its converted cache, each in a fresh process (median of `--repeats`); and,
+for scale, what the libraries it stands on take to import alone.
 
     python benchmarks/bench_startup.py [--device cuda --dtype bfloat16]
 """
@@ -27,6 +28,11 @@ def main() -> None:
     cases = {
         "python alone": "pass",
         "isokl-tl --help (the CLI, without the library)": "import isokl_tl_cli.main",
+        # what any TransformerLens model costs before TransformerLens itself: torch, then the
+        # transformers model classes TransformerLens imports (`transformers.modeling_utils`)
+        "import torch": "import torch",
+        "import torch + transformers.modeling_utils": "import torch, transformers.modeling_utils",
+        "import transformer_lens": "import transformer_lens",
         "import isokl_tl": "import isokl_tl",
         "import isokl_tl + load_model (cached)": f"from isokl_tl import load_model; "
                                                   f"load_model(device={a.device!r}, dtype={a.dtype!r})",

@@ -1,0 +1,49 @@
+"""Where a whole cell's wall time goes, imports included: the cell through the CLI from a new
+process under cProfile (after an unprofiled run that fills the caches), then the functions with the
+most cumulative time, the library's own first.
+
+    python benchmarks/profile_cell.py --cell headline --prompts eval [--top 40]
+
+The profiler slows pure-Python code (imports, figures) more than GPU work; read the shares, and
+take wall times from `time_to_result.py`.
+"""
+
+import argparse
+import io
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from time_to_result import CELLS  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", choices=sorted(CELLS), default="headline")
+    ap.add_argument("--top", type=int, default=40)
+    a, extra = ap.parse_known_args()
+    args = CELLS[a.cell] + extra
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = [sys.executable, "-m", "isokl_tl_cli.main", "run", *args]
+        subprocess.run(cli + ["--out", f"{tmp}/warm"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        prof = f"{tmp}/cell.prof"
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cProfile", "-o", prof, "-m", "isokl_tl_cli.main", "run", *args,
+                        "--out", f"{tmp}/run"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(f"isokl-tl run {' '.join(args)}: {time.perf_counter() - start:.1f} s under the profiler")
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out).sort_stats("cumulative")
+        stats.print_stats(a.top)
+        print(out.getvalue().split("\n", 6)[-1])
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(r"isokl_tl", a.top)
+        print("the library's own functions:")
+        print(out.getvalue().split("\n", 6)[-1])
+
+
+if __name__ == "__main__":
+    main()
