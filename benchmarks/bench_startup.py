@@ -34,6 +34,8 @@ def main() -> None:
         "import torch + transformers.modeling_utils": "import torch, transformers.modeling_utils",
         "import transformer_lens": "import transformer_lens",
         "import isokl_tl": "import isokl_tl",
+        # the CLI first keeps bytecode in its cache where none may be written (isokl_tl_cli.startup)
+        "the CLI, then import isokl_tl": "import isokl_tl_cli.main, isokl_tl",
         "import isokl_tl + load_model (cached)": f"from isokl_tl import load_model; "
                                                   f"load_model(device={a.device!r}, dtype={a.dtype!r})",
     }

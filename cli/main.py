@@ -20,8 +20,10 @@ from isokl_tl_cli.options import (
     survival_options,
     sweep_options,
 )
+from isokl_tl_cli.startup import bytecode_cache
 
 os.environ.setdefault("MPLBACKEND", "Agg")      # figures are files; no window, whatever the machine
+bytecode_cache()                                # before any command imports the library
 
 
 def _version() -> str:
