@@ -3,6 +3,7 @@ timings, command line), stage bookkeeping, and atomic writes."""
 
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -115,15 +116,23 @@ def versions() -> dict:
     return out
 
 
+IDENTITY_SAMPLE = 1 << 16       # entries hashed per weight matrix, on an even grid through all of it
+
+
 @torch.no_grad()
 def model_identity(model: HookedTransformer) -> dict:
-    """Spec, shape, dtype/device and a hash of the weights (embeddings, unembedding, MLP matrices
-    and norm weights: enough to tell checkpoints apart without hashing every byte)."""
+    """Spec, shape, dtype/device and a hash of the weights: of the embeddings, unembedding, MLP
+    matrices and norm weights, about `IDENTITY_SAMPLE` entries of each on an even grid through
+    it (any fine-tune or other checkpoint moves nearly every entry; hashing every byte of a model
+    takes a second per 100M parameters)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         if name.endswith(("W_E", "W_U", "W_in", "W_out", "w")):
+            per_dim = math.ceil(IDENTITY_SAMPLE ** (1 / max(p.dim(), 1)))
+            grid = p.detach()[tuple(slice(None, None, max(1, -(-n // per_dim))) for n in p.shape)]
             h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(grid.float().cpu().contiguous().numpy().tobytes())     # a view: whatever the layout
     cfg = model.cfg
     return {"spec": cfg.model_name, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
             "d_vocab": cfg.d_vocab, "n_heads": cfg.n_heads, "dtype": str(cfg.dtype),

@@ -122,3 +122,19 @@ def test_fast_paths_cover_olmo2_blocks(olmo2_dir):
     for dec in (FastDecoder, GraphDecoder):
         _, ref = same_as_reference(model, dec, prompts, coeffs, **kw)
     assert ref.kl[0].max() > 1e-3
+
+
+def test_model_identity_tells_checkpoints_apart():
+    """The weights' hash (a strided sample of each matrix) is the same for the same weights and
+    changes with another seed, or with one matrix fine-tuned (every entry moved a little)."""
+    import torch
+
+    from isokl_tl.manifest import model_identity
+    from isokl_tl.models.tiny import tiny_model
+
+    a, b, c = tiny_model(seed=0), tiny_model(seed=0), tiny_model(seed=1)
+    assert model_identity(a)["weights_sha256"] == model_identity(b)["weights_sha256"]
+    assert model_identity(a)["weights_sha256"] != model_identity(c)["weights_sha256"]
+    with torch.no_grad():
+        b.blocks[1].mlp.W_in.mul_(1.001)
+    assert model_identity(a)["weights_sha256"] != model_identity(b)["weights_sha256"]

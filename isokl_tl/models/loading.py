@@ -150,8 +150,9 @@ def _rebuild_buffers(model: HookedTransformer) -> None:
 _CACHE_FORMAT = 2      # bump when the conversion changes what the cache holds
 
 
-def _load_gguf(path: Path, n_ctx: int, dtype: torch.dtype):
-    """A GGUF file's model: converted once (`_convert_gguf`) into the cache, then read from there."""
+def _load_gguf(path: Path, n_ctx: int, dtype: torch.dtype, device: str = "cpu"):
+    """A GGUF file's model: converted once (`_convert_gguf`) into the cache, then read from there
+    straight onto `device` and cast there."""
     from transformers import AutoTokenizer
 
     root = cache_dir() / f"{path.stem}-{_file_key(path)}-v{_CACHE_FORMAT}"
@@ -161,7 +162,7 @@ def _load_gguf(path: Path, n_ctx: int, dtype: torch.dtype):
     cfg_dict = json.loads(config.read_text())
     cfg_dict.update(n_ctx=min(n_ctx, cfg_dict["n_ctx"]), dtype=dtype)
     cfg = HookedTransformerConfig(**cfg_dict)
-    sd = {k: v.to(dtype) for k, v in load_file(str(weights)).items()}
+    sd = {k: v.to(dtype) for k, v in load_file(str(weights), device=str(torch.device(device))).items()}
     return cfg, sd, AutoTokenizer.from_pretrained(tok_dir)
 
 
@@ -267,7 +268,7 @@ def load_model(spec: str = EMBEDDED, *, device: str = "cpu", dtype: str | torch.
     else:
         if kind in ("packaged", "gguf"):
             gguf_file = PACKAGED[spec]() if kind == "packaged" else path
-            cfg, sd, tokenizer = _load_gguf(gguf_file, n_ctx, torch_dtype)
+            cfg, sd, tokenizer = _load_gguf(gguf_file, n_ctx, torch_dtype, device)
         else:
             cfg, sd, tokenizer = _load_hf_dir(path, torch_dtype)
         model = _build(cfg, sd)
