@@ -123,31 +123,33 @@ def deaths_by_signal(signals: pd.DataFrame, pmass_deaths: pd.DataFrame, threshol
     and is censored at the rollout's last token (only `text_signals`: leave out one never
     recorded, such as the surprisal of rollouts saved before it was). `any`: the first death of all, or, with none,
     censored at the earliest censoring (where one signal stopped being seen)."""
-    out = []
-    for d in pmass_deaths.itertuples():
-        out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": "pmass",
-                    "time": d.time, "event": d.event})
-    by_row = dict(tuple(signals.groupby("row")))
-    for d in pmass_deaths.itertuples():
-        s = by_row.get(d.row)
-        last = int(s.t.max()) if s is not None and len(s) else int(d.time)
-        for name in text_signals:
-            hit = s[s[name] >= thresholds[name]].t if s is not None else pd.Series([], dtype=int)
-            out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": name,
-                        "time": int(hit.iloc[0]) if len(hit) else last, "event": bool(len(hit))})
+    keys = ["row", "prompt", "alpha", "weak"]
+    base = pmass_deaths[keys].reset_index(drop=True)
+    at = np.arange(len(base))          # listed as pmass deaths, then each rollout's text signals, then flips
+    parts = [base.assign(signal="pmass", time=pmass_deaths.time.to_numpy(), event=pmass_deaths.event.to_numpy(),
+                         _part=0, _at=at, _k=0)]
+    # censored at the rollout's last token (where it has no signals: its pmass time)
+    last = base.row.map(signals.groupby("row").t.max()).fillna(pmass_deaths.time.reset_index(drop=True))
+    for k, name in enumerate(text_signals):
+        first = base.row.map(signals[signals[name] >= thresholds[name]].groupby("row").t.min())
+        parts.append(base.assign(signal=name, time=first.fillna(last), event=first.notna(), _part=1, _at=at, _k=k))
     if flip_deaths is not None and len(flip_deaths):
         weak = pmass_deaths.set_index("row").weak
-        for d in flip_deaths.itertuples():
-            out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": bool(weak.get(d.row, False)),
-                        "signal": "flip", "time": int(d.time), "event": bool(d.event)})
-    frame = pd.DataFrame(out)
-    first = []
-    for row, g in frame.groupby("row", sort=True):
-        dead = g[g.event]     # the first death; else censored where the first signal stopped being observed
-        pick = dead.loc[dead.time.idxmin()] if len(dead) else g.loc[g.time.idxmin()]
-        first.append({**{k: pick[k] for k in ("row", "prompt", "alpha", "weak")}, "signal": "any",
-                      "time": int(pick.time), "event": bool(len(dead))})
-    return pd.concat([frame, pd.DataFrame(first)], ignore_index=True)
+        flips = flip_deaths[["row", "prompt", "alpha"]].reset_index(drop=True)
+        parts.append(flips.assign(weak=flips.row.map(weak).fillna(False).astype(bool), signal="flip",
+                                  time=flip_deaths.time.to_numpy(), event=flip_deaths.event.to_numpy(),
+                                  _part=2, _at=np.arange(len(flips)), _k=0))
+    frame = pd.concat(parts, ignore_index=True).sort_values(["_part", "_at", "_k"], kind="stable")
+    frame = frame.drop(columns=["_part", "_at", "_k"]).reset_index(drop=True)
+    frame = frame.assign(time=frame.time.astype(int), event=frame.event.astype(bool))
+    # per row: its first death (the earliest time, the first signal listed at a tie); else censored
+    # where the first signal stopped being observed
+    ordered = frame.assign(order=np.arange(len(frame))).sort_values(["row", "time", "order"], kind="stable")
+    dead = ordered[ordered.event].drop_duplicates("row")
+    censored = ordered[~ordered.row.isin(dead.row)].drop_duplicates("row")
+    first = pd.concat([dead, censored]).sort_values("row", kind="stable")
+    first = first[keys].assign(signal="any", time=first.time.to_numpy(), event=first.row.isin(dead.row).to_numpy())
+    return pd.concat([frame, first], ignore_index=True)
 
 
 def first_signal(by_signal: pd.DataFrame) -> pd.DataFrame:

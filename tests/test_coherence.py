@@ -99,3 +99,52 @@ def test_signal_frame_reads_each_rollout_up_to_its_length():
     frame = signal_frame(tokens, np.array([40, 36]), lambda ids: f"<{ids[0]}>")
     assert list(frame.groupby("row").t.max()) == [40, 36]
     assert frame[frame.row == 0].repetition.iloc[-1] == pytest.approx(29 / 32)    # 8-grams repeat from the 12th token
+
+
+def _deaths_by_signal_loop(signals, pmass_deaths, thresholds, flips, text_signals):
+    """The reference: one rollout and one signal at a time, as written before it was vectorised."""
+    out = [{"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": "pmass",
+            "time": d.time, "event": d.event} for d in pmass_deaths.itertuples()]
+    by_row = dict(tuple(signals.groupby("row")))
+    for d in pmass_deaths.itertuples():
+        s = by_row.get(d.row)
+        last = int(s.t.max()) if s is not None and len(s) else int(d.time)
+        for name in text_signals:
+            hit = s[s[name] >= thresholds[name]].t if s is not None else pd.Series([], dtype=int)
+            out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": d.weak, "signal": name,
+                        "time": int(hit.iloc[0]) if len(hit) else last, "event": bool(len(hit))})
+    weak = pmass_deaths.set_index("row").weak
+    for d in flips.itertuples():
+        out.append({"row": d.row, "prompt": d.prompt, "alpha": d.alpha, "weak": bool(weak.get(d.row, False)),
+                    "signal": "flip", "time": int(d.time), "event": bool(d.event)})
+    frame = pd.DataFrame(out)
+    first = []
+    for row, g in frame.groupby("row", sort=True):
+        dead = g[g.event]
+        pick = dead.loc[dead.time.idxmin()] if len(dead) else g.loc[g.time.idxmin()]
+        first.append({**{k: pick[k] for k in ("row", "prompt", "alpha", "weak")}, "signal": "any",
+                      "time": int(pick.time), "event": bool(len(dead))})
+    return pd.concat([frame, pd.DataFrame(first)], ignore_index=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_deaths_by_signal_equals_the_loop_it_replaced(seed):
+    rng = np.random.default_rng(seed)
+    n = 12
+    pm = pd.DataFrame({"row": np.arange(n), "prompt": np.arange(n) % 3, "alpha": (np.arange(n) // 3) * 0.5,
+                       "weak": rng.random(n) < 0.2, "time": rng.integers(0, 5, n) * 8,
+                       "event": rng.random(n) < 0.5})
+    rows = []
+    for r in range(n - 2):                        # the last two rollouts recorded no text at all
+        length = int(rng.integers(1, 40))
+        rows.append(pd.DataFrame({"row": r, "t": np.arange(1, length + 1),
+                                  "repetition": rng.random(length), "compression": rng.random(length) * 4,
+                                  "surprisal": rng.random(length) * 3}))
+    signals = pd.concat(rows, ignore_index=True)
+    flips = pm.sample(frac=0.5, random_state=seed)[["row", "prompt", "alpha"]].assign(
+        time=rng.integers(0, 5, n // 2) * 8, event=rng.random(n // 2) < 0.5)
+    thresholds = {"repetition": 0.9, "compression": 3.5, "surprisal": 2.8}
+    for text in (("repetition", "compression", "surprisal"), ("repetition", "compression")):
+        got = deaths_by_signal(signals, pm, thresholds, flips, text_signals=text)
+        want = _deaths_by_signal_loop(signals, pm, thresholds, flips, text)
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)
