@@ -23,7 +23,6 @@ from isokl_tl_cli.options import (
 from isokl_tl_cli.startup import bytecode_cache
 
 os.environ.setdefault("MPLBACKEND", "Agg")      # figures are files; no window, whatever the machine
-bytecode_cache()                                # before any command imports the library
 
 
 def _version() -> str:
@@ -39,6 +38,7 @@ def _version() -> str:
 def main(debug: bool) -> None:
     """Iso-KL calibrated steering on TransformerLens models: directions, calibration, long
     rollouts with per-token KL, fork pmass and Kaplan-Meier survival."""
+    bytecode_cache()                            # before any command imports the library
 
 
 def open_run(out: str, options: dict, config: str | None = None, force: bool = False, existing: bool = False):

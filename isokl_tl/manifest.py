@@ -102,7 +102,7 @@ def settings_hash(settings: dict) -> str:
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("isokl-tl", "torch", "transformer-lens", "numpy", "scikit-survival", "transformers"):
+    for pkg in ("isokl-tl", "torch", "transformer-lens", "numpy", "transformers"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -123,8 +123,10 @@ IDENTITY_SAMPLE = 1 << 16       # entries hashed per weight matrix, on an even g
 def model_identity(model: HookedTransformer) -> dict:
     """Spec, shape, dtype/device and a hash of the weights: of the embeddings, unembedding, MLP
     matrices and norm weights, about `IDENTITY_SAMPLE` entries of each on an even grid through
-    it (any fine-tune or other checkpoint moves nearly every entry; hashing every byte of a model
-    takes a second per 100M parameters)."""
+    it (another checkpoint or a fine-tune of the whole model moves nearly every entry; a change to a
+    few rows, such as a handful of added token embeddings, can fall between the grid's rows; hashing
+    every byte takes a second per 100M parameters). Runs made before session 12 hashed every entry,
+    so their `weights_sha256` differs for the same weights."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         if name.endswith(("W_E", "W_U", "W_in", "W_out", "w")):
@@ -136,7 +138,8 @@ def model_identity(model: HookedTransformer) -> dict:
     cfg = model.cfg
     return {"spec": cfg.model_name, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
             "d_vocab": cfg.d_vocab, "n_heads": cfg.n_heads, "dtype": str(cfg.dtype),
-            "device": str(cfg.device), "weights_sha256": h.hexdigest()[:16]}
+            "device": str(cfg.device), "weights_sha256": h.hexdigest()[:16],
+            "weights_hashed": f"an even grid of about {IDENTITY_SAMPLE} entries of each matrix"}
 
 
 class Manifest:

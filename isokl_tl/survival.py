@@ -8,9 +8,9 @@ The threshold is absolute, or relative to the same prompt's unsteered pmass at f
 
 import json
 import math
-from statistics import NormalDist
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -82,8 +82,8 @@ def kaplan_meier(*, time: Real[np.ndarray, " n"], event: Bool[np.ndarray, " n"])
     if time.shape != event.shape or time.ndim != 1 or time.size == 0:
         raise ValueError(f"time and event must be equal-length, non-empty 1-D arrays; got shapes "
                          f"{time.shape} and {event.shape}")
-    if (time < 0).any():
-        raise ValueError("survival times must be >= 0")
+    if not np.isfinite(time).all() or (time < 0).any():
+        raise ValueError(f"survival times must be finite and >= 0; got {time[~(np.isfinite(time) & (time >= 0))][:5]}")
     t, at_t = np.unique(time, return_inverse=True)
     died = np.bincount(at_t, weights=event, minlength=t.size)
     left = np.bincount(at_t, minlength=t.size)                  # died or censored at t

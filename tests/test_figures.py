@@ -32,6 +32,10 @@ def test_nan_quantiles_equal_numpy(seed):
     np.testing.assert_allclose(nan_quantiles(x, QS), ref, rtol=1e-12, atol=0, equal_nan=True)
 
 
+def test_nan_quantiles_of_no_rows_are_nan():
+    assert np.isnan(nan_quantiles(np.empty((0, 3)), QS)).all()
+
+
 def _size(path):
     with Image.open(path) as im:
         return im.size

@@ -25,12 +25,15 @@ def no_bytecode(monkeypatch, tmp_path):
     return torch_dir
 
 
-def test_bytecode_goes_to_the_cache_when_none_can_be_written(no_bytecode, tmp_path):
+def test_bytecode_goes_to_the_cache_when_none_can_be_written(no_bytecode, tmp_path, capsys):
     env = {"ISOKL_TL_CACHE": str(tmp_path / "cache")}
     where = bytecode_cache(env)
     assert where == tmp_path / "cache" / "pycache" and where.is_dir()
     assert sys.pycache_prefix == str(where) and not sys.dont_write_bytecode
-    assert env["PYTHONPYCACHEPREFIX"] == str(where)
+    assert "PYTHONPYCACHEPREFIX" not in env         # processes the library starts keep their own settings
+    assert "ISOKL_TL_BYTECODE_CACHE=0" in capsys.readouterr().err      # said once, when made
+    sys.pycache_prefix, sys.dont_write_bytecode = None, True             # the next run
+    assert bytecode_cache(env) == where and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("case", ["opted out", "packages ship bytecode", "writing allowed", "prefix set"])
@@ -48,3 +51,23 @@ def test_bytecode_settings_left_alone(no_bytecode, tmp_path, monkeypatch, case):
     assert bytecode_cache(env) is None
     assert (sys.dont_write_bytecode, sys.pycache_prefix) == before and "PYTHONPYCACHEPREFIX" not in env
     assert not (tmp_path / "cache").exists()
+
+
+def test_help_makes_no_cache(tmp_path):
+    """`--help` and `--version` answer without touching the cache; a command makes it (here with a
+    stand-in torch package that ships no bytecode, found first on the path and never imported)."""
+    import subprocess
+
+    (tmp_path / "site" / "torch").mkdir(parents=True)
+    (tmp_path / "site" / "torch" / "__init__.py").write_text("raise ImportError('the stand-in')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "ISOKL_TL_CACHE": str(tmp_path / "c"),
+           "PYTHONPATH": ":".join([str(tmp_path / "site"), *sys.path])}
+
+    def cli(*args):
+        subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", *args], check=True, env=env, capture_output=True)
+
+    cli("--help")
+    cli("--version")
+    assert not (tmp_path / "c").exists()
+    cli("run", "--help")                          # the group's callback runs before a command's help
+    assert (tmp_path / "c" / "pycache").is_dir()

@@ -206,13 +206,17 @@ def _cases():
 
 @pytest.mark.parametrize("time,event", list(_cases()))
 def test_kaplan_meier_equals_scikit_survival(time, event):
-    """Our estimate and band against an independent implementation (scikit-survival, a test
-    dependency only)."""
-    from sksurv.nonparametric import kaplan_meier_estimator
-
+    """Our estimate and band against an independent implementation (scikit-survival, in the dev
+    extra only)."""
+    kaplan_meier_estimator = pytest.importorskip("sksurv.nonparametric").kaplan_meier_estimator
     km = kaplan_meier(time=time, event=event)
     t, s, (lo, hi) = kaplan_meier_estimator(event, time, conf_type="log-log")
     np.testing.assert_array_equal(km.time, t)
     np.testing.assert_allclose(km.survival, s, rtol=0, atol=1e-14)
     np.testing.assert_allclose(km.ci_low, np.nan_to_num(lo, nan=0.0), rtol=0, atol=1e-12)
     np.testing.assert_allclose(km.ci_high, np.nan_to_num(hi, nan=1.0), rtol=0, atol=1e-12)
+
+
+def test_kaplan_meier_refuses_times_that_are_not_numbers():
+    with pytest.raises(ValueError, match="finite"):
+        kaplan_meier(time=np.array([1.0, np.nan, 3.0]), event=np.array([True, False, True]))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import platformdirs
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from isokl_tl.engine import relayout_for_decode
@@ -162,7 +163,8 @@ def _load_gguf(path: Path, n_ctx: int, dtype: torch.dtype, device: str = "cpu"):
     cfg_dict = json.loads(config.read_text())
     cfg_dict.update(n_ctx=min(n_ctx, cfg_dict["n_ctx"]), dtype=dtype)
     cfg = HookedTransformerConfig(**cfg_dict)
-    sd = {k: v.to(dtype) for k, v in load_file(str(weights), device=str(torch.device(device))).items()}
+    with safe_open(str(weights), framework="pt", device=str(torch.device(device))) as f:
+        sd = {k: f.get_tensor(k).to(dtype) for k in f.keys()}      # one float32 tensor at a time on the device
     return cfg, sd, AutoTokenizer.from_pretrained(tok_dir)
 
 

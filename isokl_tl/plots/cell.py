@@ -18,7 +18,7 @@ from isokl_tl.plots.style import ALIVE, DEAD, _ax, _plain_log_ticks, _symlog, st
 from isokl_tl.rollout import Rollouts
 
 
-@styled
+@styled(fixed_titles=True)
 def plot_calibration(cal: Calibration, *, ax: Axes | None = None) -> Axes:
     """Statistic vs coefficient (log-log): every evaluation of the search, in order, and c*."""
     ax = _ax(ax)
@@ -78,7 +78,7 @@ def _trajectories(r: Rollouts, normalise_k: int | None, skip_first: bool) -> np.
     return kl
 
 
-@styled
+@styled(fixed_titles=True)
 def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: float | None = None,
                    rolling: int = 0, normalise_k: int | None = None, skip_first: bool = False,
                    fig=None) -> np.ndarray:
@@ -93,19 +93,20 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
     t = np.arange(r.window)
     for ax, a in zip(axes.flat, alphas):
         rows = np.nonzero(r.alpha.numpy() == a)[0]
-        alive, dead, ends = [], [], []          # one collection of lines per colour: far fewer artists
+        lines, colors, ends = [], [], []        # one collection of every rollout's lines, in order
         for i in rows:
             y = pd.Series(kl[i]).rolling(rolling, min_periods=1).mean().to_numpy() if rolling > 1 else kl[i]
             d = died.get(int(i), math.inf)
-            alive.append(np.column_stack([t[t <= d], y[t <= d]]))
+            lines.append(np.column_stack([t[t <= d], y[t <= d]]))
+            colors.append(ALIVE)
             if d < math.inf:
-                dead.append(np.column_stack([t[t >= d], y[t >= d]]))
+                lines.append(np.column_stack([t[t >= d], y[t >= d]]))
+                colors.append(DEAD)
             if bool(r.eos[i]):
                 n = int(r.gen_len[i]) - 1
                 ends.append((n, y[n]))
-        for lines, color in ((alive, ALIVE), (dead, DEAD)):
-            if lines:
-                ax.add_collection(LineCollection(lines, colors=color, linewidths=0.5, alpha=0.6))
+        if lines:
+            ax.add_collection(LineCollection(lines, colors=colors, linewidths=0.5, alpha=0.6))
         if ends:
             ax.plot(*zip(*ends), marker="|", color="k", ms=6, ls="")
         med = nan_quantiles(kl[rows], 0.5)[0] if len(rows) else np.full(r.window, np.nan)   # NaN past every EOS
@@ -137,7 +138,7 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
     return axes
 
 
-@styled
+@styled(fixed_titles=True)
 def plot_kl_bands(r: Rollouts, *, target: float | None = None, ax: Axes | None = None,
                   legend: bool = True) -> Axes:
     """Per-alpha quantile bands of per-token KL over generated tokens (10-90%, 25-75%, median)."""
@@ -162,7 +163,7 @@ def plot_kl_bands(r: Rollouts, *, target: float | None = None, ax: Axes | None =
     return ax
 
 
-@styled
+@styled(fixed_titles=True)
 def plot_aggregate(r: Rollouts, pmass: pd.DataFrame, *, target: float | None = None,
                    fig=None) -> np.ndarray:
     """Top: per-alpha KL quantile bands (10-90%, 25-75%, median) over tokens. Bottom: mean pmass

@@ -8,9 +8,11 @@ from jaxtyping import Float
 
 def nan_quantiles(x: Float[np.ndarray, "n m"], qs) -> Float[np.ndarray, "q m"]:
     """The quantiles `qs` of each column of `x`, ignoring NaN, by linear interpolation between
-    order statistics (numpy's default method); NaN for a column with no number. Equal to
-    `np.nanquantile(x, qs, axis=0)`."""
+    order statistics (numpy's default method); NaN for a column with no number. For finite
+    numbers and NaN (not +-inf) equal to `np.nanquantile(x, qs, axis=0)`."""
     qs = np.atleast_1d(np.asarray(qs, dtype=float))
+    if x.shape[0] == 0:
+        return np.full((qs.size, x.shape[1]), np.nan)
     srt = np.sort(np.asarray(x, dtype=float), axis=0)          # NaN sort last
     n = (~np.isnan(srt)).sum(axis=0)
     pos = qs[:, None] * np.maximum(n - 1, 0)[None, :]             # fractional rank of each quantile

@@ -21,12 +21,19 @@ from isokl_tl.manifest import write_atomic
 ALIVE, DEAD = "#3b75af", "#d1495b"
 
 
-def styled(f):
+def styled(f=None, *, fixed_titles: bool = False):
     """Draw inside the package's style (seaborn's whitegrid, paper context), leaving the caller's
-    global settings as they were."""
+    global settings as they were. With `fixed_titles`, every title sits at the top of its axes
+    instead of being moved, at every draw, above what may lie there (labels on top, an axis'
+    offset text such as "1e-7"): a quarter of a many-panel figure's drawing time. Only for figures
+    whose axes have nothing there (log, symlog or bounded axes, no labels on top)."""
+    if f is None:
+        return functools.partial(styled, fixed_titles=fixed_titles)
+    titles = {"axes.titley": 1.0} if fixed_titles else {}
+
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        with sns.axes_style("whitegrid"), sns.plotting_context("paper"), plt.rc_context({"axes.titley": 1.0}):
+        with sns.axes_style("whitegrid"), sns.plotting_context("paper"), plt.rc_context(titles):
             return f(*args, **kwargs)
     return wrapper
 
@@ -124,7 +131,7 @@ def save_figure(ax_or_axes, path) -> None:
             fig.tight_layout()
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
-    drawn, room = fig.get_tightbbox(canvas.get_renderer()), fig.bbox_inches.padded(0.01)
+    drawn, room = fig.get_tightbbox(canvas.get_renderer()), fig.bbox_inches.padded(0.5 / DPI)   # half a pixel
     if room.x0 <= drawn.x0 and room.y0 <= drawn.y0 and drawn.x1 <= room.x1 and drawn.y1 <= room.y1:
         image = Image.fromarray(np.asarray(canvas.buffer_rgba()))
         write_atomic(Path(path), lambda p: image.save(p, format="png", dpi=(DPI, DPI)))

@@ -11,7 +11,7 @@ from isokl_tl.plots.style import DEAD, _ax, _plain_log_ticks, styled
 from isokl_tl.survival import SurvivalCurve, SurvivalTable
 
 
-@styled
+@styled(fixed_titles=True)
 def plot_survival(curves: dict[float, SurvivalCurve], *, ax: Axes | None = None, window: int | None = None,
                   legend: bool = True) -> Axes:
     """Kaplan-Meier step curves per alpha with their 95% log-log bands. Curves that coincide (all
@@ -45,7 +45,7 @@ SIGNAL_STYLE = {"pmass": ("C3", "o", "pmass"), "repetition": ("C0", "s", "repeti
                 "flip": ("C1", "v", "answer flipped"), "any": ("0.3", "x", "any signal")}
 
 
-@styled
+@styled(fixed_titles=True)
 def plot_dose_response(table: SurvivalTable, *, by_signal: pd.DataFrame | None = None,
                        kl: pd.DataFrame | None = None, fig=None) -> np.ndarray:
     """Against alpha: S at the end of the window with its 95% band (left) and the median death
@@ -103,7 +103,7 @@ def plot_dose_response(table: SurvivalTable, *, by_signal: pd.DataFrame | None =
     return axes
 
 
-@styled
+@styled(fixed_titles=True)
 def plot_threshold_sweep(sweep: pd.DataFrame, *, fig=None) -> np.ndarray:
     """S at the window's end against the death threshold, one line per alpha: absolute thresholds
     (left) and thresholds relative to each prompt's unsteered pmass (right); solid lines for a
