@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_result import CELLS  # noqa: E402
+from time_to_result import CELLS, run_cell  # noqa: E402
 
 
 def main() -> None:
@@ -28,8 +28,7 @@ def main() -> None:
     a, extra = ap.parse_known_args()
     args = CELLS[a.cell] + extra
     with tempfile.TemporaryDirectory() as tmp:
-        cli = [sys.executable, "-m", "isokl_tl_cli.main", "run", *args]
-        subprocess.run(cli + ["--out", f"{tmp}/warm"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_cell(args, Path(tmp) / "warm")                     # fills the caches, unprofiled
         prof = f"{tmp}/cell.prof"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "cProfile", "-o", prof, "-m", "isokl_tl_cli.main", "run", *args,
