@@ -125,31 +125,33 @@ def deaths_by_signal(signals: pd.DataFrame, pmass_deaths: pd.DataFrame, threshol
     censored at the earliest censoring (where one signal stopped being seen)."""
     keys = ["row", "prompt", "alpha", "weak"]
     base = pmass_deaths[keys].reset_index(drop=True)
-    at = np.arange(len(base))          # listed as pmass deaths, then each rollout's text signals, then flips
-    parts = [base.assign(signal="pmass", time=pmass_deaths.time.to_numpy(), event=pmass_deaths.event.to_numpy(),
-                         _part=0, _at=at, _k=0)]
-    # censored at the rollout's last token (where it has no signals: its pmass time)
+    parts = [base.assign(signal="pmass", time=pmass_deaths.time.to_numpy(), event=pmass_deaths.event.to_numpy())]
+    # each rollout's text signals in turn: the first token at its threshold, else censored at the
+    # rollout's last token (where it has no signals: its pmass time)
+    k = len(text_signals)
+    first = pd.DataFrame({name: signals[signals[name] >= thresholds[name]].groupby("row").t.min()
+                          for name in text_signals}, columns=list(text_signals))
+    hit = first.reindex(base.row).to_numpy(dtype=float).ravel()          # row by row, signal by signal
     last = base.row.map(signals.groupby("row").t.max()).fillna(pmass_deaths.time.reset_index(drop=True))
-    for k, name in enumerate(text_signals):
-        first = base.row.map(signals[signals[name] >= thresholds[name]].groupby("row").t.min())
-        parts.append(base.assign(signal=name, time=first.fillna(last), event=first.notna(), _part=1, _at=at, _k=k))
+    parts.append(base.loc[base.index.repeat(k)].assign(signal=np.tile(list(text_signals), len(base)),
+                                                      time=np.where(np.isnan(hit), np.repeat(last.to_numpy(), k), hit),
+                                                      event=~np.isnan(hit)))
     if flip_deaths is not None and len(flip_deaths):
         weak = pmass_deaths.set_index("row").weak
         flips = flip_deaths[["row", "prompt", "alpha"]].reset_index(drop=True)
         parts.append(flips.assign(weak=flips.row.map(weak).fillna(False).astype(bool), signal="flip",
-                                  time=flip_deaths.time.to_numpy(), event=flip_deaths.event.to_numpy(),
-                                  _part=2, _at=np.arange(len(flips)), _k=0))
-    frame = pd.concat(parts, ignore_index=True).sort_values(["_part", "_at", "_k"], kind="stable")
-    frame = frame.drop(columns=["_part", "_at", "_k"]).reset_index(drop=True)
+                                  time=flip_deaths.time.to_numpy(), event=flip_deaths.event.to_numpy()))
+    frame = pd.concat(parts, ignore_index=True)
     frame = frame.assign(time=frame.time.astype(int), event=frame.event.astype(bool))
     # per row: its first death (the earliest time, the first signal listed at a tie); else censored
     # where the first signal stopped being observed
-    ordered = frame.assign(order=np.arange(len(frame))).sort_values(["row", "time", "order"], kind="stable")
+    ordered = frame.sort_values(["row", "time"], kind="stable")      # a stable sort keeps the listed order
     dead = ordered[ordered.event].drop_duplicates("row")
     censored = ordered[~ordered.row.isin(dead.row)].drop_duplicates("row")
-    first = pd.concat([dead, censored]).sort_values("row", kind="stable")
-    first = first[keys].assign(signal="any", time=first.time.to_numpy(), event=first.row.isin(dead.row).to_numpy())
-    return pd.concat([frame, first], ignore_index=True)
+    earliest = pd.concat([dead, censored]).sort_values("row", kind="stable")
+    earliest = earliest[keys].assign(signal="any", time=earliest.time.to_numpy(),
+                                     event=earliest.row.isin(dead.row).to_numpy())
+    return pd.concat([frame, earliest], ignore_index=True)
 
 
 def first_signal(by_signal: pd.DataFrame) -> pd.DataFrame:
