@@ -99,7 +99,7 @@ def test_shared_prefix_with_rows_leaving_matches_transformer_lens(tiny, tiny_dir
     class Recording(FastDecoder):
         def share_prefix(self, n_own, partner_of, split):
             super().share_prefix(n_own, partner_of, split)
-            splits.append(self.split)
+            splits.append(self.shared.split)
     got, _ = same_as_reference(tiny, Recording, prompts, coeffs, eos=stops, **kw)
     assert splits == [{"blocks.2.hook_resid_post": 2, "blocks.1.hook_resid_pre": 1, "hook_embed": 0}[hook]]
     assert len(set(got.gen_len.tolist())) > 1                 # rows really left at different steps
@@ -121,7 +121,7 @@ def test_rows_of_one_prompt_share_the_prefill(tiny, tiny_direction, decoder, gen
 
     class Counting(decoder):
         def _forward(self, tokens, mask):
-            d = self.distinct
+            d = self.shared.distinct
             ran.append(None if d is None else (d.below.tolist(), d.above.tolist()))
             return super()._forward(tokens, mask)
     plain = rollout(tiny, rows, coeffs, decoder=ReferenceDecoder, **kw)
@@ -152,7 +152,7 @@ def test_unsteered_rows_of_one_prompt_share_the_prefill(tiny, tiny_direction, de
 
     class Counting(decoder):
         def _forward(self, tokens, mask):
-            ran.append(None if self.distinct is None else self.distinct.above.tolist())
+            ran.append(None if self.shared.distinct is None else self.shared.distinct.above.tolist())
             return super()._forward(tokens, mask)
     same_as_reference(tiny, Counting, prompts * 3, torch.zeros(6), direction=tiny_direction.vector,
                       hook="blocks.2.hook_resid_post", window=8)

@@ -34,7 +34,7 @@ from transformer_lens import HookedTransformer
 
 from isokl_tl.engine import attention, cpu_linear, fusion
 from isokl_tl.engine.decoder import Decoder
-from isokl_tl.engine.distinct import Distinct, distinct_rows
+from isokl_tl.engine.distinct import Distinct, SharedRows, distinct_rows
 from isokl_tl.engine.kv_cache import KVCache
 from isokl_tl.engine.scoring import triton_available
 from isokl_tl.hooks import Steering, SteeringGroup, first_rows, handles, rows_of
@@ -68,11 +68,7 @@ class FastDecoder(Decoder):
         self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
         self.cache = KVCache(capacity)
         self.reused = False            # the last prefill cleared the previous rollout's buffers
-        self.split = 0                 # layers below `split` run on the first `n_own` rows only
-        self.n_own: int | None = None
-        self.partner_of: Tensor | None = None
-        self.site_block = 0            # the first block steered (`share_prefix`)
-        self.distinct: Distinct | None = None     # during a prefill of repeated rows (`_distinct`)
+        self.shared = SharedRows()     # which rows each block runs on (`share_prefix`, `_distinct`)
         self.post_norm = cfg.original_architecture in POST_NORM
         self.head_norm = bool(getattr(cfg, "use_qk_norm", False)) and not self.post_norm   # Qwen3's QK norm
         self.sandwich = bool(cfg.use_normalization_before_and_after)    # Gemma 2/3: norms after sublayers too
@@ -85,32 +81,13 @@ class FastDecoder(Decoder):
     def share_prefix(self, n_own: int, partner_of: Int[Tensor, " partner"], split: int) -> None:
         """Declare that batch rows `n_own + j` repeat row `partner_of[j]` up to block `split`: same
         tokens, same mask, no steering below it (base partners of steered rows). Blocks below
-        `split` then run on the first `n_own` rows only (their KV caches hold those rows), and
-        the residual stream is widened to the whole batch when block `split` begins. Exact:
-        those rows would compute the same numbers. Call before `prefill`.
+        `split` then run on the first `n_own` rows only (`SharedRows`). Exact: those rows would
+        compute the same numbers. Call before `prefill`.
 
         At prefill the same holds for every row of the same prompt (a sweep's rows repeat each
         prompt at every coefficient): `prefill` runs the blocks below `split` once per distinct
         prompt, and the later blocks once per distinct prompt and coefficients (`Distinct`)."""
-        self.n_own, self.partner_of, self.split = n_own, partner_of, split if len(partner_of) else 0
-        self.site_block = split
-
-    def _rows(self, i: int) -> int | None:
-        """How many batch rows block i runs on (None: all)."""
-        return self.n_own if i < self.split else None
-
-    def _lower(self, i: int, t: Tensor) -> Tensor:
-        """The rows of `t` (one per batch row) that block i runs on."""
-        if self.distinct is not None:
-            return t[self.distinct.below if i < self.site_block else self.distinct.above]
-        return t[:self._rows(i)]
-
-    def _widen(self, i: int, resid: Tensor) -> Tensor:
-        if self.distinct is not None:
-            return resid[self.distinct.lift] if i == self.site_block and i > 0 else resid
-        if i == self.split and self.split > 0:
-            return torch.cat([resid, resid[self.partner_of]])
-        return resid
+        self.shared.declare(n_own, partner_of, split)
 
     def _distinct(self, tokens: Tensor, mask: Tensor) -> Distinct | None:
         """A prefill's distinct rows (`Distinct`), or None where no row repeats another or a hook
@@ -120,7 +97,7 @@ class FastDecoder(Decoder):
         count = Counter(h.hook for h in handles(self.steering))
         if any(len(hp._forward_hooks) > count[name] for name, hp in self.model.hook_dict.items()):
             return None
-        return distinct_rows(tokens, mask, self.steering, self.site_block, self._rows(0) or len(tokens))
+        return distinct_rows(tokens, mask, self.steering, self.shared.site_block, self.shared.rows(0) or len(tokens))
 
     def _qkv(self, i: int, resid: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Block i up to its (unrotated) Q, K and V, with TransformerLens's hooks: returns the
@@ -184,7 +161,7 @@ class FastDecoder(Decoder):
         mlp_out = block.hook_mlp_out(mlp_out)
         if i + 1 == m.cfg.n_layers:
             return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], m.ln_final)
-        if i + 1 == (self.site_block if self.distinct is not None else self.split):   # widened before the next block
+        if self.shared.widens_after(i):
             return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], None)
         nxt = m.blocks[i + 1]
         return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post, nxt.hook_resid_pre], nxt.ln1)
@@ -211,10 +188,11 @@ class FastDecoder(Decoder):
         if self.rotary is not None:
             q, k = self.rotary.rotate_qk(q, k, cos[:len(q)], sin[:len(q)])
             q = self.model.blocks[i].attn.hook_rot_q(q)
-        if self.distinct is not None:       # every row's cache gets the keys of the row it repeats
-            spread = self.distinct.low if i < self.site_block else self.distinct.high
-            keys, values = self.cache.write(i, k[spread[:self._rows(i)]], v[spread[:self._rows(i)]])
-            keys, values = self._lower(i, keys), self._lower(i, values)
+        shared = self.shared
+        if shared.distinct is not None:     # every row's cache gets the keys of the row it repeats
+            spread = (shared.distinct.low if i < shared.site_block else shared.distinct.high)[:shared.rows(i)]
+            keys, values = self.cache.write(i, k[spread], v[spread])
+            keys, values = shared.lower(i, keys), shared.lower(i, values)
         else:
             keys, values = self.cache.write(i, k, v)
         if self.exact(i):
@@ -254,38 +232,39 @@ class FastDecoder(Decoder):
             self.steering.offset = start
         # rotary positions as TransformerLens counts them: unmasked tokens before, from 0
         pos = (mask_now.cumsum(1) - 1).clamp(min=0)[:, start:]
+        shared, distinct = self.shared, self.shared.distinct
         if self.rotary is None:
             low = high = [(None, None)] * m.cfg.n_layers
-        elif self.distinct is None:
+        elif distinct is None:
             low = high = self.rotary.rows(pos)
         else:                               # the rows each block runs on
-            low, high = self.rotary.rows(pos[self.distinct.below]), self.rotary.rows(pos[self.distinct.above])
-        resid, x = m.hook_embed(m.embed(self._lower(0, tokens))), None
+            low, high = self.rotary.rows(pos[distinct.below]), self.rotary.rows(pos[distinct.above])
+        resid, x = m.hook_embed(m.embed(shared.lower(0, tokens))), None
         if self.rotary is None:             # learned positions: TransformerLens's own module, same positions
-            resid = resid + m.hook_pos_embed(m.pos_embed(self._lower(0, tokens), start, self._lower(0, mask_now)))
+            resid = resid + m.hook_pos_embed(m.pos_embed(shared.lower(0, tokens), start, shared.lower(0, mask_now)))
         for i in range(m.cfg.n_layers):
-            resid = self._widen(i, resid)
-            resid, x = self._layer(i, resid, x, self._lower(i, keys), *(low if i < self.site_block else high)[i])
+            resid = shared.widen(i, resid)
+            resid, x = self._layer(i, resid, x, shared.lower(i, keys), *(low if i < shared.site_block else high)[i])
         cache.length = end
         logits = self._logits(resid, x)
-        return logits if self.distinct is None else logits[self.distinct.high]
+        return logits if distinct is None else logits[distinct.high]
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]
                 ) -> Float[Tensor, "batch d_vocab"]:
         cfg = self.model.cfg
         b = tokens.shape[0]
-        shapes = [(self._rows(i) or b, self.n_kv, self.cache.capacity, cfg.d_head) for i in range(cfg.n_layers)]
+        shapes = [(self.shared.rows(i) or b, self.n_kv, self.cache.capacity, cfg.d_head) for i in range(cfg.n_layers)]
         # a decoder serving another rollout of its shape (`engine.pool`) clears its buffers in place
         self.reused = self.cache.reset(shapes, b, cfg.dtype, tokens.device)
-        self.distinct = self._distinct(tokens, mask)
-        if self.distinct is None:
+        distinct = self.shared.distinct = self._distinct(tokens, mask)
+        if distinct is None:
             return self._forward(tokens, mask)
         try:                                # the steering acts on the rows of `above` meanwhile
-            with rows_of(self.steering, self.distinct.above):
+            with rows_of(self.steering, distinct.above):
                 return self._forward(tokens, mask)
         finally:
-            self.distinct = None
+            self.shared.distinct = None
 
     @torch.no_grad()
     def fork(self, tail: Int[Tensor, "rows tail"]) -> Float[Tensor, "rows d_vocab"]:
@@ -294,28 +273,13 @@ class FastDecoder(Decoder):
         the slots after the cached ones, which the next step overwrites (and no query reads while
         they are masked out again)."""
         cache, length, n = self.cache, self.cache.length, tail.shape[0]
-        kept = (self.n_own, self.split)
-        if n < cache.mask.shape[0]:
-            self.n_own, self.split = n, self.model.cfg.n_layers
         try:
-            with first_rows(self.steering, n):
+            with self.shared.first_only(n, self.model.cfg.n_layers), first_rows(self.steering, n):
                 return self._forward(tail, torch.ones_like(tail))
         finally:
-            self.n_own, self.split = kept
             cache.mask[:, length:length + tail.shape[1]] = 0
             cache.length = length
 
     def select(self, rows: Int[Tensor, " keep"]) -> None:
-        if self.split:
-            own = rows[rows < self.n_own]
-            where = torch.full((self.n_own,), -1, dtype=torch.long, device=rows.device)
-            where[own] = torch.arange(len(own), device=rows.device)
-            partner_of = where[self.partner_of[rows[rows >= self.n_own] - self.n_own]]
-            assert bool((partner_of >= 0).all()), "a partner row outlived the row it repeats"
-            self.cache.select(rows, own, self.split)
-            self.n_own, self.partner_of = len(own), partner_of
-            if not len(partner_of):       # nothing left to widen: run every block on all rows
-                self.split = 0
-        else:
-            self.cache.select(rows)
+        self.shared.select(rows, self.cache)
         self.select_coeff(rows)

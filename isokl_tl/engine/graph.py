@@ -121,7 +121,7 @@ class GraphDecoder(FastDecoder):
         resid, q, k, v = self._qkv(i, resid, x)
         if self.rotary is not None:
             cos, sin = cos[:len(q)], sin[:len(q)]            # fewer rows below a shared split
-        rows = self._rows(i)
+        rows = self.shared.rows(i)
         joined = self.rotate_in_kernel and self.kernels.joined_views(q, k, v)
         fits = self.attention is not None and self.attention.supports(q, self.cache.k[i])
         options = dict(cap=self.cap, window=self.windows[i])      # soft cap, sliding window: in the kernel too
@@ -167,7 +167,7 @@ class GraphDecoder(FastDecoder):
         m = self.model
         self.cache.mask.index_fill_(1, self.write_at, 1)
         self.bias = None
-        rows = self._rows(0)
+        rows = self.shared.rows(0)
         if self.rotary is not None:
             tables = self.rotary.rows(self.pos_ids[:, None])
             resid = m.hook_embed(m.embed(self.tok_buf[:rows, None]))
@@ -177,7 +177,7 @@ class GraphDecoder(FastDecoder):
                 m.pos_embed.W_pos[self.pos_ids[:rows]][:, None])
         x = None
         for i in range(m.cfg.n_layers):
-            resid = self._widen(i, resid)
+            resid = self.shared.widen(i, resid)
             resid, x = self._static_layer(i, resid, x, *tables[i])
         u = m.unembed
         if self.fuse and not (fusion.has_hook(u.hook_in) or fusion.has_hook(u.hook_out)):
