@@ -141,9 +141,14 @@ def steps(search: "Search") -> Generator[list[float], None, tuple[int, tuple | N
     while True:
         yield candidates
         rounds += 1
-        if search.done() or rounds >= s.max_rounds:
+        if search.done():
             break
         lo, hi = search.bracket()
+        if rounds >= s.max_rounds:
+            if lo is None or hi is None:    # never a best guess from one side of the target
+                raise CalibrationError(f"target {s.target} not bracketed in {s.max_rounds} rounds (max_rounds); "
+                                       f"history: {_history_text(search.evals)}")
+            break
         if lo is None or hi is None:
             pts = sorted(search.evals, key=lambda e: e.coeff)
             edge = pts[-1] if hi is None else pts[0]

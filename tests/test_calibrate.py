@@ -106,3 +106,30 @@ def test_lockstep_calibration_equals_separate_searches(tiny):
         assert cal.hook == d.hook and cal.method == d.method
         assert [h["coeff"] for h in cal.history] == pytest.approx([h["coeff"] for h in alone.history], rel=1e-4)
         assert cal.c_star == pytest.approx(alone.c_star, rel=1e-4) and cal.rounds == alone.rounds
+
+
+def _drive(statistic, settings):
+    """Run the search's generator against a statistic of the coefficient alone."""
+    from isokl_tl.directions import Direction
+    from isokl_tl.search import Search, _Eval, steps
+
+    d = Direction(torch.ones(4) / 2, "mean_diff", "blocks.0.hook_resid_post", 1.0, 1.0, 10.0, 2, "none")
+    search = Search(d, settings)
+    gen = steps(search)
+    coeffs = next(gen)
+    try:
+        while True:
+            search.evals += [_Eval(c, statistic(c), 1, 0.0, []) for c in coeffs]
+            coeffs = gen.send(None)
+    except StopIteration as stop:
+        return search, stop.value
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_running_out_of_rounds_before_bracketing_raises(rounds):
+    """A search stopped by max_rounds while the target is still on one side of every coefficient
+    tried raises with its history; it never returns the closest guess."""
+    with pytest.raises(CalibrationError, match=f"not bracketed in {rounds} rounds.*history"):
+        _drive(lambda c: 1e-4 * c, CalibrationSettings(max_rounds=rounds, bootstrap=0))
+    search, (n, _) = _drive(lambda c: (c / 3.0) ** 2, CalibrationSettings(bootstrap=0))   # bracketed: converges
+    assert abs(search.best().coeff / 3.0 - 1) < 0.02 and n < 14
