@@ -42,7 +42,7 @@ def check_inputs(run, stages: tuple[str, ...]) -> None:
         else:
             resolve_hook(model, c.hook, c.layer)
     if "calibrate" in todo and corpus:    # passages are cut to the context, and need 2 tokens
-        corpus_ids(model.tokenizer, load_corpus(c.corpus)[:c.n_calib], max_tokens=min(MAX_TOKENS, model.cfg.n_ctx))
+        calibration_ids(model, c)
     elif "calibrate" in todo:
         _fits(model, load_prompts(c.calib_prompts)[:c.n_calib], c.calib_window, c.calib_prompts)
     if "rollout" in todo:          # forks add the splice after the rollout
@@ -52,6 +52,15 @@ def check_inputs(run, stages: tuple[str, ...]) -> None:
         splice = c.splice_spec()
         answer_token_sets(model.tokenizer, splice.true_words, splice.false_words)
         splice.to_dict(model.tokenizer)
+
+
+def calibration_ids(model, c) -> list[list[int]]:
+    """The token ids a run's calibration reads: the corpus's first `n_calib` passages, cut to the
+    context, for a teacher-forced statistic (`--statistic delta_ce`), else its calibration prompts."""
+    if c.statistic in CORPUS_STATISTICS:
+        return corpus_ids(model.tokenizer, load_corpus(c.corpus)[:c.n_calib],
+                          max_tokens=min(MAX_TOKENS, model.cfg.n_ctx))
+    return [prompt_ids(model.tokenizer, p) for p in load_prompts(c.calib_prompts)[:c.n_calib]]
 
 
 def check_device(device: str) -> None:

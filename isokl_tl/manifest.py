@@ -55,6 +55,13 @@ FIGURES = {
     "aggregate": "aggregate.png",
     "calibration": CALIBRATION_FIG,
 }
+# what each stage of a run writes (a stage is current only when all of them are there)
+STAGE_OUTPUTS = {"direction": [DIRECTION_VECTOR, DIRECTION_META],
+                 "calibrate": [CALIBRATION, CALIBRATION_FIG],
+                 "rollout": [ROLLOUTS, ROLLOUTS_CSV, TEXTS],
+                 "pmass": [PMASS, SPLICE],
+                 "survival": [SURVIVAL, SURVIVAL_TABLE, KM_CURVES, SURVIVAL_META, COHERENCE, SIGNALS],
+                 "plot": list(FIGURES.values()) + [SUMMARY]}
 
 
 def check_writable(directory: str | Path) -> Path:

@@ -17,33 +17,30 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 from transformer_lens import HookedTransformer
 
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.activations import Record
 from isokl_tl.answers import flip_deaths
 from isokl_tl.calibrate import (
-    CORPUS_STATISTICS,
     Calibration,
     CalibrationError,
-    c_star_for,
     calibrate_many,
     load_calibrations,
 )
 from isokl_tl.coherence import deaths_by_signal, dying_by, rollout_signals
 from isokl_tl.config import RunConfig
-from isokl_tl.corpus import MAX_TOKENS, corpus_ids
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling, batch_rows
 from isokl_tl.hooks import check_direction, resolve_hook
-from isokl_tl.inputs import check_inputs
+from isokl_tl.inputs import calibration_ids, check_inputs
 from isokl_tl.manifest import Manifest, model_identity, settings_hash, versions, write_csv
 from isokl_tl.models import load_model
 from isokl_tl.parts import fault_point, parts_folder
 from isokl_tl.pmass import ForkPMass, ForkReader, fork_pmass, load_reads, save_reads
-from isokl_tl.prompts import known_answers, load_corpus, load_pairs, load_prompts
+from isokl_tl.prompts import known_answers, load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
+from isokl_tl.sweep import sweep_rows
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
 from isokl_tl.tokens import chunks, prompt_ids
 from isokl_tl.vectors import run_vector, source_changed
@@ -102,18 +99,10 @@ class Run:
         self.manifest.set(config=self.cfg.to_dict(), versions=versions(), seeds={"seed": self.cfg.seed})
 
     # --- bookkeeping -------------------------------------------------------------------------
-    OUTPUTS = {"direction": [files.DIRECTION_VECTOR, files.DIRECTION_META],
-               "calibrate": [files.CALIBRATION, files.CALIBRATION_FIG],
-               "rollout": [files.ROLLOUTS, files.ROLLOUTS_CSV, files.TEXTS],
-               "pmass": [files.PMASS, files.SPLICE],
-               "survival": [files.SURVIVAL, files.SURVIVAL_TABLE, files.KM_CURVES, files.SURVIVAL_META,
-                            files.COHERENCE, files.SIGNALS],
-               "plot": list(files.FIGURES.values()) + [files.SUMMARY]}
-
     def current(self, stage: str) -> bool:
         """Whether `stage` finished with these settings and its files are all there (and, for a
         direction read from a file that is still there, the file is the one it was read from)."""
-        outputs = self.OUTPUTS[stage] + ([files.CALIBRATION_NEGATIVE] if stage == "calibrate" and self.cfg.sign == "both"
+        outputs = files.STAGE_OUTPUTS[stage] + ([files.CALIBRATION_NEGATIVE] if stage == "calibrate" and self.cfg.sign == "both"
                                          else [])
         return self.manifest.stage_current(stage, settings_hash(self.cfg.stage_settings(stage)),
                                            outputs) and not source_changed(self.cfg.direction_source(), self.dir)
@@ -165,12 +154,7 @@ class Run:
 
         def go(key):
             self._vector(d)
-            if self.cfg.statistic in CORPUS_STATISTICS:
-                prompts = corpus_ids(self.model.tokenizer, load_corpus(self.cfg.corpus)[: self.cfg.n_calib],
-                                     max_tokens=min(MAX_TOKENS, self.model.cfg.n_ctx))
-            else:
-                prompts = [prompt_ids(self.model.tokenizer, p)
-                           for p in load_prompts(self.cfg.calib_prompts)[: self.cfg.n_calib]]
+            prompts = calibration_ids(self.model, self.cfg)
             signed = [d if sign == 1 else d.negated() for sign in self.cfg.signs()]
             cals = calibrate_many(self.model, signed, prompts, self.cfg.calibration_settings(),
                                   rows_per_batch=self.cfg.batch_rows, progress=self.progress)
@@ -201,11 +185,8 @@ class Run:
             vector = self._vector(d)
             texts = load_prompts(self.cfg.prompts)[: self.cfg.n_prompts]
             ids = [prompt_ids(self.model.tokenizer, p) for p in texts]
-            alphas = self.cfg.sweep_alphas()
-            rows = [p for _ in alphas for p in ids]
-            alpha = torch.tensor([a for a in alphas for _ in ids])
-            coeff = alpha * torch.tensor([c_star_for(a, cals) for a in alphas for _ in ids])
-            index = torch.tensor([i for _ in alphas for i in range(len(ids))])
+            sweep = sweep_rows(ids, self.cfg.sweep_alphas(), cals)
+            rows = sweep.prompts
             # fork pmass is read as the sweep decodes (`pmass.ForkReader`), for the pmass stage to
             # take if its settings are still these then (not while recording activations)
             inline = self.cfg.inline_forks and not self.cfg.record_acts
@@ -218,12 +199,12 @@ class Run:
                 part = parts_dir / f"{i:04d}"
                 if not (part / files.ROLLOUTS_META).exists():
                     reader = ForkReader(self.model, self.cfg.forks(), self.cfg.splice_spec()) if inline else None
-                    done = rollout(self.model, rows[sl], coeff[sl], direction=vector,
+                    done = rollout(self.model, rows[sl], sweep.coeff[sl], direction=vector,
                                    hook=d.hook, method=d.intervention, window=self.cfg.window,
                                    generated_only=self.cfg.generated_only,
                                    sampling=Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.seed + i),
-                                   rows_per_batch=per_batch, prompt_index=index[sl],
-                                   alpha=alpha[sl], record=Record() if self.cfg.record_acts else None,
+                                   rows_per_batch=per_batch, prompt_index=sweep.index[sl],
+                                   alpha=sweep.alpha[sl], record=Record() if self.cfg.record_acts else None,
                                    forks=reader, progress=self.progress)
                     if reader is not None:
                         save_reads(reader.result(done), part, pmass_key)
