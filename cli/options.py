@@ -131,7 +131,7 @@ def sweep_options(f):
     return _stack(f, [
         click.option("--alphas", callback=_alphas, multiple=True,
                      help='Dose multiples of c*: "0 0.5 1", 0,0.5,1 or repeated; 0 is always added '
-                          "[default: 0 0.5 1 2 4]."),
+                          "[default: 0 0.25 0.5 0.75 1 1.5 2 4]."),
         click.option("--prompts", default=None, help="Held-out prompts: shipped set name (longform, eval) or JSONL file [default: longform]."),
         click.option("--n-prompts", type=int, default=None, help="Held-out prompts used [default: 12]."),
         click.option("--window", type=int, default=None, help="Tokens per held-out rollout [default: 96]."),
@@ -176,9 +176,11 @@ def survival_options(f):
                           "(rollouts whose question the unsteered model answers right); or any of them "
                           "[default: pmass]."),
         click.option("--repetition-threshold", type=float, default=None,
-                     help="Death when this share of the last 32 tokens ends an 8-gram seen before [default: 0.9]."),
+                     help="Death when this share of the last 32 tokens lies inside 8-grams seen before in the rollout "
+                          "(1: all of them, a loop) [default: 1.0]."),
         click.option("--compression-threshold", type=float, default=None,
-                     help="Death when zlib compresses the last 32 tokens' text this many times [default: 2.5]."),
+                     help="Death when zlib compresses the last 32 tokens' text, decoded together, this many times "
+                          "[default: 2.5]."),
         click.option("--surprisal-threshold", type=float, default=None,
                      help="Death when the base model's mean surprisal (-log p) of the last 16 steered tokens "
                           "reaches this many nats [default: 2.0]."),

@@ -4,17 +4,21 @@ A steered model can keep answering (pmass high) while its text loops or degenera
 runs. Three signals per generated token `t`, each over a trailing window and undefined (NaN) until
 the window is full:
 
-- **repetition**: the share of the last `REPETITION_WINDOW` tokens that end an n-gram
-  (`REPETITION_NGRAM` tokens) already generated earlier in the rollout. Prose repeats an 8-gram
-  now and then; a loop repeats them all.
-- **compression**: how far zlib compresses the decoded text of the last `COMPRESSION_WINDOW`
-  tokens (raw bytes / compressed bytes). Prose of that length hardly compresses; loops and runs
-  of one emoji compress several-fold.
+- **repetition**: the share of the last `REPETITION_WINDOW` tokens that lie inside an n-gram
+  (`REPETITION_NGRAM` tokens) already generated earlier in the rollout (an n-gram counts once it
+  is complete, so the signal at `t` reads the first `t` tokens only). Prose repeats an 8-gram now
+  and then; a loop repeats them all.
+- **compression**: how far zlib compresses the text of the last `COMPRESSION_WINDOW` tokens,
+  decoded together (raw UTF-8 bytes / compressed bytes; a character split over several tokens
+  is decoded whole, not as replacement characters). Prose of that length hardly compresses;
+  loops and runs of one emoji compress several-fold.
 - **surprisal**: the mean, over the last `SURPRISAL_WINDOW` tokens, of minus the base model's
   log-probability of each steered token (`Rollouts.base_logprob`, recorded while decoding): how
   unlikely the unsteered model finds the text. Unsteered greedy text is its own argmax, so it sits
   near the model's entropy; steered text it would never write scores high.
 
+The signals read the rollout's content: an EOS token that ended it is not part of the text. Their
+`t` counts the tokens generated so far (1 for the first), as a fork at `t` reads the first `t`.
 Each defines a death: the first token where the signal reaches its threshold. The defaults sit
 above what the embedded SmolLM2-135M-Instruct's unsteered rollouts reach (`THRESHOLDS`; how they
 were chosen: docs/science.md). A fifth death comes from the forks rather than the text: the answer
@@ -34,34 +38,53 @@ REPETITION_WINDOW = 32
 COMPRESSION_WINDOW = 32
 SURPRISAL_WINDOW = 16
 SURPRISAL_THRESHOLD = 2.0
-THRESHOLDS = {"repetition": 0.9, "compression": 2.5, "surprisal": SURPRISAL_THRESHOLD}
+THRESHOLDS = {"repetition": 1.0, "compression": 2.5, "surprisal": SURPRISAL_THRESHOLD}   # docs/science.md
+# bumped when a signal's definition changes, so that a saved run's survival stage is read again
+# (2: repetition counts tokens inside a repeated n-gram, compression decodes each window whole, no EOS)
+SIGNALS_VERSION = 2
 TEXT_SIGNALS = ("repetition", "compression", "surprisal")      # read from the rollout's tokens
 SIGNALS = ("pmass",) + TEXT_SIGNALS + ("flip",)
 DEATH_SIGNALS = SIGNALS + ("any",)
 
 
 def repetition(tokens: Sequence[int], *, n: int = REPETITION_NGRAM, k: int = REPETITION_WINDOW) -> np.ndarray:
-    """Per position: the share of the last `k` tokens that end an n-gram seen earlier (NaN before `k`)."""
+    """Per position t: the share of the last `k` tokens that lie inside an n-gram which occurred
+    earlier in `tokens`, among the n-grams complete by t (NaN before `k`)."""
     seen: set[tuple[int, ...]] = set()
-    repeated = np.zeros(len(tokens))
+    repeats = np.zeros(len(tokens), dtype=bool)          # the n-gram ending here occurred before
     for j in range(n - 1, len(tokens)):
         gram = tuple(tokens[j - n + 1:j + 1])
-        repeated[j] = gram in seen
+        repeats[j] = gram in seen
         seen.add(gram)
+    # token j is covered from the first repeated n-gram's end e in [j, j + n - 1] on
+    ends = np.flatnonzero(repeats)
+    covered_at = np.full(len(tokens), np.inf)
+    if len(ends):
+        nxt = np.searchsorted(ends, np.arange(len(tokens)))           # the first repeat ending at or after j
+        ok = nxt < len(ends)
+        e = ends[np.minimum(nxt, len(ends) - 1)]
+        covered_at = np.where(ok & (e <= np.arange(len(tokens)) + n - 1), e, np.inf)
     out = np.full(len(tokens), np.nan)
     if len(tokens) >= k:
-        sums = np.convolve(repeated, np.ones(k), mode="valid")
-        out[k - 1:] = sums / k
+        windows = np.lib.stride_tricks.sliding_window_view(covered_at, k)    # window ending at t = k-1+w
+        t = np.arange(k - 1, len(tokens))
+        out[k - 1:] = (windows <= t[:, None]).sum(1) / k
     return out
 
 
-def compression(pieces: Sequence[str], *, k: int = COMPRESSION_WINDOW) -> np.ndarray:
-    """Per position: raw / zlib-compressed bytes of the text of the last `k` tokens (NaN before `k`)."""
-    out = np.full(len(pieces), np.nan)
-    for t in range(k - 1, len(pieces)):
-        raw = "".join(pieces[t - k + 1:t + 1]).encode()
-        out[t] = len(raw) / len(zlib.compress(raw, 9)) if raw else np.nan
+def compression(texts: Sequence[str]) -> np.ndarray:
+    """Per text: raw / zlib-compressed UTF-8 bytes (NaN for an empty text)."""
+    out = np.full(len(texts), np.nan)
+    for i, text in enumerate(texts):
+        raw = text.encode()
+        if raw:
+            out[i] = len(raw) / len(zlib.compress(raw, 9))
     return out
+
+
+def trailing_windows(ids: Sequence[int], k: int = COMPRESSION_WINDOW) -> list[list[int]]:
+    """The last `k` ids at each position from the `k`-th on."""
+    return [list(ids[t - k + 1:t + 1]) for t in range(k - 1, len(ids))]
 
 
 def surprisal(base_logprob: Float[np.ndarray, " t"], *, k: int = SURPRISAL_WINDOW) -> Float[np.ndarray, " t"]:
@@ -74,31 +97,35 @@ def surprisal(base_logprob: Float[np.ndarray, " t"], *, k: int = SURPRISAL_WINDO
     return out
 
 
-def signal_frame(tokens: np.ndarray, gen_len: np.ndarray, decode, base_logprob: np.ndarray | None = None
+def signal_frame(tokens: np.ndarray, content: np.ndarray, decode_many, base_logprob: np.ndarray | None = None
                  ) -> pd.DataFrame:
-    """Long format, one row per (rollout row, generated token): `repetition`, `compression`,
-    `surprisal` (NaN without `base_logprob`). `decode(ids)` turns one token id list into text (each
-    token alone: its own piece)."""
-    rows, piece = [], {}            # each distinct token is decoded once
-    for r in range(len(tokens)):
-        n = int(gen_len[r])
-        ids = [int(t) for t in tokens[r, :n]]
-        for i in set(ids).difference(piece):
-            piece[i] = decode([i])
-        rep, comp = repetition(ids), compression([piece[i] for i in ids])
+    """Long format, one row per (rollout row, generated token of its content): `repetition`,
+    `compression`, `surprisal` (NaN without `base_logprob`). `content[r]` is row r's number of
+    generated tokens before any EOS; `decode_many(list of id lists)` turns each id list into its
+    text (a tokenizer's `batch_decode`); every trailing window is decoded in one call."""
+    ids = [[int(t) for t in tokens[r, :int(content[r])]] for r in range(len(tokens))]
+    windows = [trailing_windows(row) for row in ids]
+    texts = iter(decode_many([w for row in windows for w in row]) if any(windows) else [])
+    rows = []
+    for r, row in enumerate(ids):
+        n = len(row)
+        comp = np.full(n, np.nan)
+        comp[COMPRESSION_WINDOW - 1:] = compression([next(texts) for _ in windows[r]])
         sur = surprisal(base_logprob[r, :n]) if base_logprob is not None else np.full(n, np.nan)
-        rows.append(pd.DataFrame({"row": r, "t": np.arange(1, len(ids) + 1), "repetition": rep,
+        rows.append(pd.DataFrame({"row": r, "t": np.arange(1, n + 1), "repetition": repetition(row),
                                   "compression": comp, "surprisal": sur}))
     cols = ["row", "t", *TEXT_SIGNALS]
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
 
 
-def rollout_signals(rollouts, decode) -> tuple[pd.DataFrame, tuple[str, ...]]:
-    """`signal_frame` of a sweep's `Rollouts`, and the text signals they recorded (no surprisal
-    for rollouts saved before base log-probabilities were)."""
+def rollout_signals(rollouts, decode_many) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """`signal_frame` of a sweep's `Rollouts` (their content: an EOS token that ended a row is not
+    text), and the text signals they recorded (no surprisal for rollouts saved before base
+    log-probabilities were)."""
     r = rollouts
     recorded = tuple(k for k in TEXT_SIGNALS if k != "surprisal" or not bool(r.base_logprob[r.mask].isnan().all()))
-    return signal_frame(r.tokens.numpy(), r.gen_len.numpy(), decode, r.base_logprob.numpy()), recorded
+    content = (r.gen_len - r.eos.long()).numpy()
+    return signal_frame(r.tokens.numpy(), content, decode_many, r.base_logprob.numpy()), recorded
 
 
 def dying_by(by_signal: pd.DataFrame, pmass_deaths: pd.DataFrame, signal: str) -> pd.DataFrame:
@@ -188,6 +215,34 @@ def signal_table(by_signal: pd.DataFrame, window: int, *, keep_weak: bool = Fals
                           "median": km.median}
                          for signal, curves in signal_curves(by_signal, keep_weak=keep_weak).items()
                          for alpha, km in curves.items()])
+
+
+def unsteered_levels(signals: pd.DataFrame, by_signal: pd.DataFrame, names: Sequence[str] = TEXT_SIGNALS
+                     ) -> pd.DataFrame:
+    """Per text signal: the median, 99th percentile and maximum over every token of the unsteered
+    (alpha 0) rollouts (NaN where none has a value), the distribution a threshold should sit above."""
+    base = signals[signals.row.isin(by_signal.loc[by_signal.alpha == 0, "row"].unique())]
+    return pd.DataFrame([{"signal": k, "median": base[k].median(), "p99": base[k].quantile(0.99), "max": base[k].max()}
+                         for k in names if k in base])
+
+
+def unsteered_warnings(levels: pd.DataFrame, thresholds: dict[str, float]) -> list[str]:
+    """One line per text signal whose threshold the unsteered rollouts reach (their deaths would not
+    be the steering's)."""
+    return [f"unsteered rollouts reach the {r.signal} threshold ({r.max:.3g} >= {thresholds[r.signal]:g}): "
+            f"deaths by {r.signal} are not only the steering's; raise --{r.signal}-threshold"
+            for r in levels.itertuples() if r.signal in thresholds and r.max >= thresholds[r.signal]]
+
+
+def unsteered_markdown(levels: pd.DataFrame, thresholds: dict[str, float]) -> str:
+    """The unsteered distribution of each text signal next to its threshold, and any warning."""
+    def cell(r):
+        if np.isnan(r.max):
+            return f"{r.signal}: no value (no unsteered rollout is long enough)"
+        return f"{r.signal} {r.median:.3g} / {r.p99:.3g} / {r.max:.3g} (threshold {thresholds[r.signal]:g})"
+    lines = ["Unsteered (alpha 0) rollouts per text signal, median / 99th percentile / max over their tokens: "
+             + "; ".join(cell(r) for r in levels.itertuples() if r.signal in thresholds) + "."]
+    return "\n".join(lines + [f"**Warning**: {w}." for w in unsteered_warnings(levels, thresholds)]) + "\n"
 
 
 def signals_markdown(table: pd.DataFrame, first: pd.DataFrame, thresholds: dict[str, float]) -> str:

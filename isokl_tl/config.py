@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from isokl_tl.calibrate import CalibrationSettings
-from isokl_tl.coherence import DEATH_SIGNALS, THRESHOLDS
+from isokl_tl.coherence import DEATH_SIGNALS, SIGNALS_VERSION, THRESHOLDS
 from isokl_tl.directions import check_method
 from isokl_tl.engine import Sampling
 from isokl_tl.models import EMBEDDED
@@ -48,7 +48,7 @@ class RunConfig:
     prompts: str = "longform"
     n_prompts: int = 12
     window: int = 96
-    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)   # DESIGN: around the transition near 2
     generated_only: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
@@ -178,9 +178,9 @@ class RunConfig:
     # Settings added after runs were made, keyed only when not at these defaults, so that older run
     # directories stay current
     _LATER_KEYS = {"gate": False, "corpus": "corpus", "sign": "positive", "resample_pairs": False, "direction_file": None, "direction_key": None, "sae": None, "feature": None,
-                   "death_signal": "pmass", "repetition_threshold": THRESHOLDS["repetition"],
-                   "compression_threshold": THRESHOLDS["compression"],
-                   "surprisal_threshold": THRESHOLDS["surprisal"]}
+                   # the values those older runs used (not today's defaults: a run at a new default is not theirs)
+                   "death_signal": "pmass", "repetition_threshold": 0.9, "compression_threshold": 2.5,
+                   "surprisal_threshold": 2.0}
     # Settings that decide how the work is executed, not what it computes: greedy results agree
     # up to floating-point rounding whatever their values, so they key no stage. They do key the
     # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw
@@ -200,6 +200,8 @@ class RunConfig:
         for s in STAGES[: STAGES.index(stage) + 1]:
             out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]
                         if not (k in self._LATER_KEYS and getattr(self, k) == self._LATER_KEYS[k])})
+            if s == "survival":     # the signals' definitions: survival of a run read under older ones reruns
+                out["coherence_signals"] = SIGNALS_VERSION
         return out
 
     def direction_source(self) -> Path | None:

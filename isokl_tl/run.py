@@ -28,7 +28,7 @@ from isokl_tl.calibrate import (
     calibrate_many,
     load_calibrations,
 )
-from isokl_tl.coherence import deaths_by_signal, dying_by, rollout_signals
+from isokl_tl.coherence import deaths_by_signal, dying_by, rollout_signals, unsteered_levels, unsteered_warnings
 from isokl_tl.config import RunConfig
 from isokl_tl.directions import Direction, compute_direction
 from isokl_tl.engine import Sampling, batch_rows
@@ -251,12 +251,15 @@ class Run:
             rule = self.cfg.death_rule()
             by_pmass = deaths(pm.frame, rule)
             r = self.rollout()
-            signals, recorded = rollout_signals(r, self.model.tokenizer.decode)
+            signals, recorded = rollout_signals(r, self.model.tokenizer.batch_decode)
             flips = flip_deaths(pm.frame, known_answers(self.cfg.prompts)[: self.cfg.n_prompts])
             by_signal = deaths_by_signal(signals, by_pmass, self.cfg.coherence_thresholds(), flips,
                                          text_signals=recorded)
             write_csv(self.dir / files.COHERENCE, signals)
             write_csv(self.dir / files.SIGNALS, by_signal)
+            for warning in unsteered_warnings(unsteered_levels(signals, by_signal, recorded),
+                                              self.cfg.coherence_thresholds()):
+                self.log(f"[survival] warning: {warning}")
             per_row = dying_by(by_signal, by_pmass, self.cfg.death_signal)
             survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak, rule=rule).save(self.dir)
         self._stage("survival", go, force)

@@ -17,7 +17,7 @@ from isokl_tl.calibrate import (
     transfer,
     transfer_line,
 )
-from isokl_tl.coherence import first_signal, signal_table, signals_markdown
+from isokl_tl.coherence import TEXT_SIGNALS, first_signal, signal_table, signals_markdown, unsteered_levels, unsteered_markdown
 from isokl_tl.directions import Direction
 from isokl_tl.manifest import write_atomic, write_csv, write_json
 from isokl_tl.pmass import ForkPMass
@@ -87,6 +87,10 @@ def write_summary(run_dir: Path, cfg) -> None:
     by_signal = pd.read_csv(run_dir / files.SIGNALS)
     coherence = signals_markdown(signal_table(by_signal, cfg.window, keep_weak=cfg.keep_weak),
                                  first_signal(by_signal), cfg.coherence_thresholds())
+    if (run_dir / files.COHERENCE).exists():
+        levels = unsteered_levels(pd.read_csv(run_dir / files.COHERENCE), by_signal,
+                                  [k for k in TEXT_SIGNALS if (by_signal.signal == k).any()])
+        coherence += "\n" + unsteered_markdown(levels, cfg.coherence_thresholds())
     answers = known_answers(cfg.prompts)[: cfg.n_prompts]
     table = answer_table(ForkPMass.load(run_dir).frame, answers)
     scored = answers_markdown(table, answers) if len(table) else ""

@@ -9,31 +9,64 @@ from isokl_tl.coherence import (
     deaths_by_signal,
     first_signal,
     repetition,
+    rollout_signals,
     signal_frame,
     signal_table,
     signals_markdown,
     surprisal,
+    trailing_windows,
+    unsteered_levels,
+    unsteered_markdown,
+    unsteered_warnings,
 )
 
 
-def test_repetition_counts_tokens_that_end_an_ngram_seen_before():
+def test_repetition_counts_tokens_inside_an_ngram_seen_before():
     fresh = list(range(40))
     loop = list(range(10)) * 4
     assert np.isnan(repetition(fresh)[:31]).all() and (repetition(fresh)[31:] == 0).all()     # the defaults
     assert np.isnan(repetition(fresh, n=4, k=16)[:15]).all()
     r = repetition(loop, n=4, k=16)
-    # the loop's 4-grams come back from its 14th token on (the second lap's 4th): by token 30 all 16 repeat
-    assert r[29] == 1.0 and r[15] == pytest.approx(3 / 16)
+    # the loop's 4-grams come back from its 14th token on (the second lap's 4th), covering its 11th
+    # to 14th: at the 16th, tokens 11-16 lie inside repeated 4-grams; by token 30 all 16 do
+    assert r[29] == 1.0 and r[15] == pytest.approx(6 / 16)
+    # a phrase said twice: every token of the second saying lies inside a repeat, once the n-gram is complete
+    phrase = list(range(100, 112))
+    said = list(range(30)) + phrase + list(range(200, 210)) + phrase + list(range(300, 330))
+    r = repetition(said, n=8, k=32)
+    at = len(said) - 30 - 1                    # the second saying's last token
+    assert r[at] == pytest.approx(12 / 32) and r[at - 1] == pytest.approx(11 / 32)
+    # its first 7 tokens wait for the first 8-gram to complete, at its 8th, which brings in all 8
+    assert r[at - 5] == 0 and r[at - 4] == pytest.approx(8 / 32)
     assert len(repetition([1, 2, 3])) == 3 and np.isnan(repetition([1, 2, 3])).all()
+
+
+def _bytes_decode(windows):
+    """A byte-level tokenizer's decoding: each id is one UTF-8 byte, decoded with replacement."""
+    return [bytes(w).decode("utf-8", errors="replace") for w in windows]
 
 
 def test_compression_separates_a_loop_from_prose():
     prose = ("The Sun is a star because it is a huge ball of hot gas that makes its own light by fusing "
              "hydrogen into helium deep inside its core, which is why we see it shine during the day while "
-             "other stars appear only at night, far smaller").split(" ")
-    looped = ["The Earth is round"] * 32
-    assert compression([w + " " for w in prose])[-1] < 1.5 < 3.0 < compression(looped)[-1]
-    assert np.isnan(compression(["a"] * 31)).all()
+             "other stars appear only at night, far smaller")
+    looped = "The Earth is round. " * 8
+    assert compression([prose])[0] < 1.5 < 3.0 < compression([looped])[0]
+    assert np.isnan(compression([""])).all()
+    assert trailing_windows(list(range(5)), 3) == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+
+
+def test_compression_decodes_each_window_whole():
+    """Characters split over several tokens (emoji, accents, CJK in a byte-level vocabulary) are
+    decoded together: distinct emoji do not compress like a loop, as the replacement characters of
+    token-by-token decoding would."""
+    emoji = list("".join(chr(0x1F300 + 7 * i) for i in range(40)).encode())       # 4 byte-tokens each
+    loop = list(("Ah. " * 40).encode())
+    frame = signal_frame(np.array([emoji, loop[:len(emoji)]]), np.array([len(emoji)] * 2), _bytes_decode)
+    last = frame.groupby("row").compression.last()
+    assert last[0] < 1.2 < 2.0 < last[1]
+    one_by_one = compression(["".join(_bytes_decode([[i]])[0] for i in emoji[-32:])])[0]
+    assert one_by_one > 2.5 * last[0]           # what decoding token by token would have read
 
 
 def test_surprisal_is_the_trailing_mean_of_minus_the_base_log_probability():
@@ -96,9 +129,11 @@ def test_surprisal_and_flip_deaths_join_the_other_signals():
 
 def test_signal_frame_reads_each_rollout_up_to_its_length():
     tokens = np.array([[1, 2, 3, 4] * 10, [5, 6, 7, 8] * 10])
-    frame = signal_frame(tokens, np.array([40, 36]), lambda ids: f"<{ids[0]}>")
+    frame = signal_frame(tokens, np.array([40, 36]), lambda ws: ["".join(f"<{i}>" for i in w) for w in ws])
     assert list(frame.groupby("row").t.max()) == [40, 36]
-    assert frame[frame.row == 0].repetition.iloc[-1] == pytest.approx(29 / 32)    # 8-grams repeat from the 12th token
+    # 8-grams repeat from the 12th token on, covering the 5th on: all of the last 32
+    assert frame[frame.row == 0].repetition.iloc[-1] == 1.0
+    assert frame.compression.notna().sum() == (40 - 31) + (36 - 31)
 
 
 def _deaths_by_signal_loop(signals, pmass_deaths, thresholds, flips, text_signals):
@@ -148,3 +183,42 @@ def test_deaths_by_signal_equals_the_loop_it_replaced(seed):
         got = deaths_by_signal(signals, pm, thresholds, flips, text_signals=text)
         want = _deaths_by_signal_loop(signals, pm, thresholds, flips, text)
         pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
+def test_rollout_signals_leave_out_the_eos_token():
+    """A row that ended at EOS is read up to the token before it: its last `t` is its content
+    length, and the EOS token is in no window."""
+    from types import SimpleNamespace
+
+    import torch
+
+    tokens = torch.tensor([[7] * 40, [8] * 33 + [0] + [-1] * 6])       # row 1: 33 tokens, then EOS (id 0)
+    gen_len, eos = torch.tensor([40, 34]), torch.tensor([False, True])
+    r = SimpleNamespace(tokens=tokens, gen_len=gen_len, eos=eos, base_logprob=torch.full((2, 40), -0.5),
+                        mask=torch.arange(40)[None, :] < gen_len[:, None])
+    seen = []
+
+    def decode_many(windows):
+        seen.extend(windows)
+        return ["".join(f"<{i}>" for i in w) for w in windows]
+    frame, recorded = rollout_signals(r, decode_many)
+    assert list(frame.groupby("row").t.max()) == [40, 33] and recorded == ("repetition", "compression", "surprisal")
+    assert not any(0 in w for w in seen) and len(seen) == (40 - 31) + (33 - 31)
+
+
+def test_the_unsteered_distribution_is_stated_next_to_each_threshold():
+    """Only alpha-0 rollouts count; a threshold they reach gets a warning (their deaths would not be
+    the steering's)."""
+    t = np.arange(1, 41)
+    signals = pd.concat([pd.DataFrame({"row": 0, "t": t, "repetition": np.linspace(0, 0.5, 40), "compression": 1.2,
+                                       "surprisal": 3.0}),
+                         pd.DataFrame({"row": 1, "t": t, "repetition": 1.0, "compression": 9.0, "surprisal": 9.0})])
+    by_signal = pd.DataFrame({"row": [0, 1], "alpha": [0.0, 2.0]})
+    levels = unsteered_levels(signals, by_signal).set_index("signal")
+    assert levels.loc["repetition", "max"] == 0.5 and levels.loc["compression", "max"] == 1.2
+    assert levels.loc["repetition", "median"] == pytest.approx(0.25)
+    thresholds = {"repetition": 0.9, "compression": 2.5, "surprisal": 2.0}
+    warnings = unsteered_warnings(levels.reset_index(), thresholds)
+    assert len(warnings) == 1 and "surprisal threshold (3 >= 2)" in warnings[0]
+    text = unsteered_markdown(levels.reset_index(), thresholds)
+    assert "repetition 0.25 / 0.495 / 0.5 (threshold 0.9)" in text and "**Warning**: unsteered rollouts reach the surprisal" in text

@@ -47,15 +47,23 @@ def test_the_defaults_shown_in_help_are_run_config_defaults(command):
 
 def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
     """Run directories made before the external-direction, gate and death-signal settings existed
-    stay current: those settings enter a stage's key only when they differ from their defaults."""
+    stay current: those settings enter a stage's key only when they differ from the values those
+    runs used."""
     import numpy as np
 
+    from isokl_tl.coherence import SIGNALS_VERSION
     from isokl_tl.config import RunConfig
     from isokl_tl.manifest import settings_hash
 
     later = set(RunConfig._LATER_KEYS)
-    for stage in ("direction", "calibrate", "plot"):
+    for stage in ("direction", "calibrate", "rollout", "pmass"):
         assert not later & set(RunConfig().stage_settings(stage))
+    # the values older runs used stay out of the key; a default that has changed since is not theirs
+    older = RunConfig(repetition_threshold=0.9).stage_settings("plot")
+    assert not later & set(older)
+    assert RunConfig().stage_settings("plot")["repetition_threshold"] == 1.0
+    # survival is keyed on the signals' definitions: runs read under older ones read them again
+    assert older["coherence_signals"] == SIGNALS_VERSION and "coherence_signals" not in RunConfig().stage_settings("pmass")
     np.save(tmp_path / "v.npy", np.ones(4))
     given = RunConfig(direction_file=str(tmp_path / "v.npy")).stage_settings("plot")
     assert given["direction_file"] == str(tmp_path / "v.npy")       # (its content: `Run.current` compares hashes)
