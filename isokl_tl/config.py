@@ -181,6 +181,9 @@ class RunConfig:
                    # the values those older runs used (not today's defaults: a run at a new default is not theirs)
                    "death_signal": "pmass", "repetition_threshold": 0.9, "compression_threshold": 2.5,
                    "surprisal_threshold": 2.0}
+    # Versions of what a stage computes, keyed with its settings: when a definition changes, the
+    # stage of a run made under the older one runs again
+    _DEFINITIONS = {"survival": {"coherence_signals": SIGNALS_VERSION}}
     # Settings that decide how the work is executed, not what it computes: greedy results agree
     # up to floating-point rounding whatever their values, so they key no stage. They do key the
     # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw
@@ -200,8 +203,7 @@ class RunConfig:
         for s in STAGES[: STAGES.index(stage) + 1]:
             out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]
                         if not (k in self._LATER_KEYS and getattr(self, k) == self._LATER_KEYS[k])})
-            if s == "survival":     # the signals' definitions: survival of a run read under older ones reruns
-                out["coherence_signals"] = SIGNALS_VERSION
+            out.update(self._DEFINITIONS.get(s, {}))
         return out
 
     def direction_source(self) -> Path | None:
