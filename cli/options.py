@@ -179,8 +179,8 @@ def survival_options(f):
                      help="Death when this share of the last 32 tokens lies inside 8-grams seen before in the rollout "
                           "(1: all of them, a loop) [default: 1.0]."),
         click.option("--compression-threshold", type=float, default=None,
-                     help="Death when zlib compresses the last 32 tokens' text, decoded together, this many times "
-                          "[default: 2.5]."),
+                     help="Death when DEFLATE compresses the last 32 tokens' text, decoded together, this many times "
+                          "[default: 3.0]."),
         click.option("--surprisal-threshold", type=float, default=None,
                      help="Death when the base model's mean surprisal (-log p) of the last 16 steered tokens "
                           "reaches this many nats [default: 2.0]."),

@@ -8,10 +8,13 @@ the window is full:
   (`REPETITION_NGRAM` tokens) already generated earlier in the rollout (an n-gram counts once it
   is complete, so the signal at `t` reads the first `t` tokens only). Prose repeats an 8-gram now
   and then; a loop repeats them all.
-- **compression**: how far zlib compresses the text of the last `COMPRESSION_WINDOW` tokens,
-  decoded together (raw UTF-8 bytes / compressed bytes; a character split over several tokens
-  is decoded whole, not as replacement characters). Prose of that length hardly compresses;
-  loops and runs of one emoji compress several-fold.
+- **compression**: how far DEFLATE (zlib's algorithm) compresses the text of the last
+  `COMPRESSION_WINDOW` tokens, decoded together (raw UTF-8 bytes / bytes of the raw DEFLATE
+  stream; a character split over several tokens is decoded whole, not as replacement
+  characters). Prose of that length hardly compresses; loops and runs of one emoji compress
+  several-fold. The zlib container's 6 fixed bytes (header and checksum) are not counted: in a
+  window of 32 tokens they are a large share of the output and squeeze every ratio towards 1 (8
+  repeats of one 4-byte emoji: 2.1 with them, 3.6 without).
 - **surprisal**: the mean, over the last `SURPRISAL_WINDOW` tokens, of minus the base model's
   log-probability of each steered token (`Rollouts.base_logprob`, recorded while decoding): how
   unlikely the unsteered model finds the text. Unsteered greedy text is its own argmax, so it sits
@@ -38,10 +41,11 @@ REPETITION_WINDOW = 32
 COMPRESSION_WINDOW = 32
 SURPRISAL_WINDOW = 16
 SURPRISAL_THRESHOLD = 2.0
-THRESHOLDS = {"repetition": 1.0, "compression": 2.5, "surprisal": SURPRISAL_THRESHOLD}   # docs/science.md
+THRESHOLDS = {"repetition": 1.0, "compression": 3.0, "surprisal": SURPRISAL_THRESHOLD}   # docs/science.md
 # bumped when a signal's definition changes, so that a saved run's survival stage is read again
-# (2: repetition counts tokens inside a repeated n-gram, compression decodes each window whole, no EOS)
-SIGNALS_VERSION = 2
+# (2: repetition counts tokens inside a repeated n-gram, compression decodes each window whole, no EOS;
+# 3: compression counts the raw DEFLATE stream, without zlib's header and checksum)
+SIGNALS_VERSION = 3
 TEXT_SIGNALS = ("repetition", "compression", "surprisal")      # read from the rollout's tokens
 SIGNALS = ("pmass",) + TEXT_SIGNALS + ("flip",)
 DEATH_SIGNALS = SIGNALS + ("any",)
@@ -73,12 +77,14 @@ def repetition(tokens: Sequence[int], *, n: int = REPETITION_NGRAM, k: int = REP
 
 
 def compression(texts: Sequence[str]) -> np.ndarray:
-    """Per text: raw / zlib-compressed UTF-8 bytes (NaN for an empty text)."""
+    """Per text: its UTF-8 bytes / the bytes of their raw DEFLATE stream at level 9 (no zlib header
+    or checksum; NaN for an empty text)."""
     out = np.full(len(texts), np.nan)
     for i, text in enumerate(texts):
         raw = text.encode()
         if raw:
-            out[i] = len(raw) / len(zlib.compress(raw, 9))
+            deflate = zlib.compressobj(9, zlib.DEFLATED, -15)      # negative window bits: raw stream
+            out[i] = len(raw) / len(deflate.compress(raw) + deflate.flush())
     return out
 
 

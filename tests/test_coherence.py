@@ -1,10 +1,13 @@
 """Coherence signals (repetition, compression), deaths by signal and which signal kills first."""
 
+import zlib
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from isokl_tl.coherence import (
+    THRESHOLDS,
     compression,
     deaths_by_signal,
     first_signal,
@@ -51,9 +54,20 @@ def test_compression_separates_a_loop_from_prose():
              "hydrogen into helium deep inside its core, which is why we see it shine during the day while "
              "other stars appear only at night, far smaller")
     looped = "The Earth is round. " * 8
-    assert compression([prose])[0] < 1.5 < 3.0 < compression([looped])[0]
+    assert compression([prose])[0] < 2.0 < 3.0 < compression([looped])[0]
     assert np.isnan(compression([""])).all()
     assert trailing_windows(list(range(5)), 3) == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+
+
+def test_compression_counts_the_deflate_stream_not_zlibs_container():
+    """A 32-token window holds few bytes, so zlib's 6 fixed bytes of header and checksum would
+    squeeze every ratio towards 1: one emoji repeated over the window (32 byte-tokens) must still
+    read as a run, at or above the default threshold, and far above prose of the same length."""
+    run = "\U0001F30D" * 8                                   # 32 UTF-8 bytes
+    prose = "The Moon pulls the oceans tow"                  # 29 bytes of prose
+    assert len(run.encode()) == 32
+    assert compression([run])[0] >= THRESHOLDS["compression"] > 2 * compression([prose])[0]
+    assert compression([run])[0] > len(run.encode()) / len(zlib.compress(run.encode(), 9)) + 1
 
 
 def test_compression_decodes_each_window_whole():

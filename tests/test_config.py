@@ -59,9 +59,10 @@ def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
     for stage in ("direction", "calibrate", "rollout", "pmass"):
         assert not later & set(RunConfig().stage_settings(stage))
     # the values older runs used stay out of the key; a default that has changed since is not theirs
-    older = RunConfig(repetition_threshold=0.9).stage_settings("plot")
+    older = RunConfig(repetition_threshold=0.9, compression_threshold=2.5).stage_settings("plot")
     assert not later & set(older)
-    assert RunConfig().stage_settings("plot")["repetition_threshold"] == 1.0
+    today = RunConfig().stage_settings("plot")
+    assert (today["repetition_threshold"], today["compression_threshold"]) == (1.0, 3.0)
     # survival is keyed on the signals' definitions: runs read under older ones read them again
     assert older["coherence_signals"] == SIGNALS_VERSION and "coherence_signals" not in RunConfig().stage_settings("pmass")
     np.save(tmp_path / "v.npy", np.ones(4))
