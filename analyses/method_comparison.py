@@ -9,7 +9,7 @@ the window's end and the median death token per death signal, and the held-out K
 Regenerates figures/method_comparison.png, figures/method_dose_response.png and
 figures/method_comparison.md:
 
-    python analyses/method_comparison.py          # about 5 minutes on 2 CPU cores
+    python analyses/method_comparison.py          # about 5 minutes on 2 CPU cores (5 alphas)
 
 Run directories go to runs/methods/<method>; a rerun reuses finished stages.
 """
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     runs = {}
     for method in METHODS:
-        cfg = RunConfig(method=method, alphas=(0.0, 1.0, 2.0))
+        cfg = RunConfig(method=method, alphas=(0.0, 0.5, 1.0, 1.5, 2.0))
         run = Run(ROOT / "runs" / "methods" / method, cfg)
         run.run_all()
         runs[method] = run.dir
