@@ -24,6 +24,7 @@ from isokl_tl.pmass import ForkPMass
 from isokl_tl.prompts import known_answers
 from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalTable, format_token, sweep_markdown
+from isokl_tl.thinking import thinking_warning
 
 
 def write_figures(run_dir: Path, cfg, meanwhile: Callable[[], None] | None = None) -> None:
@@ -92,7 +93,8 @@ def write_summary(run_dir: Path, cfg) -> None:
                                   [k for k in TEXT_SIGNALS if (by_signal.signal == k).any()])
         coherence += "\n" + unsteered_markdown(levels, cfg.coherence_thresholds())
     answers = known_answers(cfg.prompts)[: cfg.n_prompts]
-    table = answer_table(ForkPMass.load(run_dir).frame, answers)
+    pm = ForkPMass.load(run_dir)
+    table = answer_table(pm.frame, answers)
     scored = answers_markdown(table, answers) if len(table) else ""
     if scored:
         write_csv(run_dir / files.ANSWERS, table)
@@ -110,12 +112,24 @@ def write_summary(run_dir: Path, cfg) -> None:
         + ("" if cfg.death_signal == "pmass" else
            f"; the table below counts deaths by {cfg.death_signal} (`--death-signal`), see 'Death by signal'"),
         f"- weak prompts ({'kept' if cfg.keep_weak else 'excluded'}): {weak if weak else 'none'}",
+        *thinking_lines(pm.splice.get("thinking")),
         "", st.to_markdown().rstrip("\n"),
         "", coherence.rstrip("\n"),
         *(["", scored.rstrip("\n")] if scored else []),
         "", "Figures:", "",
     ] + [f"![{k}]({v})" for k, v in files.FIGURES.items()]
     write_atomic(run_dir / files.SUMMARY, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def thinking_lines(report: dict | None) -> list[str]:
+    """The summary's line on thinking blocks (`isokl_tl.thinking`): none for a model without them."""
+    if not report:
+        return []
+    warning = thinking_warning(report)
+    return [f"- thinking blocks: {report['forks_inside']} of {report['forks']} forks fall inside an open "
+            f"`{report['markers'][0]}` block; the inline splice "
+            + ("closes one at every fork" if report["splice_closes"] else "closes none")
+            + (f". **Warning**: {warning}." if warning else "")]
 
 
 def c_star_line(cal: Calibration, cfg, *, signed: bool = False) -> str:
