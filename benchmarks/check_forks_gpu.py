@@ -2,7 +2,10 @@
 decoder) against the reference `fork_pmass` over the finished rollouts, the embedded model in
 float32; prints the largest differences and the time each way. The prompts repeat at four
 coefficients (their prefill shares blocks, `FastDecoder`'s distinct rows), and the rollouts
-themselves are checked against TransformerLens's own forward (`ReferenceDecoder`) too.
+themselves are checked against TransformerLens's own forward (`ReferenceDecoder`) too. A third
+pass reads an inline splice with thinking markers, two splices per fork (`Forks.tails`: one
+captured graph per tail): the model has no `<think>` token, so " the" and "." stand in for the
+markers, which makes forks fall inside and outside a "block" along every rollout.
 
     python benchmarks/check_forks_gpu.py
 """
@@ -17,6 +20,7 @@ from isokl_tl.hooks import default_layer, hook_name
 from isokl_tl.pmass import ForkReader, Splice, fork_pmass, fork_schedule
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
+from isokl_tl.thinking import thinking_report
 from isokl_tl.tokens import prompt_ids
 
 
@@ -29,8 +33,10 @@ def main() -> None:
     prompts = [prompt_ids(model.tokenizer, p) for p in load_prompts("eval")[:8]] * 4
     coeffs = torch.tensor([0.0, 20.0, 40.0, 80.0]).repeat_interleave(8)
     forks = fork_schedule(128, every=8)
-    for generated_only in (False, True):
-        reader = ForkReader(model, forks, Splice())
+    marked = Splice(mode="inline", think_open=" the", think_close=".", close=" Done.")
+    assert marked.markers(model.tokenizer) is not None
+    for generated_only, splice in ((False, Splice()), (True, Splice()), (False, marked)):
+        reader = ForkReader(model, forks, splice)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         r = rollout(model, prompts, coeffs, direction=v, hook=hook, window=128, forks=reader,
@@ -38,11 +44,14 @@ def main() -> None:
         got = reader.result(r).frame
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        ref = fork_pmass(model, r, v, forks, Splice()).frame
+        ref = fork_pmass(model, r, v, forks, splice).frame
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         same = (got[["row", "fork"]].values == ref[["row", "fork"]].values).all()
-        print(f"generated_only={generated_only}: {len(got)} forks, same rows/forks {same}, argmax agree "
+        marks = thinking_report(got, r, model.tokenizer, reader.splice)
+        if marks:
+            print(f"  {marks['forks_inside']} of {marks['forks']} forks inside a marked block")
+        print(f"generated_only={generated_only}, splice {splice.mode} (close at {reader.splice['close_at']}): {len(got)} forks, same rows/forks {same}, argmax agree "
               f"{(got.argmax.values == ref.argmax.values).mean():.4f}, max |d pmass| "
               f"{(got.pmass - ref.pmass).abs().max():.2e}, max |d p_true| {(got.p_true - ref.p_true).abs().max():.2e}; "
               f"sweep with forks {t1 - t0:.2f} s, reference pmass {t2 - t1:.2f} s")

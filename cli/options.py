@@ -154,7 +154,8 @@ def pmass_options(f):
         click.option("--fork-every", type=int, default=None, help="Fork every k tokens [default: 16]."),
         click.option("--fork-log", type=int, default=None, help="Instead: this many log-spaced forks."),
         click.option("--splice", type=click.Choice(SPLICES), default=None, help="Splice mode [default: interrupt]."),
-        click.option("--splice-close", default=None, help="Inline mode: text that closes a thinking block."),
+        click.option("--splice-close", default=None, help="Inline mode: text that closes a thinking block; on a model with <think>/</think> tokens "
+                          "it goes only to forks inside an open block [default there: '</think>\\n\\n']."),
         click.option("--splice-prefill", default=None, help='Answer prefill [default: {"choice": ].'),
     ])
 

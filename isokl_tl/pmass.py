@@ -7,7 +7,10 @@ the model's chat template:
 - `interrupt`: end the assistant turn, add a user turn asking for the final answer as JSON, open a
   new assistant turn with the prefill `{"choice": `.
 - `inline`: stay in the assistant turn; append `close` (e.g. "\\nI should answer now.</think>" for
-  a model inside a thinking block) and the prefill `\\n{"choice": `.
+  a model inside a thinking block) and the prefill `\\n{"choice": `. On a model whose vocabulary
+  has the thinking markers (`<think>`, `</think>`) as tokens, the close goes only to forks inside
+  an open block (`isokl_tl.thinking`), and is `</think>\\n\\n` unless given: both splices are
+  read at every fork and each fork keeps the one its rollout needs.
 
 Two ways to the same numbers. `ForkReader` reads the forks *while the rollout decodes*
 (`rollout(forks=...)`): at each fork token the splice runs on top of the row's own KV cache as a
@@ -37,6 +40,7 @@ from isokl_tl.engine import Forks
 from isokl_tl.hooks import steer
 from isokl_tl.manifest import PMASS, SPLICE, write_csv, write_json
 from isokl_tl.rollout import Rollouts
+from isokl_tl.thinking import CLOSE, OPEN, marker_ids, open_at
 from isokl_tl.tokens import chunks, pad_id, require_tokenizer, text_ids
 
 TRUE_WORDS = ("true", "True", " true", " True", "1", " 1")
@@ -54,6 +58,8 @@ class Splice:
     prefill: str | None = None
     true_words: tuple[str, ...] = TRUE_WORDS
     false_words: tuple[str, ...] = FALSE_WORDS
+    think_open: str = OPEN
+    think_close: str = CLOSE
 
     def __post_init__(self):
         if self.mode not in ("interrupt", "inline"):
@@ -65,10 +71,27 @@ class Splice:
             return self.prefill
         return '{"choice": ' if self.mode == "interrupt" else '\n{"choice": '
 
+    def markers(self, tokenizer) -> tuple[int, int] | None:
+        """Inline mode on a model whose vocabulary has both thinking markers as single tokens:
+        their ids (the close then goes only to forks inside an open block); else None."""
+        return marker_ids(tokenizer, self.think_open, self.think_close) if self.mode == "inline" else None
+
+    def close_text(self, tokenizer) -> str:
+        if self.close or self.mode != "inline":
+            return self.close
+        return self.think_close + "\n\n" if self.markers(tokenizer) is not None else ""
+
+    def tails(self, tokenizer) -> list[list[int]]:
+        """The splice's token ids: one splice, or, where thinking blocks are marked (`markers`),
+        two: without the close (forks outside a block) and with it (forks inside one)."""
+        if self.markers(tokenizer) is None:
+            return [self.token_ids(tokenizer)]
+        return [text_ids(tokenizer, self.prefill_text), self.token_ids(tokenizer)]
+
     def text(self, tokenizer) -> str:
-        """The splice as text, rendered through the chat template."""
+        """The splice as text, rendered through the chat template (inline mode: with its close)."""
         if self.mode == "inline":
-            return self.close + self.prefill_text
+            return self.close_text(tokenizer) + self.prefill_text
         tok = require_tokenizer(tokenizer, chat=True)
         msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _MARKER},
                 {"role": "user", "content": self.question}]
@@ -84,6 +107,9 @@ class Splice:
         d = asdict(self)
         if tokenizer is not None:
             d["rendered"] = self.text(tokenizer)
+            d["close_text"] = self.close_text(tokenizer)
+            d["close_at"] = ("forks inside an open thinking block" if self.markers(tokenizer) is not None
+                             else "every fork" if d["close_text"] else "no fork")
             t, f = answer_token_sets(tokenizer, self.true_words, self.false_words)
             d["true_ids"], d["false_ids"] = t, f
         return d
@@ -165,7 +191,8 @@ def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Te
     """Fork pmass of every rollout row (or of `rows` only; the frame keeps the global row ids)."""
     tok = model.tokenizer
     true_ids, false_ids = answer_token_sets(tok, splice.true_words, splice.false_words)
-    tail = torch.tensor(splice.token_ids(tok), dtype=torch.long, device=model.cfg.device)
+    tails = [torch.tensor(ids, dtype=torch.long, device=model.cfg.device) for ids in splice.tails(tok)]
+    markers = splice.markers(tok)
     answer = torch.tensor(true_ids + false_ids, device=model.cfg.device)
     n_true = len(true_ids)
     content = rollouts.gen_len - rollouts.eos.long()   # the EOS token is not content
@@ -198,13 +225,18 @@ def fork_pmass(model: HookedTransformer, rollouts: Rollouts, direction: Float[Te
                     previous_attention_mask=mask[j:j + 1].repeat(k, 1), frozen=True)
                 for i, t in enumerate(ts):
                     fork_cache.previous_attention_mask[i, width + t:] = 0
-                with steer(model, rollouts.hook, direction, coeff[j].repeat(k), method=rollouts.method,
-                           start=start) as s:
-                    s.offset = tokens.shape[1]
-                    logits = model(tail.expand(k, -1), attention_mask=torch.ones(k, len(tail), dtype=torch.long,
-                                   device=model.cfg.device), past_kv_cache=fork_cache)[:, -1]
-                pm, pt, top = answer_mass(logits, answer, n_true)
+                reads = []                 # per splice (the cache is frozen: each reads it as it was)
+                for tail in tails:
+                    with steer(model, rollouts.hook, direction, coeff[j].repeat(k), method=rollouts.method,
+                               start=start) as s:
+                        s.offset = tokens.shape[1]
+                        logits = model(tail.expand(k, -1), attention_mask=torch.ones(k, len(tail), dtype=torch.long,
+                                       device=model.cfg.device), past_kv_cache=fork_cache)[:, -1]
+                    reads.append(answer_mass(logits, answer, n_true))
+                pick = (open_at(rollouts.prompt[r:r + 1], rollouts.prompt_mask[r:r + 1], rollouts.tokens[r:r + 1],
+                                ts, markers)[0].astype(int) if markers is not None else np.zeros(k, dtype=int))
                 for i, t in enumerate(ts):
+                    pm, pt, top = reads[pick[i]]
                     records.append({"row": r, "prompt": int(rollouts.prompt_index[r]),
                                     "alpha": float(rollouts.alpha[r]), "coeff": float(rollouts.coeff[r]),
                                     "fork": t, "pmass": float(pm[i]), "p_true": float(pt[i]),
@@ -235,26 +267,32 @@ class ForkReader:
         tok = model.tokenizer
         true_ids, false_ids = answer_token_sets(tok, splice.true_words, splice.false_words)
         self.forks, self.splice = list(forks), splice.to_dict(tok)
-        self.tail = torch.tensor(splice.token_ids(tok), dtype=torch.long, device=model.cfg.device)
+        self.tails = tuple(torch.tensor(ids, dtype=torch.long, device=model.cfg.device) for ids in splice.tails(tok))
+        self.markers = splice.markers(tok)
         self.answer = torch.tensor(true_ids + false_ids, device=model.cfg.device)
         self.n_true = len(true_ids)
-        self.reads: list[tuple[int, Tensor, Tensor, Tensor, Tensor]] = []
+        self.reads: list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]] = []
 
     def at_rows(self, offset: int) -> Forks:
         """The engine's fork settings for a batch whose row 0 is rollout row `offset`."""
-        def read(t: int, rows: Tensor, logits: Tensor) -> None:    # kept on the device: no wait per fork
+        def read(t: int, rows: Tensor, which: int, logits: Tensor) -> None:   # kept on the device: no wait
             pm, pt, top = answer_mass(logits, self.answer, self.n_true)
-            self.reads.append((t, rows.cpu() + offset, pm, pt, top))
-        return Forks(tuple(self.forks), self.tail, read)
+            self.reads.append((t, which, rows.cpu() + offset, pm, pt, top))
+        return Forks(tuple(self.forks), self.tails, read)
 
     def result(self, rollouts: Rollouts) -> ForkPMass:
-        """The forks read for these rollouts, censored past each row's content, in `fork_pmass`'s order."""
+        """The forks read for these rollouts, censored past each row's content, in `fork_pmass`'s
+        order; where two splices were read, each fork keeps the one its rollout needs."""
         content = (rollouts.gen_len - rollouts.eos.long()).tolist()
-        self.reads = [(t, rows, pm.cpu(), pt.cpu(), top.cpu()) for t, rows, pm, pt, top in self.reads]
+        inside = (open_at(rollouts.prompt, rollouts.prompt_mask, rollouts.tokens, self.forks, self.markers)
+                  if self.markers is not None else np.zeros((rollouts.n_rows, len(self.forks)), dtype=bool))
+        col = {t: i for i, t in enumerate(self.forks)}
+        self.reads = [(t, w, rows, pm.cpu(), pt.cpu(), top.cpu()) for t, w, rows, pm, pt, top in self.reads]
         records = [{"row": int(r), "prompt": int(rollouts.prompt_index[r]), "alpha": float(rollouts.alpha[r]),
                     "coeff": float(rollouts.coeff[r]), "fork": t, "pmass": float(pm[i]), "p_true": float(pt[i]),
                     "argmax": int(top[i])}
-                   for t, rows, pm, pt, top in self.reads for i, r in enumerate(rows.tolist()) if t <= content[r]]
+                   for t, w, rows, pm, pt, top in self.reads for i, r in enumerate(rows.tolist())
+                   if t <= content[r] and w == int(inside[r, col[t]])]
         frame = pd.DataFrame.from_records(records, columns=COLUMNS)
         frame = frame.sort_values(["row", "fork"], kind="stable", ignore_index=True)
         return ForkPMass(frame=frame, forks=list(self.forks), splice=self.splice)

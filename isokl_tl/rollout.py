@@ -204,7 +204,7 @@ def rollout(model: HookedTransformer, prompts: list[list[int]], coeffs: Float[Te
     if len(prompts) != len(coeffs):
         raise ValueError(f"{len(prompts)} prompts but {len(coeffs)} coefficients: give one per row")
     if rows_per_batch is None:
-        rows_per_batch = batch_rows(model, prompts, window, 0 if forks is None else len(forks.at_rows(0).tail))
+        rows_per_batch = batch_rows(model, prompts, window, 0 if forks is None else forks.at_rows(0).room - 1)
     if rows_per_batch <= 0:
         raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
     if forks is not None and record is not None:

@@ -42,7 +42,7 @@ from isokl_tl.prompts import known_answers, load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.sweep import sweep_rows
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
-from isokl_tl.thinking import thinking_report, thinking_warning
+from isokl_tl.thinking import thinking_report
 from isokl_tl.tokens import chunks, prompt_ids
 from isokl_tl.vectors import run_vector, source_changed
 
@@ -249,8 +249,6 @@ class Run:
         report = thinking_report(pm.frame, r, self.model.tokenizer, pm.splice)
         if report:
             pm.splice["thinking"] = report
-            if warning := thinking_warning(report):
-                self.log(f"[pmass] warning: {warning}")
         pm.save(self.dir)
 
     def survival(self, force: bool = False) -> SurvivalTable:

@@ -24,7 +24,6 @@ from isokl_tl.pmass import ForkPMass
 from isokl_tl.prompts import known_answers
 from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalTable, format_token, sweep_markdown
-from isokl_tl.thinking import thinking_warning
 
 
 def write_figures(run_dir: Path, cfg, meanwhile: Callable[[], None] | None = None) -> None:
@@ -112,7 +111,7 @@ def write_summary(run_dir: Path, cfg) -> None:
         + ("" if cfg.death_signal == "pmass" else
            f"; the table below counts deaths by {cfg.death_signal} (`--death-signal`), see 'Death by signal'"),
         f"- weak prompts ({'kept' if cfg.keep_weak else 'excluded'}): {weak if weak else 'none'}",
-        *thinking_lines(pm.splice.get("thinking")),
+        *thinking_lines(pm.splice.get("thinking"), pm.splice.get("close_text", "")),
         "", st.to_markdown().rstrip("\n"),
         "", coherence.rstrip("\n"),
         *(["", scored.rstrip("\n")] if scored else []),
@@ -121,15 +120,12 @@ def write_summary(run_dir: Path, cfg) -> None:
     write_atomic(run_dir / files.SUMMARY, lambda p: p.write_text("\n".join(lines) + "\n"))
 
 
-def thinking_lines(report: dict | None) -> list[str]:
+def thinking_lines(report: dict | None, close: str = "") -> list[str]:
     """The summary's line on thinking blocks (`isokl_tl.thinking`): none for a model without them."""
     if not report:
         return []
-    warning = thinking_warning(report)
-    return [f"- thinking blocks: {report['forks_inside']} of {report['forks']} forks fall inside an open "
-            f"`{report['markers'][0]}` block; the inline splice "
-            + ("closes one at every fork" if report["splice_closes"] else "closes none")
-            + (f". **Warning**: {warning}." if warning else "")]
+    return [f"- thinking blocks: {report['forks_inside']} of {report['forks']} evaluated forks fall inside an "
+            f"open `{report['markers'][0]}` block; the inline splice closes it there ({close!r}) and only there"]
 
 
 def c_star_line(cal: Calibration, cfg, *, signed: bool = False) -> str:

@@ -1,13 +1,13 @@
 """Thinking blocks: which forks fall inside one that the model opened and has not yet closed.
 
 Reasoning models (Qwen3 and others) write `<think> ... </think>` before they answer. With the
-*inline* splice a fork continues the assistant turn, so a fork inside an open block asks for the
-answer while the model is still thinking, unless the splice first closes the block
-(`--splice-close "</think>\\n\\n"`); a close at a fork after the block has ended is a stray tag in
-the answer. DESIGN asks the inline splice to close an open block only: the splice is one fixed text
-for every fork today, so the run counts the forks each way (`thinking_report`) and says where the
-splice and the rollouts disagree (`thinking_warning`). The markers are looked for as single tokens
-of the vocabulary; a model without them (the embedded SmolLM2) has no thinking blocks.
+*inline* splice a fork continues the assistant turn, so a fork inside an open block must close it
+before asking for the answer, and a fork after the block has ended must not (a stray close). On a
+model whose vocabulary has both markers as single tokens, `pmass.Splice` therefore has two
+splices, without and with the close (`</think>\n\n` unless `--splice-close` says otherwise); fork
+pmass reads both at every fork and keeps, per fork, the one `open_at` says its rollout needs.
+A model without the markers (the embedded SmolLM2) has one splice, as given. `thinking_report`
+counts the forks inside a block for the run's summary.
 """
 
 import numpy as np
@@ -39,27 +39,13 @@ def open_at(prompt: Int[Tensor, "row prompt_pos"], prompt_mask: Int[Tensor, "row
 
 def thinking_report(frame, rollouts, tokenizer, splice: dict) -> dict | None:
     """For an inline splice on a model with thinking markers: how many evaluated forks (rows of a
-    pmass `frame`) fall inside an open block, and whether the splice closes one; None otherwise."""
-    ids = marker_ids(tokenizer)
+    pmass `frame`) fall inside an open block, where the splice closed it; None otherwise."""
+    ids = marker_ids(tokenizer, splice.get("think_open", OPEN), splice.get("think_close", CLOSE))
     if splice.get("mode") != "inline" or ids is None or not len(frame):
         return None
     forks = sorted(set(frame.fork.astype(int)))
     inside = open_at(rollouts.prompt, rollouts.prompt_mask, rollouts.tokens, forks, ids)
     col = {t: i for i, t in enumerate(forks)}
     n_in = int(inside[frame.row.to_numpy(int), [col[t] for t in frame.fork.astype(int)]].sum())
-    return {"markers": [OPEN, CLOSE], "forks": int(len(frame)), "forks_inside": n_in,
-            "splice_closes": bool(splice.get("close"))}
-
-
-def thinking_warning(report: dict | None) -> str | None:
-    """What a run should say about its thinking blocks, if anything."""
-    if not report:
-        return None
-    n, inside, closes = report["forks"], report["forks_inside"], report["splice_closes"]
-    if inside and not closes:
-        return (f"{inside} of {n} forks fall inside an open {OPEN} block and the inline splice does not "
-                f"close it: the answer is asked for mid-thought (--splice-close \"{CLOSE}\\n\\n\")")
-    if closes and inside < n:
-        return (f"{n - inside} of {n} forks fall outside any open {OPEN} block, where the inline splice's "
-                "close is a stray tag (the splice is one text for every fork)")
-    return None
+    return {"markers": [splice.get("think_open", OPEN), splice.get("think_close", CLOSE)],
+            "forks": int(len(frame)), "forks_inside": n_in}

@@ -124,3 +124,61 @@ def test_forks_read_while_decoding_equal_the_reference(tiny, tiny_direction, dec
                     method=method, generated_only=generated_only, decoder=factory, rows_per_batch=3)
     assert torch.equal(plain.tokens, r.tokens)
     torch.testing.assert_close(plain.kl, r.kl, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def _marked_splice(model, r):
+    """An inline splice whose thinking markers are two tokens that row 0 of `r` generates, the
+    opening one before the closing one, so that its forks fall both inside and outside a block."""
+    tok, gen = model.tokenizer, r.tokens[0, :int(r.gen_len[0])].tolist()
+    single = [i for i in dict.fromkeys(gen) if tok.encode(tok.decode([i]), add_special_tokens=False) == [i]]
+    for a in single:
+        for b in single:
+            if b != a and gen.index(a) + 1 < len(gen) - gen[::-1].index(b) - 1 and a not in gen[gen.index(b):]:
+                return Splice(mode="inline", think_open=tok.decode([a]), think_close=tok.decode([b]))
+    pytest.skip("no two distinct round-tripping tokens in the rollout")
+
+
+def _inside(ids: list[int], markers: tuple[int, int]) -> bool:
+    """The plain definition: the last opening marker comes after the last closing one."""
+    last = {m: max((i for i, x in enumerate(ids) if x == m), default=-1) for m in markers}
+    return last[markers[0]] > last[markers[1]]
+
+
+@pytest.mark.parametrize("decoder", ["reference", "fast", "static"])
+def test_forks_inside_a_thinking_block_close_it_and_only_they_do(tiny, tiny_direction, decoder):
+    """With thinking markers in the vocabulary the inline splice closes an open block (DESIGN): a
+    fork inside one reads `prompt + rollout[:t] + close + prefill`, a fork outside reads
+    `prompt + rollout[:t] + prefill`, each against a plain full forward; the forks read while
+    decoding equal the reference within 1e-5."""
+    from isokl_tl.engine import FastDecoder, GraphDecoder, ReferenceDecoder
+    from isokl_tl.pmass import ForkReader
+
+    factory = {"reference": ReferenceDecoder, "fast": FastDecoder,
+               "static": lambda m, s, cap: GraphDecoder(m, s, cap, use_graph=False)}[decoder]
+    prompts = [prompt_ids(tiny.tokenizer, p) for p in load_prompts("eval")[:3]]
+    coeffs = torch.tensor([0.0, 6.0, 9.0])
+    kw = dict(direction=tiny_direction.vector, hook=HOOK, window=12, eos=[])
+    splice, forks = _marked_splice(tiny, rollout(tiny, prompts, coeffs, **kw)), fork_schedule(12, every=2)
+    markers = splice.markers(tiny.tokenizer)
+    assert markers is not None and splice.close_text(tiny.tokenizer) == splice.think_close + "\n\n"
+    without, with_close = splice.tails(tiny.tokenizer)
+    assert tiny.tokenizer.decode(with_close) == splice.think_close + '\n\n\n{"choice": '
+    reader = ForkReader(tiny, forks, splice)
+    r = rollout(tiny, prompts, coeffs, decoder=factory, rows_per_batch=2, forks=reader, **kw)
+    got = reader.result(r).frame
+    ref = fork_pmass(tiny, r, tiny_direction.vector, forks, splice, rows_per_prefill=2).frame
+    assert list(got[["row", "fork", "argmax"]].itertuples(index=False)) == \
+        list(ref[["row", "fork", "argmax"]].itertuples(index=False))
+    for col in ("pmass", "p_true"):
+        assert (got[col] - ref[col]).abs().max() < 1e-5, col
+    t_ids, f_ids = answer_token_sets(tiny.tokenizer, splice.true_words, splice.false_words)
+    seen = set()
+    for rec in ref.itertuples():
+        prompt, gen = r.row_ids(rec.row, upto=rec.fork)
+        inside = _inside(prompt + gen, markers)
+        seen.add(inside)
+        seq = torch.tensor([prompt + gen + (with_close if inside else without)])
+        with torch.no_grad(), steer(tiny, HOOK, tiny_direction.vector, float(r.coeff[rec.row])):
+            probs = torch.softmax(tiny(seq)[0, -1].float(), -1)
+        assert abs(float(probs[t_ids + f_ids].sum()) - rec.pmass) < 1e-4
+    assert seen == {True, False}                       # both kinds of fork were read

@@ -9,7 +9,7 @@ import torch
 
 from isokl_tl.models.tiny import tiny_tokenizer
 from isokl_tl.summary import thinking_lines
-from isokl_tl.thinking import marker_ids, open_at, thinking_report, thinking_warning
+from isokl_tl.thinking import marker_ids, open_at, thinking_report
 
 OPEN, CLOSE = 900, 901
 
@@ -52,19 +52,30 @@ def _report(close: str, mode: str = "inline"):
     return thinking_report(frame, rollouts, tok, {"mode": mode, "close": close})
 
 
-def test_a_run_counts_the_forks_inside_a_block_and_warns_where_the_splice_disagrees():
-    open_only = _report(close="")
-    assert open_only == {"markers": ["<think>", "</think>"], "forks": 6, "forks_inside": 2, "splice_closes": False}
-    assert "2 of 6 forks fall inside an open <think> block" in thinking_warning(open_only)
-    closes = _report(close="</think>\n\n")
-    assert closes["splice_closes"] and "4 of 6 forks fall outside" in thinking_warning(closes)
-    assert thinking_warning({**closes, "forks_inside": 6}) is None          # every fork needs the close
-    assert thinking_warning({**open_only, "forks_inside": 0}) is None       # no fork needs it
+def test_a_run_counts_the_forks_inside_a_block():
+    report = _report(close="")
+    assert report == {"markers": ["<think>", "</think>"], "forks": 6, "forks_inside": 2}
     assert _report(close="", mode="interrupt") is None                      # the turn ends: nothing to close
-    line, = thinking_lines(open_only)
-    assert line.startswith("- thinking blocks: 2 of 6 forks fall inside an open `<think>` block; "
-                           "the inline splice closes none. **Warning**: ")
+    line, = thinking_lines(report, "</think>\n\n")
+    assert line == ("- thinking blocks: 2 of 6 evaluated forks fall inside an open `<think>` block; the inline "
+                    "splice closes it there ('</think>\\n\\n') and only there")
     assert thinking_lines(None) == []
+
+
+def test_the_splice_has_a_close_only_where_thinking_is_marked():
+    from isokl_tl.pmass import Splice
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_tokens(["<think>", "</think>"])
+    inline = Splice(mode="inline")
+    assert inline.markers(tok) == marker_ids(tok) and inline.close_text(tok) == "</think>\n\n"
+    assert [tok.decode(t) for t in inline.tails(tok)] == ['\n{"choice": ', '</think>\n\n\n{"choice": ']
+    assert inline.to_dict(tok)["close_at"] == "forks inside an open thinking block"
+    own = Splice(mode="inline", close="\nDone.</think>")
+    assert own.close_text(tok) == "\nDone.</think>" and len(own.tails(tok)) == 2
+    plain = tiny_tokenizer()                                                 # no markers: one splice, as given
+    assert Splice(mode="inline").markers(plain) is None and len(own.tails(plain)) == 1
+    assert own.to_dict(plain)["close_at"] == "every fork" and Splice(mode="inline").to_dict(plain)["close_at"] == "no fork"
 
 
 def test_a_model_without_markers_reports_nothing():

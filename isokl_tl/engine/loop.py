@@ -53,21 +53,29 @@ class Observer(Protocol):
 
 @dataclass(frozen=True)
 class Forks:
-    """Where and how to fork: after `at` generated tokens (the schedule), run `tail` (token ids on
-    the model's device) and hand the steered rows' logits at its last column to
-    `read(t, rows, logits)` (`rows`: each steered batch row's index among the decode's rows)."""
+    """Where and how to fork: after `at` generated tokens (the schedule), run each of `tails`
+    (token ids on the model's device; more than one where the splice depends on the rollout, as
+    a thinking block to close does: the reader picks per row afterwards) and hand the steered
+    rows' logits at its last column to `read(t, rows, which, logits)` (`rows`: each steered batch
+    row's index among the decode's rows; `which`: the tail's index)."""
 
     at: tuple[int, ...]
-    tail: Int[Tensor, " tail"]
-    read: Callable[[int, Tensor, Tensor], None]
+    tails: tuple[Int[Tensor, " _tail"], ...]      # (each its own length)
+    read: Callable[[int, Tensor, int, Tensor], None]
+
+    @property
+    def room(self) -> int:
+        """Cache slots a fork needs beyond the window: the longest tail, and the last token."""
+        return max(len(tail) for tail in self.tails) + 1
 
     def probe(self, dec: Decoder, t: int, rows: Tensor, last: Tensor | None = None) -> None:
         """Fork the steered rows (the batch's first `len(rows)`) after t tokens; `last`: the
         batch's last tokens, not yet run (a fork at the window's end)."""
-        tail = self.tail.expand(len(rows), -1)
-        if last is not None:
-            tail = torch.cat([last[:len(rows), None].to(tail.device), tail], 1)
-        self.read(t, rows, dec.fork(tail))
+        for which, tail in enumerate(self.tails):
+            tail = tail.expand(len(rows), -1)
+            if last is not None:
+                tail = torch.cat([last[:len(rows), None].to(tail.device), tail], 1)
+            self.read(t, rows, which, dec.fork(tail))
 
 
 def _first_block(sites: list[Site]) -> int:
@@ -127,7 +135,7 @@ def decode_batch(model: HookedTransformer, prompts: list[list[int]], coeff: Floa
     # identity) at every other; base partners carry 0 everywhere
     site_both = torch.cat([site, site[paired]])
     per_site = [torch.where(site_both == j, both, 0.0).to(dev) for j in range(len(sites))]
-    room = 0 if forks is None else len(forks.tail) + 1      # cache slots a fork's tail needs
+    room = 0 if forks is None else forks.room
     key = None if observer is not None else _reuse_key(model, decoder, sites, paired, width, window,
                                                        generated_only, sampling, eos, room)
     with steer_sites(model, sites, per_site, start=width if generated_only else 0) as steering, \
