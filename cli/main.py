@@ -207,7 +207,8 @@ def plot_cmd(out) -> None:
 @pmass_options
 @survival_options
 @click.option("--config", type=click.Path(dir_okay=False, exists=True),
-              help="TOML file of settings: the long option names with _ for - (docs/cell.toml); "
+              help="TOML file of settings, keyed by RunConfig's fields: the long option names with _ for -, "
+                   "except --direction (direction_file) and --target-kl (target) (docs/cell.toml); "
                    "options given win.")
 @FORCE
 @out_option
