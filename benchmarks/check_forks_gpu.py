@@ -17,7 +17,8 @@ import torch
 from isokl_tl import load_model
 from isokl_tl.engine import ReferenceDecoder
 from isokl_tl.hooks import default_layer, hook_name
-from isokl_tl.pmass import ForkReader, Splice, fork_pmass, fork_schedule
+from isokl_tl.pmass import ForkReader, fork_pmass, fork_schedule
+from isokl_tl.splice import Splice
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
 from isokl_tl.thinking import thinking_report

@@ -11,7 +11,7 @@ from profile_gpu_step import timed  # a function's milliseconds on the GPU, sync
 from isokl_tl import load_model
 from isokl_tl.engine import make_decoder
 from isokl_tl.hooks import Site, default_layer, hook_name, steer_sites
-from isokl_tl.pmass import Splice
+from isokl_tl.splice import Splice
 from isokl_tl.prompts import load_prompts
 from isokl_tl.tokens import left_pad, pad_id, prompt_ids
 

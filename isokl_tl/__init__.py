@@ -22,10 +22,11 @@ from isokl_tl.hooks import Site, hook_name, resolve_hook, steer, steer_sites
 from isokl_tl.kl import teacher_forced_kl, token_kl
 from isokl_tl.layers import LayerStudy, layer_study
 from isokl_tl.models import EMBEDDED, TINY, load_model
-from isokl_tl.pmass import ForkPMass, Splice, answer_token_sets, fork_pmass, fork_schedule
+from isokl_tl.pmass import ForkPMass, fork_pmass, fork_schedule
 from isokl_tl.prompts import load_pairs, load_prompts, load_questions
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.run import Run
+from isokl_tl.splice import Splice, answer_token_sets
 from isokl_tl.survival import DeathRule, SurvivalCurve, SurvivalTable, deaths, kaplan_meier, survival_table
 from isokl_tl.tokens import prompt_ids
 

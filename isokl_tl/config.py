@@ -9,7 +9,8 @@ from isokl_tl.coherence import DEATH_SIGNALS, SIGNALS_VERSION, THRESHOLDS
 from isokl_tl.directions import check_method
 from isokl_tl.engine import Sampling
 from isokl_tl.models import EMBEDDED
-from isokl_tl.pmass import FALSE_WORDS, TRUE_WORDS, Splice, fork_schedule
+from isokl_tl.pmass import fork_schedule
+from isokl_tl.splice import FALSE_WORDS, TRUE_WORDS, Splice
 from isokl_tl.survival import DeathRule
 
 _TUPLES = ("alphas", "answer_true", "answer_false")   # saved as JSON lists

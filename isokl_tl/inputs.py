@@ -7,7 +7,7 @@ from isokl_tl.corpus import MAX_TOKENS, corpus_ids
 from isokl_tl.hooks import check_direction, resolve_hook
 from isokl_tl.manifest import check_writable
 from isokl_tl.models import check_spec
-from isokl_tl.pmass import answer_token_sets
+from isokl_tl.splice import answer_token_sets
 from isokl_tl.prompts import load_corpus, load_pairs, load_prompts
 from isokl_tl.search import CORPUS_STATISTICS
 from isokl_tl.tokens import prompt_ids

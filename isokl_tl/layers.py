@@ -42,7 +42,8 @@ from isokl_tl.manifest import (
     write_atomic,
     write_csv,
 )
-from isokl_tl.pmass import Splice, fork_pmass, fork_schedule
+from isokl_tl.pmass import fork_pmass, fork_schedule
+from isokl_tl.splice import Splice
 from isokl_tl.prompts import ContrastPair
 from isokl_tl.rollout import rollout
 from isokl_tl.search import Search

@@ -2,15 +2,8 @@
 
 At each fork t of a rollout, the *steered* model (same coefficient) reads
 `prompt + rollout[:t] + splice` and we record the probability mass on the answer tokens (`pmass`),
-the share of it on the true set (`p_true`), and the argmax token. Two splice modes, rendered through
-the model's chat template:
-- `interrupt`: end the assistant turn, add a user turn asking for the final answer as JSON, open a
-  new assistant turn with the prefill `{"choice": `.
-- `inline`: stay in the assistant turn; append `close` (e.g. "\\nI should answer now.</think>" for
-  a model inside a thinking block) and the prefill `\\n{"choice": `. On a model whose vocabulary
-  has the thinking markers (`<think>`, `</think>`) as tokens, the close goes only to forks inside
-  an open block (`isokl_tl.thinking`), and is `</think>\\n\\n` unless given: both splices are
-  read at every fork and each fork keeps the one its rollout needs.
+the share of it on the true set (`p_true`), and the argmax token. The splice
+(`isokl_tl.splice`) asks for the answer, ending the assistant turn or going on inside it.
 
 Two ways to the same numbers. `ForkReader` reads the forks *while the rollout decodes*
 (`rollout(forks=...)`): at each fork token the splice runs on top of the row's own KV cache as a
@@ -24,7 +17,7 @@ generated token (the EOS token itself is not part of the content a splice follow
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,99 +33,11 @@ from isokl_tl.engine import Forks
 from isokl_tl.hooks import steer
 from isokl_tl.manifest import PMASS, SPLICE, write_csv, write_json
 from isokl_tl.rollout import Rollouts
-from isokl_tl.thinking import CLOSE, OPEN, marker_ids, open_at
-from isokl_tl.tokens import chunks, pad_id, require_tokenizer, text_ids
+from isokl_tl.splice import Splice, answer_token_sets
+from isokl_tl.thinking import open_at, thinking_report
+from isokl_tl.tokens import chunks, pad_id
 
-TRUE_WORDS = ("true", "True", " true", " True", "1", " 1")
-FALSE_WORDS = ("false", "False", " false", " False", "0", " 0")
 COLUMNS = ["row", "prompt", "alpha", "coeff", "fork", "pmass", "p_true", "argmax"]
-_MARKER = "\u2063SPLICE\u2063"
-
-
-@dataclass(frozen=True)
-class Splice:
-    mode: str = "interrupt"
-    question: str = ('Stop here. Give your final answer now as JSON: {"choice": true} or '
-                     '{"choice": false}.')
-    close: str = ""
-    prefill: str | None = None
-    true_words: tuple[str, ...] = TRUE_WORDS
-    false_words: tuple[str, ...] = FALSE_WORDS
-    think_open: str = OPEN
-    think_close: str = CLOSE
-
-    def __post_init__(self):
-        if self.mode not in ("interrupt", "inline"):
-            raise ValueError(f"splice mode {self.mode!r} is not one of interrupt, inline")
-
-    @property
-    def prefill_text(self) -> str:
-        if self.prefill is not None:
-            return self.prefill
-        return '{"choice": ' if self.mode == "interrupt" else '\n{"choice": '
-
-    def markers(self, tokenizer) -> tuple[int, int] | None:
-        """Inline mode on a model whose vocabulary has both thinking markers as single tokens:
-        their ids (the close then goes only to forks inside an open block); else None."""
-        return marker_ids(tokenizer, self.think_open, self.think_close) if self.mode == "inline" else None
-
-    def close_text(self, tokenizer) -> str:
-        if self.close or self.mode != "inline":
-            return self.close
-        return self.think_close + "\n\n" if self.markers(tokenizer) is not None else ""
-
-    def tails(self, tokenizer) -> list[list[int]]:
-        """The splice's token ids: one splice, or, where thinking blocks are marked (`markers`),
-        two: without the close (forks outside a block) and with it (forks inside one)."""
-        if self.markers(tokenizer) is None:
-            return [self.token_ids(tokenizer)]
-        return [text_ids(tokenizer, self.prefill_text), self.token_ids(tokenizer)]
-
-    def text(self, tokenizer) -> str:
-        """The splice as text, rendered through the chat template (inline mode: with its close)."""
-        if self.mode == "inline":
-            return self.close_text(tokenizer) + self.prefill_text
-        tok = require_tokenizer(tokenizer, chat=True)
-        msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _MARKER},
-                {"role": "user", "content": self.question}]
-        rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        if _MARKER not in rendered:
-            raise ValueError("the chat template dropped the assistant turn; use --splice inline")
-        return rendered.split(_MARKER, 1)[1] + self.prefill_text
-
-    def token_ids(self, tokenizer) -> list[int]:
-        return text_ids(tokenizer, self.text(tokenizer))
-
-    def to_dict(self, tokenizer=None) -> dict:
-        d = asdict(self)
-        if tokenizer is not None:
-            d["rendered"] = self.text(tokenizer)
-            d["close_text"] = self.close_text(tokenizer)
-            d["close_at"] = ("forks inside an open thinking block" if self.markers(tokenizer) is not None
-                             else "every fork" if d["close_text"] else "no fork")
-            t, f = answer_token_sets(tokenizer, self.true_words, self.false_words)
-            d["true_ids"], d["false_ids"] = t, f
-        return d
-
-
-def answer_token_sets(tokenizer, true_words, false_words) -> tuple[list[int], list[int]]:
-    """The last token of each word's encoding, deduplicated; the two sets must be disjoint."""
-    sets = []
-    for words in (true_words, false_words):
-        ids = set()
-        for w in words:
-            enc = text_ids(tokenizer, w)
-            if not enc:
-                raise ValueError(f"answer word {w!r} does not tokenize to any token")
-            ids.add(enc[-1])
-        if not ids:
-            raise ValueError("an answer set is empty: give at least one word for true and for false")
-        sets.append(sorted(ids))
-    overlap = set(sets[0]) & set(sets[1])
-    if overlap:
-        shown = [tokenizer.convert_ids_to_tokens(i) for i in sorted(overlap)]
-        raise ValueError(f"true and false answer sets overlap on tokens {shown}; choose other words")
-    return sets[0], sets[1]
 
 
 def fork_schedule(window: int, every: int | None = None, n_log: int | None = None) -> list[int]:
@@ -178,6 +83,12 @@ class ForkPMass:
         frame = pd.read_csv(run_dir / PMASS, float_precision="round_trip")
         forks = splice.pop("forks") if "forks" in splice else sorted(set(frame.fork))
         return cls(frame, forks, splice)
+
+    def noting_thinking(self, rollouts: Rollouts, tokenizer) -> "ForkPMass":
+        """These forks with the count of those inside an open thinking block in their splice
+        (`thinking.thinking_report`; nothing added for a model without the markers)."""
+        report = thinking_report(self.frame, rollouts, tokenizer, self.splice)
+        return ForkPMass(self.frame, self.forks, {**self.splice, "thinking": report} if report else self.splice)
 
     @staticmethod
     def concat(parts: list["ForkPMass"]) -> "ForkPMass":

@@ -42,7 +42,6 @@ from isokl_tl.prompts import known_answers, load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.sweep import sweep_rows
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
-from isokl_tl.thinking import thinking_report
 from isokl_tl.tokens import chunks, prompt_ids
 from isokl_tl.vectors import run_vector, source_changed
 
@@ -229,7 +228,7 @@ class Run:
             read = load_reads(self.dir / FORKS, key) if self.cfg.inline_forks and not force else None
             if read is not None:
                 self.log("[pmass] read while the sweep decoded")
-                return self._save_pmass(read, r)
+                return read.noting_thinking(r, self.model.tokenizer).save(self.dir)
             vector, splice = self._vector(d), self.cfg.splice_spec()
             parts_dir, parts = parts_folder(self.dir, self.cfg, "pmass", key, self.log), []
             for i, sl in enumerate(chunks(r.n_rows, PMASS_ROWS_PER_PART)):
@@ -239,17 +238,10 @@ class Run:
                                rows=list(range(r.n_rows))[sl], progress=self.progress).save(part)
                     fault_point("pmass", i)
                 parts.append(ForkPMass.load(part))
-            self._save_pmass(ForkPMass.concat(parts), r)
+            ForkPMass.concat(parts).noting_thinking(r, self.model.tokenizer).save(self.dir)
             shutil.rmtree(parts_dir)
         self._stage("pmass", go, force)
         return ForkPMass.load(self.dir)
-
-    def _save_pmass(self, pm: ForkPMass, r: Rollouts) -> None:
-        """Save fork pmass with the count of forks inside an open thinking block (`isokl_tl.thinking`)."""
-        report = thinking_report(pm.frame, r, self.model.tokenizer, pm.splice)
-        if report:
-            pm.splice["thinking"] = report
-        pm.save(self.dir)
 
     def survival(self, force: bool = False) -> SurvivalTable:
         pm = self.pmass()

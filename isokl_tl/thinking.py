@@ -3,7 +3,7 @@
 Reasoning models (Qwen3 and others) write `<think> ... </think>` before they answer. With the
 *inline* splice a fork continues the assistant turn, so a fork inside an open block must close it
 before asking for the answer, and a fork after the block has ended must not (a stray close). On a
-model whose vocabulary has both markers as single tokens, `pmass.Splice` therefore has two
+model whose vocabulary has both markers as single tokens, `splice.Splice` therefore has two
 splices, without and with the close (`</think>\n\n` unless `--splice-close` says otherwise); fork
 pmass reads both at every fork and keeps, per fork, the one `open_at` says its rollout needs.
 A model without the markers (the embedded SmolLM2) has one splice, as given. `thinking_report`

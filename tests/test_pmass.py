@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from isokl_tl.hooks import steer
-from isokl_tl.pmass import Splice, answer_token_sets, fork_pmass, fork_schedule
+from isokl_tl.pmass import fork_pmass, fork_schedule
+from isokl_tl.splice import Splice, answer_token_sets
 from isokl_tl.prompts import load_prompts
 from isokl_tl.rollout import rollout
 from isokl_tl.tokens import prompt_ids
@@ -76,7 +77,7 @@ def test_a_base_model_reads_plain_prompts_and_needs_the_inline_splice(tiny):
     interrupt splice (which needs chat turns) is refused with the fix, the inline one works."""
     import copy
 
-    from isokl_tl.pmass import Splice
+    from isokl_tl.splice import Splice
     from isokl_tl.tokens import PLAIN_PROMPT, prompt_ids
 
     base = copy.deepcopy(tiny.tokenizer)

@@ -63,7 +63,7 @@ def test_a_run_counts_the_forks_inside_a_block():
 
 
 def test_the_splice_has_a_close_only_where_thinking_is_marked():
-    from isokl_tl.pmass import Splice
+    from isokl_tl.splice import Splice
 
     tok = copy.deepcopy(tiny_tokenizer())
     tok.add_tokens(["<think>", "</think>"])
