@@ -155,7 +155,7 @@ def pmass_options(f):
         click.option("--fork-log", type=int, default=None, help="Instead: this many log-spaced forks."),
         click.option("--splice", type=click.Choice(SPLICES), default=None, help="Splice mode [default: interrupt]."),
         click.option("--splice-close", default=None, help="Inline mode: text that closes a thinking block; on a model with <think>/</think> tokens "
-                          "it goes only to forks inside an open block [default there: '</think>\\n\\n']."),
+                          "it goes only to forks inside an open block [default there: '</think>\\n'; '' for none]."),
         click.option("--splice-prefill", default=None, help='Answer prefill [default: {"choice": ].'),
     ])
 

@@ -58,7 +58,7 @@ class RunConfig:
     fork_log: int | None = None
     splice: str = "interrupt"
     splice_question: str | None = None
-    splice_close: str = ""
+    splice_close: str | None = None     # None: the model's default close; "": none
     splice_prefill: str | None = None
     answer_true: tuple[str, ...] = TRUE_WORDS
     answer_false: tuple[str, ...] = FALSE_WORDS
@@ -185,6 +185,10 @@ class RunConfig:
     # Versions of what a stage computes, keyed with its settings: when a definition changes, the
     # stage of a run made under the older one runs again
     _DEFINITIONS = {"survival": {"coherence_signals": SIGNALS_VERSION}}
+    # The inline splice's definition: 2 since it closes open thinking blocks (on models with the
+    # markers) with `</think>\n` by default; inline runs made before then have no such key. The
+    # interrupt splice has not changed, so its runs (and their `splice_close`, "" then) keep their key.
+    INLINE_SPLICE_VERSION = 2
     # Settings that decide how the work is executed, not what it computes: greedy results agree
     # up to floating-point rounding whatever their values, so they key no stage. They do key the
     # saved parts of a stage in progress (`Run`), which are cut along them. (Sampled rollouts draw
@@ -205,7 +209,16 @@ class RunConfig:
             out.update({k: getattr(self, k) for k in self._STAGE_KEYS[s]
                         if not (k in self._LATER_KEYS and getattr(self, k) == self._LATER_KEYS[k])})
             out.update(self._DEFINITIONS.get(s, {}))
+            if s == "pmass":
+                out.update(self._splice_key())
         return out
+
+    def _splice_key(self) -> dict:
+        """The pmass stage's key for the splice's close: inline, the close as given (None, the
+        model's default, is not ""), with the definition's version; interrupt, as older runs keyed it."""
+        if self.splice == "inline":
+            return {"splice_close": self.splice_close, "inline_splice": self.INLINE_SPLICE_VERSION}
+        return {"splice_close": self.splice_close or ""}
 
     def direction_source(self) -> Path | None:
         """The file an external direction is read from (the SAE's weights), if any."""

@@ -7,8 +7,9 @@ Two modes, rendered through the model's chat template:
 - `inline`: stay in the assistant turn; append `close` (e.g. "\\nI should answer now.</think>" for
   a model inside a thinking block) and the prefill `\\n{"choice": `. On a model whose vocabulary
   has the thinking markers (`<think>`, `</think>`) as tokens, the close goes only to forks inside
-  an open block (`isokl_tl.thinking`), and is `</think>\\n\\n` unless given: `tails` gives both
-  splices, and fork pmass keeps, per fork, the one its rollout needs.
+  an open block (`isokl_tl.thinking`), and is `</think>\\n` unless given (with the prefill's own
+  newline, the two a reasoning model writes after its block); `close=""` turns it off. `tails`
+  gives both splices, and fork pmass keeps, per fork, the one its rollout needs.
 """
 
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ class Splice:
     mode: str = "interrupt"
     question: str = ('Stop here. Give your final answer now as JSON: {"choice": true} or '
                      '{"choice": false}.')
-    close: str = ""
+    close: str | None = None          # None: the model's default (see above); "": no close
     prefill: str | None = None
     true_words: tuple[str, ...] = TRUE_WORDS
     false_words: tuple[str, ...] = FALSE_WORDS
@@ -36,6 +37,9 @@ class Splice:
     def __post_init__(self):
         if self.mode not in ("interrupt", "inline"):
             raise ValueError(f"splice mode {self.mode!r} is not one of interrupt, inline")
+        if self.mode == "interrupt" and self.close:
+            raise ValueError("a splice close applies to the inline splice only (the interrupt splice ends the "
+                             "assistant turn): give --splice inline, or no --splice-close")
 
     @property
     def prefill_text(self) -> str:
@@ -44,21 +48,31 @@ class Splice:
         return '{"choice": ' if self.mode == "interrupt" else '\n{"choice": '
 
     def markers(self, tokenizer) -> tuple[int, int] | None:
-        """Inline mode on a model whose vocabulary has both thinking markers as single tokens:
-        their ids (the close then goes only to forks inside an open block); else None."""
-        return marker_ids(tokenizer, self.think_open, self.think_close) if self.mode == "inline" else None
+        """Inline mode on a model whose vocabulary has both thinking markers as single tokens,
+        with the close not turned off: their ids (the close then goes only to forks inside an
+        open block); else None."""
+        if self.mode != "inline" or self.close == "":
+            return None
+        return marker_ids(tokenizer, self.think_open, self.think_close)
 
     def close_text(self, tokenizer) -> str:
-        if self.close or self.mode != "inline":
+        """The text that closes a thinking block: "" in interrupt mode and wherever there is none."""
+        if self.mode != "inline":
+            return ""
+        if self.close is not None:
             return self.close
-        return self.think_close + "\n\n" if self.markers(tokenizer) is not None else ""
+        return self.think_close + "\n" if self.markers(tokenizer) is not None else ""
+
+    def tail_texts(self, tokenizer) -> list[str]:
+        """The splice as text: one, or, where thinking blocks are marked (`markers`), two: without
+        the close (forks outside a block) and with it (forks inside one)."""
+        if self.markers(tokenizer) is None:
+            return [self.text(tokenizer)]
+        return [self.prefill_text, self.text(tokenizer)]
 
     def tails(self, tokenizer) -> list[list[int]]:
-        """The splice's token ids: one splice, or, where thinking blocks are marked (`markers`),
-        two: without the close (forks outside a block) and with it (forks inside one)."""
-        if self.markers(tokenizer) is None:
-            return [self.token_ids(tokenizer)]
-        return [text_ids(tokenizer, self.prefill_text), self.token_ids(tokenizer)]
+        """The token ids of each of `tail_texts`."""
+        return [text_ids(tokenizer, t) for t in self.tail_texts(tokenizer)]
 
     def text(self, tokenizer) -> str:
         """The splice as text, rendered through the chat template (inline mode: with its close)."""
@@ -82,6 +96,7 @@ class Splice:
             d["close_text"] = self.close_text(tokenizer)
             d["close_at"] = ("forks inside an open thinking block" if self.markers(tokenizer) is not None
                              else "every fork" if d["close_text"] else "no fork")
+            d["tail_texts"] = self.tail_texts(tokenizer)
             t, f = answer_token_sets(tokenizer, self.true_words, self.false_words)
             d["true_ids"], d["false_ids"] = t, f
         return d

@@ -124,8 +124,10 @@ def thinking_lines(report: dict | None, close: str = "") -> list[str]:
     """The summary's line on thinking blocks (`isokl_tl.thinking`): none for a model without them."""
     if not report:
         return []
-    return [f"- thinking blocks: {report['forks_inside']} of {report['forks']} evaluated forks fall inside an "
-            f"open `{report['markers'][0]}` block; the inline splice closes it there ({close!r}) and only there"]
+    head = (f"- thinking blocks: {report['forks_inside']} of {report['forks']} evaluated forks fall inside an "
+            f"open `{report['markers'][0]}` block; ")
+    return [head + (f"the inline splice closes it there ({close!r}) and only there" if close
+                    else "the inline splice does not close it (its close is turned off)")]
 
 
 def c_star_line(cal: Calibration, cfg, *, signed: bool = False) -> str:

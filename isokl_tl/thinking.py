@@ -4,7 +4,7 @@ Reasoning models (Qwen3 and others) write `<think> ... </think>` before they ans
 *inline* splice a fork continues the assistant turn, so a fork inside an open block must close it
 before asking for the answer, and a fork after the block has ended must not (a stray close). On a
 model whose vocabulary has both markers as single tokens, `splice.Splice` therefore has two
-splices, without and with the close (`</think>\n\n` unless `--splice-close` says otherwise); fork
+splices, without and with the close (`</think>\n` unless `--splice-close` says otherwise); fork
 pmass reads both at every fork and keeps, per fork, the one `open_at` says its rollout needs.
 A model without the markers (the embedded SmolLM2) has one splice, as given. `thinking_report`
 counts the forks inside a block for the run's summary.
@@ -33,7 +33,7 @@ def open_at(prompt: Int[Tensor, "row prompt_pos"], prompt_mask: Int[Tensor, "row
     pos = torch.arange(seq.shape[1]).expand_as(seq)
     last_open = torch.where(seq == ids[0], pos, -1).cummax(1).values
     last_close = torch.where(seq == ids[1], pos, -1).cummax(1).values
-    at = (prompt.shape[1] + torch.tensor(forks) - 1).clamp(max=seq.shape[1] - 1)
+    at = (prompt.shape[1] + torch.tensor(forks, dtype=torch.long) - 1).clamp(max=seq.shape[1] - 1)
     return (last_open[:, at] > last_close[:, at]).numpy()
 
 

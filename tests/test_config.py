@@ -71,6 +71,23 @@ def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
     assert settings_hash(given) != settings_hash(RunConfig().stage_settings("plot"))
 
 
+def test_the_splice_close_keys_pmass_as_older_runs_did_and_inline_splices_by_their_definition():
+    """An interrupt splice is keyed as before the close's default became None (""), so older runs
+    stay current; inline splices carry the definition's version, and the close as given: the
+    model's default (None) is not "no close" ("")."""
+    from isokl_tl.config import RunConfig
+    from isokl_tl.manifest import settings_hash
+
+    interrupt = RunConfig().stage_settings("pmass")
+    assert interrupt["splice_close"] == "" and "inline_splice" not in interrupt
+    default, off = (RunConfig(splice="inline", splice_close=c).stage_settings("pmass") for c in (None, ""))
+    assert default["inline_splice"] == RunConfig.INLINE_SPLICE_VERSION == 2
+    assert settings_hash(default) != settings_hash(off)
+    assert "inline_splice" in RunConfig(splice="inline").stage_settings("plot")       # downstream follows
+    with pytest.raises(ValueError, match="inline splice only"):
+        RunConfig(splice_close="</think>")
+
+
 def test_a_direction_file_and_an_sae_replace_each_other():
     from isokl_tl.config import RunConfig, settle
 

@@ -21,7 +21,7 @@ def _rollouts(model, direction, eos=None, generated_only=False, method="add"):
 @pytest.mark.parametrize("generated_only,method", [(False, "add"), (True, "add"), (False, "ablate")])
 def test_batched_forks_match_a_plain_full_forward(tiny, tiny_direction, mode, generated_only, method):
     r = _rollouts(tiny, tiny_direction, generated_only=generated_only, method=method)
-    splice = Splice(mode=mode, close="\nDone.")
+    splice = Splice(mode=mode, close="\nDone." if mode == "inline" else None)
     forks = fork_schedule(12, every=4)
     pm = fork_pmass(tiny, r, tiny_direction.vector, forks, splice, rows_per_prefill=2).frame
     assert len(pm) == 3 * len(forks)
@@ -107,7 +107,7 @@ def test_forks_read_while_decoding_equal_the_reference(tiny, tiny_direction, dec
     free = rollout(tiny, prompts, coeffs, direction=tiny_direction.vector, hook=HOOK, window=12, eos=[],
                    method=method, generated_only=generated_only)
     stop = int(free.tokens[1, 5])                      # row 1 ends at an EOS inside the window
-    splice, forks = Splice(mode=mode, close="\nDone."), fork_schedule(12, every=3)
+    splice, forks = Splice(mode=mode, close="\nDone." if mode == "inline" else None), fork_schedule(12, every=3)
     reader = ForkReader(tiny, forks, splice)
     r = rollout(tiny, prompts, coeffs, direction=tiny_direction.vector, hook=HOOK, window=12, eos=[stop],
                 method=method, generated_only=generated_only, decoder=factory, rows_per_batch=3, forks=reader)
@@ -161,9 +161,9 @@ def test_forks_inside_a_thinking_block_close_it_and_only_they_do(tiny, tiny_dire
     kw = dict(direction=tiny_direction.vector, hook=HOOK, window=12, eos=[])
     splice, forks = _marked_splice(tiny, rollout(tiny, prompts, coeffs, **kw)), fork_schedule(12, every=2)
     markers = splice.markers(tiny.tokenizer)
-    assert markers is not None and splice.close_text(tiny.tokenizer) == splice.think_close + "\n\n"
+    assert markers is not None and splice.close_text(tiny.tokenizer) == splice.think_close + "\n"
     without, with_close = splice.tails(tiny.tokenizer)
-    assert tiny.tokenizer.decode(with_close) == splice.think_close + '\n\n\n{"choice": '
+    assert tiny.tokenizer.decode(with_close) == splice.think_close + '\n\n{"choice": '
     reader = ForkReader(tiny, forks, splice)
     r = rollout(tiny, prompts, coeffs, decoder=factory, rows_per_batch=2, forks=reader, **kw)
     got = reader.result(r).frame

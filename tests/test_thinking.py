@@ -56,9 +56,11 @@ def test_a_run_counts_the_forks_inside_a_block():
     report = _report(close="")
     assert report == {"markers": ["<think>", "</think>"], "forks": 6, "forks_inside": 2}
     assert _report(close="", mode="interrupt") is None                      # the turn ends: nothing to close
-    line, = thinking_lines(report, "</think>\n\n")
+    line, = thinking_lines(report, "</think>\n")
     assert line == ("- thinking blocks: 2 of 6 evaluated forks fall inside an open `<think>` block; the inline "
-                    "splice closes it there ('</think>\\n\\n') and only there")
+                    "splice closes it there ('</think>\\n') and only there")
+    off, = thinking_lines(report, "")
+    assert off.endswith("the inline splice does not close it (its close is turned off)")
     assert thinking_lines(None) == []
 
 
@@ -68,14 +70,36 @@ def test_the_splice_has_a_close_only_where_thinking_is_marked():
     tok = copy.deepcopy(tiny_tokenizer())
     tok.add_tokens(["<think>", "</think>"])
     inline = Splice(mode="inline")
-    assert inline.markers(tok) == marker_ids(tok) and inline.close_text(tok) == "</think>\n\n"
-    assert [tok.decode(t) for t in inline.tails(tok)] == ['\n{"choice": ', '</think>\n\n\n{"choice": ']
-    assert inline.to_dict(tok)["close_at"] == "forks inside an open thinking block"
+    assert inline.markers(tok) == marker_ids(tok) and inline.close_text(tok) == "</think>\n"
+    # with the prefill's newline: the two newlines a reasoning model writes after its block
+    assert [tok.decode(t) for t in inline.tails(tok)] == ['\n{"choice": ', '</think>\n\n{"choice": ']
+    d = inline.to_dict(tok)
+    assert d["close_at"] == "forks inside an open thinking block"
+    assert d["tail_texts"] == ['\n{"choice": ', '</think>\n\n{"choice": '] and d["rendered"] == d["tail_texts"][1]
+    off = Splice(mode="inline", close="")                                   # the close turned off: one splice
+    assert off.markers(tok) is None and off.tail_texts(tok) == ['\n{"choice": ']
+    assert off.to_dict(tok)["close_at"] == "no fork"
     own = Splice(mode="inline", close="\nDone.</think>")
     assert own.close_text(tok) == "\nDone.</think>" and len(own.tails(tok)) == 2
     plain = tiny_tokenizer()                                                 # no markers: one splice, as given
     assert Splice(mode="inline").markers(plain) is None and len(own.tails(plain)) == 1
     assert own.to_dict(plain)["close_at"] == "every fork" and Splice(mode="inline").to_dict(plain)["close_at"] == "no fork"
+
+
+def test_an_interrupt_splice_takes_no_close():
+    import pytest
+
+    from isokl_tl.splice import Splice
+
+    with pytest.raises(ValueError, match="inline splice only"):
+        Splice(mode="interrupt", close="</think>")
+    assert Splice(mode="interrupt", close="").close_text(tiny_tokenizer()) == ""
+
+
+def test_no_fork_within_reach_gives_an_empty_column_set():
+    inside = open_at(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([[7, 8]]), [],
+                     (OPEN, CLOSE))
+    assert inside.shape == (1, 0)
 
 
 def test_a_model_without_markers_reports_nothing():
