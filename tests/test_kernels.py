@@ -105,6 +105,26 @@ for dtype in (torch.float32, torch.bfloat16):
     torch.testing.assert_close(normed, ref, **tol)
     assert block_triton.add_rms_norm(a, b[..., ::2].repeat(1, 1, 2), w[:300], 1e-6) is None
 
+# split-K projection pieces, and their sum added by the add + RMSNorm, against F.linear + add_rms_norm
+import isokl_tl.engine.kernels.splitk as splitk
+for dtype in (torch.float32, torch.bfloat16):
+    for rows, d_in, config in ((3, 200, (64, 32, 64, 3, 4, 3)), (70, 96, (64, 64, 64, 1, 4, 3)), (5, 300, None)):
+        x = torch.randn(rows, 2 * d_in, generator=g).to(dtype)[:, ::2]      # strided rows: copied first
+        wt = (torch.randn(40, d_in, generator=g) / d_in ** 0.5).to(dtype)
+        bias = torch.randn(40, generator=g).to(dtype)
+        parts = splitk.linear_parts(x, wt, config)
+        assert parts.dtype == torch.float32 and parts.shape[1:] == (rows, 40)
+        torch.testing.assert_close(parts.sum(0), x.float() @ wt.float().T, atol=1e-5, rtol=1e-5)
+        a = torch.randn(rows, 40, generator=g).to(dtype)
+        w = (1 + torch.randn(40, generator=g) / 4).to(dtype)
+        for b in (None, bias):
+            total, normed = splitk.add_parts_rms_norm(a, parts, b, w, 1e-6)
+            ref_total, ref_normed = block_triton.add_rms_norm(a, torch.nn.functional.linear(x, wt, b), w, 1e-6)
+            # the same sum in another order: equal in float32 to rounding, in bfloat16 to one rounding step
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2 ** -7)
+            torch.testing.assert_close(total, ref_total, **tol)
+            torch.testing.assert_close(normed, ref_normed, **tol)
+
 # decode attention over the used part of a static cache, against SDPA over all of it
 import isokl_tl.engine.kernels.attn as attn_triton
 attn_triton.SLICE, attn_triton.BLOCK = 32, 16            # 3 slices, 2 blocks each; the last unused
@@ -183,7 +203,7 @@ print("kernels ok")
 DECODE = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from isokl_tl.engine.kernels import attn as attn_triton, block as block_triton
+from isokl_tl.engine.kernels import attn as attn_triton, block as block_triton, splitk
 from isokl_tl.engine import ReferenceDecoder
 from isokl_tl.engine import FastDecoder
 from isokl_tl.engine import GraphDecoder
@@ -199,21 +219,28 @@ v = v / v.norm()
 def with_kernels(cls):
     def make(model, steering, capacity):
         dec = cls(model, steering, capacity)
-        dec.kernels = block_triton                   # what a CUDA device gets
+        dec.kernels, dec.splitk = block_triton, splitk      # what a CUDA device gets
         if cls is GraphDecoder:
             dec.attention, dec.rotate_in_kernel, dec.rotate_in_attention = attn_triton, True, True
         return dec
     return make
 
 
+fused = []                                            # the split-K projections' adds that ran
+_add_parts = splitk.add_parts_rms_norm
+splitk.add_parts_rms_norm = lambda *a: fused.append(a[0].shape[0]) or _add_parts(*a)
 prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]        # unequal: left padding in the key mask
 kw = dict(direction=v, hook="blocks.1.hook_resid_post", window=10, eos=[])
 c = torch.tensor([3.0, 6.0])
 ref = rollout(model, prompts, c, decoder=ReferenceDecoder, **kw)
 for cls in (FastDecoder, GraphDecoder):
+    fused.clear()
     got = rollout(model, prompts, c, decoder=with_kernels(cls), **kw)
     assert torch.equal(got.tokens, ref.tokens), (cls, got.tokens, ref.tokens)
     torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
+    # both projections of every block in the prefill and the 9 steps, but two: block 0's MLP output
+    # is where the base partners' rows join, and block 1's resid_post carries the steering
+    assert len(fused) >= 10 * (2 * model.cfg.n_layers - 2), (cls, len(fused))
 # a hook between a residual add and the norm after it switches that fusion off and fires; a hook on
 # the rotated queries makes q rotate apart from the attention kernel, and fires
 for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q"):

@@ -16,7 +16,9 @@ same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. Wha
 - for float32 models on CPU, those multiplies go through oneDNN with each weight packed once
   (`engine.cpu_linear`), 2-5x faster than MKL's sgemm for a decode step's few rows; on CUDA
   the element-wise middle of a block and the residual add + RMSNorm pairs are Triton kernels
-  (`engine.kernels.block`).
+  (`engine.kernels.block`), and so, for a step's few rows, are the attention output and down
+  projections whose result that add reads (`engine.kernels.splitk`: pieces of a split-K multiply,
+  summed by the add + RMSNorm launch; `_project_add_norm`).
 
 So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
 `hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,
@@ -40,6 +42,9 @@ from isokl_tl.engine.scoring import triton_available
 from isokl_tl.hooks import Steering, SteeringGroup, first_rows, handles, rows_of
 
 POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")   # blocks normalise sublayer outputs, and Q/K as whole vectors
+SPLITK_ROWS = 256     # the most rows a projection runs through `engine.kernels.splitk` (decode steps, forks)
+
+
 class FastDecoder(Decoder):
     """Static KV cache + SDPA decode step over the model's own modules (see module docstring)."""
 
@@ -61,9 +66,11 @@ class FastDecoder(Decoder):
         packer = cpu_linear.packer(model) if fuse else None     # float32 CPU: oneDNN, weights packed once
         self.linear = F.linear if packer is None else packer.linear
         self.kernels = None           # Triton kernels for element-wise work (`engine.kernels.block`)
+        self.splitk = None            # narrow projections as split-K kernels (`engine.kernels.splitk`)
         if fuse and torch.device(cfg.device).type == "cuda" and triton_available():
-            from isokl_tl.engine.kernels import block
+            from isokl_tl.engine.kernels import block, splitk
             self.kernels = block
+            self.splitk = splitk if cfg.dtype in (torch.bfloat16, torch.float32) else None
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
         self.cache = KVCache(capacity)
@@ -131,6 +138,21 @@ class FastDecoder(Decoder):
             resid = hook(resid)
         return resid, None if ln is None else self.norm(ln, resid)
 
+    def _project_add_norm(self, resid: Tensor, inp: Tensor, w: Tensor, bias: Tensor | None, hooks: list, ln
+                          ) -> tuple[Tensor, Tensor] | None:
+        """(resid + linear(inp, w, bias) through `hooks`, then `ln` of it) as a split-K multiply whose
+        pieces the add + RMSNorm launch adds (`engine.kernels.splitk`); None where that does not
+        apply: no such kernels, more than `SPLITK_ROWS` rows, a hook in `hooks` or on the norm,
+        or a weight that is not one contiguous matrix."""
+        rows = inp.numel() // inp.shape[-1]
+        if (self.splitk is None or rows > SPLITK_ROWS or ln is None or not fusion.plain_rms(ln)
+                or any(fusion.has_hook(h) for h in hooks) or not w.is_contiguous() or w.dtype != resid.dtype
+                or not resid.is_contiguous() or self.splitk.tiles(rows, inp.shape[-1]) is None):
+            return None
+        parts = self.splitk.linear_parts(inp.reshape(rows, inp.shape[-1]), w)
+        total, normed = self.splitk.add_parts_rms_norm(resid.reshape(rows, -1), parts, bias, ln.w, ln.eps)
+        return total.view(resid.shape), normed.view(resid.shape)
+
     def _finish(self, i: int, resid: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Block i from the attention's per-head output z ([batch, pos, head, d_head]) on: the
         residual after it, and (when `_add_norm` could fuse it) the next block's normalised input,
@@ -140,7 +162,13 @@ class FastDecoder(Decoder):
         attn = block.attn
         z = attn.hook_z(z)
         w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
-        attn_out = self.linear(z.reshape(*z.shape[:2], -1), w, attn.b_O)
+        plain = not (self.sandwich or self.parallel or self.post_norm)      # pre-norm: the add reads the output
+        z = z.reshape(*z.shape[:2], -1)
+        done = plain and self._project_add_norm(resid, z, w, attn.b_O,
+                                                [block.hook_attn_out, block.hook_resid_mid], block.ln2)
+        if done:
+            return self._finish_mlp(i, *done)
+        attn_out = self.linear(z, w, attn.b_O)
         if self.sandwich:
             attn_out = self.norm(block.ln1_post, attn_out)
         if self.parallel:                   # resid_post = resid_pre + attn(ln1(.)) + mlp(ln2(.)), as TL adds them
@@ -155,7 +183,23 @@ class FastDecoder(Decoder):
             mlp_out = self.norm(block.ln2, mlp_out)
             return block.hook_resid_post(resid_mid + block.hook_mlp_out(mlp_out)), None
         resid_mid, x = self._add_norm(resid, block.hook_attn_out(attn_out), [block.hook_resid_mid], block.ln2)
-        mlp_out = fusion.mlp(block.mlp, self.joined[i], x, self.kernels, self.linear)
+        return self._finish_mlp(i, resid_mid, x)
+
+    def _finish_mlp(self, i: int, resid_mid: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A pre-norm block from its normalised resid_mid `x` on (see `_finish`)."""
+        m = self.model
+        block = m.blocks[i]
+        last, nxt = i + 1 == m.cfg.n_layers, None if i + 1 == m.cfg.n_layers else m.blocks[i + 1]
+        if not self.sandwich and self.joined[i].gate_up is not None and not self.shared.widens_after(i):
+            hidden = fusion.mlp_hidden(block.mlp, self.joined[i], x, self.kernels, self.linear)
+            hooks = [block.hook_mlp_out, block.hook_resid_post] + ([] if last else [nxt.hook_resid_pre])
+            done = self._project_add_norm(resid_mid, hidden, block.mlp.W_out.T, block.mlp.b_out, hooks,
+                                          m.ln_final if last else nxt.ln1)
+            if done:
+                return done
+            mlp_out = self.linear(hidden, block.mlp.W_out.T.contiguous(), block.mlp.b_out)
+        else:
+            mlp_out = fusion.mlp(block.mlp, self.joined[i], x, self.kernels, self.linear)
         if self.sandwich:
             mlp_out = self.norm(block.ln2_post, mlp_out)
         mlp_out = block.hook_mlp_out(mlp_out)

@@ -126,6 +126,12 @@ def mlp(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, 
     `kernels` (`engine.kernels.block`, on CUDA) computes silu(gate) * up in one launch."""
     if joined.gate_up is None:
         return m(x)
+    return linear(mlp_hidden(m, joined, x, kernels, linear), m.W_out.T.contiguous(), m.b_out)
+
+
+def mlp_hidden(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, linear=F.linear
+               ) -> Float[Tensor, "batch pos d_mlp"]:
+    """A gated MLP (`joined.gate_up` set) up to its down projection: `hook_post`'s output."""
     gate, up = linear(x, joined.gate_up).chunk(2, dim=-1)
     gate, up = m.hook_pre(gate), m.hook_pre_linear(up)
     post = None
@@ -135,7 +141,7 @@ def mlp(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, 
         post = m.act_fn(gate) * up
     if joined.b_in is not None:
         post = post + joined.b_in
-    return linear(m.hook_post(post), m.W_out.T.contiguous(), m.b_out)
+    return m.hook_post(post)
 
 
 class Rotary:

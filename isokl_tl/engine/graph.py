@@ -11,8 +11,9 @@ into the rollout's result buffers by the scoring kernel itself: `engine.scoring.
 captured into the same graph, so a greedy decode step is one graph replay and nothing else. On
 CUDA with Triton, rotary + KV-cache writes (inside the attention kernel unless `hook_rot_q` is
 hooked: `kernels.attn.rotate_attend`), the MLP's silu(gate) * up and each residual add with the
-RMSNorm after it are Triton kernels too (`engine.kernels.block`), and the logits go straight
-into their buffer.
+RMSNorm after it are Triton kernels too (`engine.kernels.block`), as are the attention output and
+down projections at the row counts where they beat cuBLAS (`engine.kernels.splitk`, whose
+pieces the add + RMSNorm after them sums), and the logits go straight into their buffer.
 
 Everything the step reads that a caller may change (the tokens, the steering coefficients
 `Steering.coeff`, updated in place, the mask) lives in tensors the graph was captured with.

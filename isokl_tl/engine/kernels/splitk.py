@@ -1,0 +1,123 @@
+"""A decode step's narrow matrix multiplies as split-K Triton kernels, their sum fused into the
+residual add + RMSNorm that reads it.
+
+At a decode step's 64-128 rows, the output projection ([rows, H*d_head] @ [H*d_head, d_model]) and
+the MLP's down projection ([rows, d_mlp] @ [d_mlp, d_model]) have few output tiles and a long
+reduction: cuBLAS splits the reduction and launches a second kernel to add the pieces, so the
+down projection of the Qwen2.5-0.5B shape streams its 8.7 MB of weights at under 1 TB/s
+(`benchmarks/probe_blas.py`). Here `linear_parts` computes the pieces (float32, [split, rows,
+d_out]) in one launch, and `add_parts_rms_norm` adds them, rounds the sum to the model's dtype
+(the projection's output, as `F.linear` would return it), adds it to the residual and normalises:
+the launch that would have added the residual adds the pieces too.
+
+The sum's order differs from cuBLAS's, so the projection's output can differ from `F.linear`'s in
+its last bit (both accumulate in float32 and round once). Set TRITON_INTERPRET=1 before importing
+to run them on CPU tensors.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float
+from torch import Tensor
+
+from isokl_tl.engine.kernels.block import _round
+
+# Triton's CPU interpreter multiplies bfloat16 blocks wrongly (triton 3.9: errors of 1e10), so
+# there the kernel widens them to float32 first: their products are exact in float32 either way.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _linear_parts(x, w, parts, M, N, K, x_stride, K_PER: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = pid_s * K_PER
+    for k0 in range(0, K_PER, BLOCK_K):
+        rk = start + k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x + rm[:, None].to(tl.int64) * x_stride + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        b = tl.load(w + rn[None, :].to(tl.int64) * K + rk[:, None],
+                    mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+        if WIDEN:                              # the interpreter: exact products of the bf16 inputs
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    out = parts + pid_s.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# (block_m, block_n, block_k, split, warps, stages) per (rows <= 64, d_in), from
+# `benchmarks/probe_splitk.py` on an H200, or None where cuBLAS + `add_rms_norm` was faster; any
+# other shape takes the nearest d_in's.
+TILES = {
+    (True, 896): (64, 16, 128, 1, 4, 4),      # 5.5 us against 6.5 (cuBLAS + add_rms_norm)
+    (False, 896): None,                       # cuBLAS's 6.1 us against 6.3
+    (True, 4864): (64, 32, 128, 4, 4, 4),     # 9.2 against 11.0
+    (False, 4864): (64, 64, 128, 4, 4, 4),    # 10.6 against 11.5
+}
+
+
+def tiles(rows: int, d_in: int) -> tuple[int, int, int, int, int, int] | None:
+    small = rows <= 64
+    key = min((k for k in TILES if k[0] == small), key=lambda k: abs(k[1] - d_in))
+    return TILES[key]
+
+
+def linear_parts(x: Float[Tensor, "rows d_in"], w: Float[Tensor, "d_out d_in"],
+                 config: tuple[int, int, int, int, int, int] | None = None) -> Float[Tensor, "split rows d_out"]:
+    """x @ w.T as `split` float32 pieces over ranges of d_in (their sum is the product). `x`'s rows
+    may be strided; `w` is contiguous. `config`: (block_m, block_n, block_k, split, warps,
+    stages), else `tiles`."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    block_m, block_n, block_k, split, warps, stages = config or tiles(m, k)
+    k_per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per)
+    parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+    _linear_parts[grid](x, w, parts, m, n, k, x.stride(0), K_PER=k_per, BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=block_k, IEEE=x.dtype == torch.float32, WIDEN=INTERPRETED and x.dtype != torch.float32,
+                        num_warps=warps, num_stages=stages)
+    return parts
+
+
+@triton.jit
+def _add_parts_rms_norm(a, parts, split, bias, w, total, normed, eps, M, N: tl.constexpr,
+                        BLOCK: tl.constexpr, BF16: tl.constexpr, HAS_BIAS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    d = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(split):
+        d += tl.load(parts + (s * M + row) * N + offs, mask=ok, other=0.0)
+    if HAS_BIAS:                               # added before the one rounding, as `F.linear` adds it
+        d += tl.load(bias + offs, mask=ok, other=0.0).to(tl.float32)
+    d = _round(d, BF16)                        # the projection's output in the model's dtype
+    x = tl.load(a + row * N + offs, mask=ok, other=0.0)
+    s = _round(x.to(tl.float32) + d, BF16)
+    tl.store(total + row * N + offs, s.to(x.dtype), mask=ok)
+    scale = 1.0 / tl.sqrt(tl.sum(s * s, 0) / N + eps)
+    y = s * scale * tl.load(w + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(normed + row * N + offs, y.to(x.dtype), mask=ok)
+
+
+def add_parts_rms_norm(a: Float[Tensor, "rows d"], parts: Float[Tensor, "split rows d"],
+                       bias: Float[Tensor, " d"] | None, w: Float[Tensor, " d"], eps: float
+                       ) -> tuple[Tensor, Tensor]:
+    """(a + delta, rms_norm(a + delta) * w) where delta = sum of `parts` + `bias`, rounded to a's
+    dtype: `add_rms_norm(a, F.linear(...), w, eps)` with the projection's pieces added here."""
+    m, n = a.shape
+    total, normed = torch.empty_like(a), torch.empty_like(a)
+    _add_parts_rms_norm[(m,)](a, parts, parts.shape[0], a if bias is None else bias, w, total, normed, eps, m,
+                              N=n, BLOCK=triton.next_power_of_2(n), BF16=a.dtype == torch.bfloat16,
+                              HAS_BIAS=bias is not None, num_warps=4)
+    return total, normed
