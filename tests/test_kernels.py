@@ -125,6 +125,23 @@ for dtype in (torch.float32, torch.bfloat16):
             torch.testing.assert_close(total, ref_total, **tol)
             torch.testing.assert_close(normed, ref_normed, **tol)
 
+# tiles fit the shared memory they are given: fewer stages, then none (cuBLAS)
+for rows, d_in in ((64, 896), (128, 4864), (128, 8192)):
+    big = splitk.TILES[min((k for k in splitk.TILES if k[0] == (rows <= 64) and splitk.TILES[k]),
+                           key=lambda k: abs(k[1] - d_in))]
+    assert splitk.tiles(rows, d_in) in (big, None)
+original = splitk.shared_memory
+for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
+    splitk.shared_memory = lambda device, room=room: room
+    for key in splitk.TILES:
+        got = splitk.tiles(64 if key[0] else 128, key[1], size)
+        if got is not None:
+            bm, bn, bk, _, _, stages = got
+            assert 2 <= stages and stages * (bm + bn) * bk * size <= room, (key, got, room)
+        else:
+            assert splitk.TILES[key] is None or 2 * sum(splitk.TILES[key][:2]) * splitk.TILES[key][2] * size > room
+splitk.shared_memory = original
+
 # decode attention over the used part of a static cache, against SDPA over all of it
 import isokl_tl.engine.kernels.attn as attn_triton
 attn_triton.SLICE, attn_triton.BLOCK = 32, 16            # 3 slices, 2 blocks each; the last unused
@@ -242,8 +259,9 @@ for cls in (FastDecoder, GraphDecoder):
     # is where the base partners' rows join, and block 1's resid_post carries the steering
     assert len(fused) >= 10 * (2 * model.cfg.n_layers - 2), (cls, len(fused))
 # a hook between a residual add and the norm after it switches that fusion off and fires; a hook on
-# the rotated queries makes q rotate apart from the attention kernel, and fires
-for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q"):
+# the rotated queries makes q rotate apart from the attention kernel, and fires; so does one on the
+# MLP's hidden activations, which the split-K down projection then reads
+for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q", "blocks.3.mlp.hook_post"):
     seen = []
     with model.hooks(fwd_hooks=[(point, lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
         ref = rollout(model, prompts, c, decoder=ReferenceDecoder, **kw)

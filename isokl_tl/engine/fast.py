@@ -147,7 +147,7 @@ class FastDecoder(Decoder):
         rows = inp.numel() // inp.shape[-1]
         if (self.splitk is None or rows > SPLITK_ROWS or ln is None or not fusion.plain_rms(ln)
                 or any(fusion.has_hook(h) for h in hooks) or not w.is_contiguous() or w.dtype != resid.dtype
-                or not resid.is_contiguous() or self.splitk.tiles(rows, inp.shape[-1]) is None):
+                or not resid.is_contiguous() or self.splitk.tiles(rows, inp.shape[-1], w.element_size(), w.device) is None):
             return None
         parts = self.splitk.linear_parts(inp.reshape(rows, inp.shape[-1]), w)
         total, normed = self.splitk.add_parts_rms_norm(resid.reshape(rows, -1), parts, bias, ln.w, ln.eps)

@@ -15,6 +15,7 @@ its last bit (both accumulate in float32 and round once). Set TRITON_INTERPRET=1
 to run them on CPU tensors.
 """
 
+import functools
 import os
 
 import torch
@@ -55,20 +56,55 @@ def _linear_parts(x, w, parts, M, N, K, x_stride, K_PER: tl.constexpr, BLOCK_M: 
 
 
 # (block_m, block_n, block_k, split, warps, stages) per (rows <= 64, d_in), from
-# `benchmarks/probe_splitk.py` on an H200, or None where cuBLAS + `add_rms_norm` was faster; any
+# `benchmarks/probe_splitk.py` on an H200 for the SmolLM2-135M, Qwen2.5-0.5B and Llama-3.2-1B
+# shapes (us per layer, against cuBLAS + `add_rms_norm`), or None where cuBLAS was faster; any
 # other shape takes the nearest d_in's.
 TILES = {
-    (True, 896): (64, 16, 128, 1, 4, 4),      # 5.5 us against 6.5 (cuBLAS + add_rms_norm)
-    (False, 896): None,                       # cuBLAS's 6.1 us against 6.3
-    (True, 4864): (64, 32, 128, 4, 4, 4),     # 9.2 against 11.0
-    (False, 4864): (64, 64, 128, 4, 4, 4),    # 10.6 against 11.5
+    (True, 576): (64, 16, 64, 4, 4, 4),       # 4.7 against 4.9
+    (False, 576): (64, 16, 128, 1, 4, 4),     # 4.9 against 5.1
+    (True, 896): (64, 16, 128, 1, 4, 4),      # 5.5 against 6.4
+    (False, 896): None,                       # 6.2 against cuBLAS's 5.9
+    (True, 1536): (64, 32, 128, 4, 4, 4),     # 6.2 against 7.1
+    (False, 1536): (64, 32, 128, 2, 4, 4),    # 6.8 against 7.3
+    (True, 2048): (64, 64, 128, 4, 4, 4),     # 8.3 against 8.8
+    (False, 2048): None,                      # 9.5 against cuBLAS's 9.3
+    (True, 4864): (64, 32, 128, 4, 4, 4),     # 9.2 against 10.6-11.0
+    (False, 4864): (64, 64, 128, 4, 4, 4),    # 10.5 against 11.0-11.5
+    (True, 8192): (64, 32, 128, 4, 4, 4),     # 15.7 against 17.3
+    (False, 8192): (128, 64, 128, 4, 8, 4),   # 18.0 against 20.1
 }
 
 
-def tiles(rows: int, d_in: int) -> tuple[int, int, int, int, int, int] | None:
+def tiles(rows: int, d_in: int, element_size: int = 2, device: torch.device | None = None
+          ) -> tuple[int, int, int, int, int, int] | None:
+    """The tiles for `rows` x `d_in` from `TILES`, with fewer pipeline stages where the device's
+    shared memory could not hold them (float32, or a GPU with less of it than an H200); None for
+    cuBLAS, or where even two stages would not fit."""
     small = rows <= 64
     key = min((k for k in TILES if k[0] == small), key=lambda k: abs(k[1] - d_in))
-    return TILES[key]
+    config = TILES[key]
+    if config is None:
+        return None
+    block_m, block_n, block_k, split, warps, stages = config
+    room = shared_memory(device)
+    while stages > 2 and stages * (block_m + block_n) * block_k * element_size > room:
+        stages -= 1                            # an upper bound of what the pipelined loads hold
+    if stages * (block_m + block_n) * block_k * element_size > room:
+        return None
+    return block_m, block_n, block_k, split, warps, stages
+
+
+@functools.cache
+def _shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def shared_memory(device: torch.device | None) -> int:
+    """Bytes of shared memory a kernel may use on `device` (no limit off CUDA: the interpreter)."""
+    if device is None or device.type != "cuda":
+        return 1 << 40
+    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def linear_parts(x: Float[Tensor, "rows d_in"], w: Float[Tensor, "d_out d_in"],
@@ -79,7 +115,10 @@ def linear_parts(x: Float[Tensor, "rows d_in"], w: Float[Tensor, "d_out d_in"],
     x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     n = w.shape[0]
-    block_m, block_n, block_k, split, warps, stages = config or tiles(m, k)
+    config = config or tiles(m, k, x.element_size(), x.device)
+    if config is None:
+        raise ValueError(f"no split-K tiles for {m} x {k} on {x.device} (`tiles`): use F.linear")
+    block_m, block_n, block_k, split, warps, stages = config
     k_per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per)
     parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
