@@ -124,6 +124,12 @@ for dtype in (torch.float32, torch.bfloat16):
             tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2 ** -7)
             torch.testing.assert_close(total, ref_total, **tol)
             torch.testing.assert_close(normed, ref_normed, **tol)
+            # the rounding order exactly: one float32 piece plus the bias, rounded once, then the add
+            piece = (x.float() @ wt.float().T)[None]
+            delta = (piece[0] + (0 if b is None else b.float())).to(dtype)
+            exact = splitk.add_parts_rms_norm(a, piece, b, w, 1e-6)
+            expect = block_triton.add_rms_norm(a, delta, w, 1e-6)
+            assert torch.equal(exact[0], expect[0]) and torch.equal(exact[1], expect[1]), (dtype, rows)
 
 # tiles fit the shared memory they are given: fewer stages, then none (cuBLAS)
 for rows, d_in in ((64, 896), (128, 4864), (128, 8192)):
@@ -261,7 +267,8 @@ for cls in (FastDecoder, GraphDecoder):
 # a hook between a residual add and the norm after it switches that fusion off and fires; a hook on
 # the rotated queries makes q rotate apart from the attention kernel, and fires; so does one on the
 # MLP's hidden activations, which the split-K down projection then reads
-for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q", "blocks.3.mlp.hook_post"):
+for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q", "blocks.3.mlp.hook_post",
+              "blocks.3.hook_resid_pre", "blocks.2.hook_mlp_out", "blocks.2.ln2.hook_normalized"):
     seen = []
     with model.hooks(fwd_hooks=[(point, lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
         ref = rollout(model, prompts, c, decoder=ReferenceDecoder, **kw)
@@ -286,7 +293,9 @@ print("decoders ok")
 
 def test_decoders_with_the_kernels_match_transformer_lens_in_the_interpreter():
     """The GPU path's kernels (add + RMSNorm, attention over the written slots, rotary + cache,
-    rotation inside the attention, silu-mul) inside both fast decoders, on CPU through the interpreter, against TransformerLens."""
+    rotation inside the attention, silu-mul, the split-K projections summed by the add + RMSNorm)
+    inside both fast decoders, on CPU through the interpreter, against TransformerLens; hooks on
+    the tensors a fused kernel skips switch it off and fire."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", DECODE, str(Path(__file__).parent)],

@@ -42,7 +42,7 @@ from isokl_tl.engine.scoring import triton_available
 from isokl_tl.hooks import Steering, SteeringGroup, first_rows, handles, rows_of
 
 POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")   # blocks normalise sublayer outputs, and Q/K as whole vectors
-SPLITK_ROWS = 256     # the most rows a projection runs through `engine.kernels.splitk` (decode steps, forks)
+SPLITK_ROWS = 128     # the most rows a projection runs through `engine.kernels.splitk` (decode steps; as measured)
 
 
 class FastDecoder(Decoder):
@@ -70,7 +70,9 @@ class FastDecoder(Decoder):
         if fuse and torch.device(cfg.device).type == "cuda" and triton_available():
             from isokl_tl.engine.kernels import block, splitk
             self.kernels = block
-            self.splitk = splitk if cfg.dtype in (torch.bfloat16, torch.float32) else None
+            # bf16, where its tiles were measured; bf16 tensor-core dots need compute capability 8.0
+            if cfg.dtype == torch.bfloat16 and torch.cuda.get_device_capability(cfg.device) >= (8, 0):
+                self.splitk = splitk
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
         self.cache = KVCache(capacity)
@@ -142,12 +144,17 @@ class FastDecoder(Decoder):
                           ) -> tuple[Tensor, Tensor] | None:
         """(resid + linear(inp, w, bias) through `hooks`, then `ln` of it) as a split-K multiply whose
         pieces the add + RMSNorm launch adds (`engine.kernels.splitk`); None where that does not
-        apply: no such kernels, more than `SPLITK_ROWS` rows, a hook in `hooks` or on the norm,
-        or a weight that is not one contiguous matrix."""
+        apply: no such kernels (off CUDA, not bf16), more than `SPLITK_ROWS` rows, a hook in
+        `hooks`, a norm that is not a plain RMSNorm, tensors not contiguous or not of one dtype,
+        or a shape whose `splitk.tiles` are cuBLAS's."""
         rows = inp.numel() // inp.shape[-1]
         if (self.splitk is None or rows > SPLITK_ROWS or ln is None or not fusion.plain_rms(ln)
-                or any(fusion.has_hook(h) for h in hooks) or not w.is_contiguous() or w.dtype != resid.dtype
-                or not resid.is_contiguous() or self.splitk.tiles(rows, inp.shape[-1], w.element_size(), w.device) is None):
+                or any(fusion.has_hook(h) for h in hooks)):
+            return None
+        same = (resid, inp, w, ln.w) + (() if bias is None else (bias,))
+        if (any(t.dtype != resid.dtype for t in same) or not all(t.is_contiguous() for t in (resid, w, ln.w))
+                or (bias is not None and not bias.is_contiguous())
+                or self.splitk.tiles(rows, inp.shape[-1], w.element_size(), w.device) is None):
             return None
         parts = self.splitk.linear_parts(inp.reshape(rows, inp.shape[-1]), w)
         total, normed = self.splitk.add_parts_rms_norm(resid.reshape(rows, -1), parts, bias, ln.w, ln.eps)
@@ -155,8 +162,8 @@ class FastDecoder(Decoder):
 
     def _finish(self, i: int, resid: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Block i from the attention's per-head output z ([batch, pos, head, d_head]) on: the
-        residual after it, and (when `_add_norm` could fuse it) the next block's normalised input,
-        or the final norm's after the last block."""
+        residual after it, and (when `_project_add_norm` or `_add_norm` could fuse it) the next
+        block's normalised input, or the final norm's after the last block."""
         m = self.model
         block = m.blocks[i]
         attn = block.attn
@@ -190,7 +197,7 @@ class FastDecoder(Decoder):
         m = self.model
         block = m.blocks[i]
         last, nxt = i + 1 == m.cfg.n_layers, None if i + 1 == m.cfg.n_layers else m.blocks[i + 1]
-        if not self.sandwich and self.joined[i].gate_up is not None and not self.shared.widens_after(i):
+        if not self.sandwich and self.joined[i].gate_up is not None and (last or not self.shared.widens_after(i)):
             hidden = fusion.mlp_hidden(block.mlp, self.joined[i], x, self.kernels, self.linear)
             hooks = [block.hook_mlp_out, block.hook_resid_post] + ([] if last else [nxt.hook_resid_pre])
             done = self._project_add_norm(resid_mid, hidden, block.mlp.W_out.T, block.mlp.b_out, hooks,

@@ -11,8 +11,10 @@ d_out]) in one launch, and `add_parts_rms_norm` adds them, rounds the sum to the
 the launch that would have added the residual adds the pieces too.
 
 The sum's order differs from cuBLAS's, so the projection's output can differ from `F.linear`'s in
-its last bit (both accumulate in float32 and round once). Set TRITON_INTERPRET=1 before importing
-to run them on CPU tensors.
+its last bit (both accumulate in float32 and round once). The engine uses them for bfloat16
+models with at most 128 rows, where `TILES` was measured (`FastDecoder._project_add_norm`); the
+kernels also take float32 (exact IEEE products, not TF32), which the tests run. Set
+TRITON_INTERPRET=1 before importing to run them on CPU tensors.
 """
 
 import functools
@@ -51,7 +53,7 @@ def _linear_parts(x, w, parts, M, N, K, x_stride, K_PER: tl.constexpr, BLOCK_M: 
             acc += tl.dot(a, b, input_precision="ieee")
         else:
             acc += tl.dot(a, b)
-    out = parts + pid_s.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
+    out = parts + pid_s.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
     tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -112,6 +114,8 @@ def linear_parts(x: Float[Tensor, "rows d_in"], w: Float[Tensor, "d_out d_in"],
     """x @ w.T as `split` float32 pieces over ranges of d_in (their sum is the product). `x`'s rows
     may be strided; `w` is contiguous. `config`: (block_m, block_n, block_k, split, warps,
     stages), else `tiles`."""
+    if not w.is_contiguous():
+        raise ValueError("linear_parts needs a contiguous weight")
     x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     n = w.shape[0]
