@@ -145,12 +145,23 @@ def _inside(ids: list[int], markers: tuple[int, int]) -> bool:
     return last[markers[0]] > last[markers[1]]
 
 
+def _stop_for(r, row: int, avoid: set[int], keep: list[int]) -> int | None:
+    """A token that `row` of `r` generates at position 3-7, that is not in `avoid` and that none of
+    the `keep` rows generates: as an EOS id it ends `row` early and leaves the others as they were."""
+    kept = {t for k in keep for t in r.tokens[k, :int(r.gen_len[k])].tolist()}
+    for t in r.tokens[row, 3:8].tolist():
+        if t not in avoid and t not in kept:
+            return t
+    return None
+
+
 @pytest.mark.parametrize("decoder", ["reference", "fast", "static"])
 def test_forks_inside_a_thinking_block_close_it_and_only_they_do(tiny, tiny_direction, decoder):
     """With thinking markers in the vocabulary the inline splice closes an open block (DESIGN): a
     fork inside one reads `prompt + rollout[:t] + close + prefill`, a fork outside reads
     `prompt + rollout[:t] + prefill`, each against a plain full forward; the forks read while
-    decoding equal the reference within 1e-5."""
+    decoding equal the reference within 1e-5. One row ends at an EOS inside the window, and its
+    forks stop with it."""
     from isokl_tl.engine import FastDecoder, GraphDecoder, ReferenceDecoder
     from isokl_tl.pmass import ForkReader
 
@@ -159,15 +170,22 @@ def test_forks_inside_a_thinking_block_close_it_and_only_they_do(tiny, tiny_dire
     prompts = [prompt_ids(tiny.tokenizer, p) for p in load_prompts("eval")[:3]]
     coeffs = torch.tensor([0.0, 6.0, 9.0])
     kw = dict(direction=tiny_direction.vector, hook=HOOK, window=12, eos=[])
-    splice, forks = _marked_splice(tiny, rollout(tiny, prompts, coeffs, **kw)), fork_schedule(12, every=2)
+    free = rollout(tiny, prompts, coeffs, **kw)
+    splice, forks = _marked_splice(tiny, free), fork_schedule(12, every=2)
     markers = splice.markers(tiny.tokenizer)
+    stop = _stop_for(free, 2, set(markers), keep=[0, 1])
+    assert stop is not None, "no token ends row 2 alone"
+    kw["eos"] = [stop]
     assert markers is not None and splice.close_text(tiny.tokenizer) == splice.think_close + "\n"
     without, with_close = splice.tails(tiny.tokenizer)
     assert tiny.tokenizer.decode(with_close) == splice.think_close + '\n\n{"choice": '
     reader = ForkReader(tiny, forks, splice)
     r = rollout(tiny, prompts, coeffs, decoder=factory, rows_per_batch=2, forks=reader, **kw)
+    assert bool(r.eos[2]) and int(r.gen_len[2]) < 12 and not r.eos[:2].any()
+    assert torch.equal(r.tokens[:2], free.tokens[:2])    # rows 0 and 1 as without the EOS id
     got = reader.result(r).frame
     ref = fork_pmass(tiny, r, tiny_direction.vector, forks, splice, rows_per_prefill=2).frame
+    assert got[got.row == 2].fork.max() <= int(r.gen_len[2]) - 1 and len(got[got.row == 2])
     assert list(got[["row", "fork", "argmax"]].itertuples(index=False)) == \
         list(ref[["row", "fork", "argmax"]].itertuples(index=False))
     for col in ("pmass", "p_true"):
