@@ -25,29 +25,11 @@ from pathlib import Path
 
 import torch
 
-from isokl_tl.engine.kernels import block, splitk
-from isokl_tl.models.checkpoints import SHAPES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_blas import graph_time  # noqa: E402
 
-
-def graph_time(fn, repeats: int = 30) -> float:
-    """Seconds per replay of `fn` captured in a CUDA graph (median of `repeats` timed replays)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from isokl_tl.engine.kernels import block, splitk  # noqa: E402
+from isokl_tl.models.checkpoints import SHAPES  # noqa: E402
 
 
 def grid(rows: int, d_in: int):
@@ -91,7 +73,7 @@ def main() -> None:
                     out = block.add_rms_norm(resid, y, ln, 1e-6)
                 return out
 
-            t_base = 1e6 * graph_time(base) / layers
+            t_base = 1e6 * graph_time(base, 30) / layers
             ref = base()
             results = []
             for config in grid(rows, d_in):
@@ -102,7 +84,7 @@ def main() -> None:
 
                 got = fused()
                 diff = max(float((got[i].float() - ref[i].float()).abs().max()) for i in range(2))
-                results.append((1e6 * graph_time(fused) / layers, config, diff))
+                results.append((1e6 * graph_time(fused, 30) / layers, config, diff))
             results.sort()
             print(f"{name} ({d_in} -> {d}), {rows} rows: cuBLAS + add_rms_norm {t_base:.2f} us per layer; "
                   f"default tiles {splitk.tiles(rows, d_in)}", flush=True)
@@ -119,7 +101,6 @@ def main() -> None:
 
 def step(a) -> None:
     """ms per engine step with and without the split-K projections, alternating."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_gpu import build_checkpoint
 
     from isokl_tl.engine import GraphDecoder, pool
