@@ -42,7 +42,6 @@ from isokl_tl.engine.scoring import triton_available
 from isokl_tl.hooks import Steering, SteeringGroup, first_rows, handles, rows_of
 
 POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")   # blocks normalise sublayer outputs, and Q/K as whole vectors
-SPLITK_ROWS = 128     # the most rows a projection runs through `engine.kernels.splitk` (decode steps; as measured)
 
 
 class FastDecoder(Decoder):
@@ -143,22 +142,13 @@ class FastDecoder(Decoder):
     def _project_add_norm(self, resid: Tensor, inp: Tensor, w: Tensor, bias: Tensor | None, hooks: list, ln
                           ) -> tuple[Tensor, Tensor] | None:
         """(resid + linear(inp, w, bias) through `hooks`, then `ln` of it) as a split-K multiply whose
-        pieces the add + RMSNorm launch adds (`engine.kernels.splitk`); None where that does not
-        apply: no such kernels (off CUDA, not bf16), more than `SPLITK_ROWS` rows, a hook in
-        `hooks`, a norm that is not a plain RMSNorm, tensors not contiguous or not of one dtype,
-        or a shape whose `splitk.tiles` are cuBLAS's."""
-        rows = inp.numel() // inp.shape[-1]
-        if (self.splitk is None or rows > SPLITK_ROWS or ln is None or not fusion.plain_rms(ln)
+        pieces the add + RMSNorm launch adds (`kernels.splitk.project_add_rms_norm`); None where
+        that does not apply: no such kernels (off CUDA, not bf16), a hook in `hooks`, a norm that
+        is not a plain RMSNorm, or operands the kernels do not take."""
+        if (self.splitk is None or ln is None or not fusion.plain_rms(ln)
                 or any(fusion.has_hook(h) for h in hooks)):
             return None
-        same = (resid, inp, w, ln.w) + (() if bias is None else (bias,))
-        if (any(t.dtype != resid.dtype for t in same) or not all(t.is_contiguous() for t in (resid, w, ln.w))
-                or (bias is not None and not bias.is_contiguous())
-                or self.splitk.tiles(rows, inp.shape[-1], w.element_size(), w.device) is None):
-            return None
-        parts = self.splitk.linear_parts(inp.reshape(rows, inp.shape[-1]), w)
-        total, normed = self.splitk.add_parts_rms_norm(resid.reshape(rows, -1), parts, bias, ln.w, ln.eps)
-        return total.view(resid.shape), normed.view(resid.shape)
+        return self.splitk.project_add_rms_norm(resid, inp, w, bias, ln.w, ln.eps)
 
     def _finish(self, i: int, resid: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Block i from the attention's per-head output z ([batch, pos, head, d_head]) on: the
@@ -196,26 +186,26 @@ class FastDecoder(Decoder):
         """A pre-norm block from its normalised resid_mid `x` on (see `_finish`)."""
         m = self.model
         block = m.blocks[i]
-        last, nxt = i + 1 == m.cfg.n_layers, None if i + 1 == m.cfg.n_layers else m.blocks[i + 1]
-        if not self.sandwich and self.joined[i].gate_up is not None and (last or not self.shared.widens_after(i)):
-            hidden = fusion.mlp_hidden(block.mlp, self.joined[i], x, self.kernels, self.linear)
-            hooks = [block.hook_mlp_out, block.hook_resid_post] + ([] if last else [nxt.hook_resid_pre])
-            done = self._project_add_norm(resid_mid, hidden, block.mlp.W_out.T, block.mlp.b_out, hooks,
-                                          m.ln_final if last else nxt.ln1)
+        # the norm the add after the MLP feeds: the final one, none (the rows widen next), the next block's
+        if i + 1 == m.cfg.n_layers:
+            hooks, ln = [block.hook_resid_post], m.ln_final
+        elif self.shared.widens_after(i):
+            hooks, ln = [block.hook_resid_post], None
+        else:
+            hooks, ln = [block.hook_resid_post, m.blocks[i + 1].hook_resid_pre], m.blocks[i + 1].ln1
+        mlp, joined = block.mlp, self.joined[i]
+        if joined.gate_up is None:
+            mlp_out = mlp(x)
+        else:
+            hidden = fusion.mlp_hidden(mlp, joined, x, self.kernels, self.linear)
+            done = not self.sandwich and self._project_add_norm(resid_mid, hidden, mlp.W_out.T, mlp.b_out,
+                                                                [block.hook_mlp_out] + hooks, ln)
             if done:
                 return done
-            mlp_out = self.linear(hidden, block.mlp.W_out.T.contiguous(), block.mlp.b_out)
-        else:
-            mlp_out = fusion.mlp(block.mlp, self.joined[i], x, self.kernels, self.linear)
+            mlp_out = self.linear(hidden, mlp.W_out.T.contiguous(), mlp.b_out)
         if self.sandwich:
             mlp_out = self.norm(block.ln2_post, mlp_out)
-        mlp_out = block.hook_mlp_out(mlp_out)
-        if i + 1 == m.cfg.n_layers:
-            return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], m.ln_final)
-        if self.shared.widens_after(i):
-            return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post], None)
-        nxt = m.blocks[i + 1]
-        return self._add_norm(resid_mid, mlp_out, [block.hook_resid_post, nxt.hook_resid_pre], nxt.ln1)
+        return self._add_norm(resid_mid, block.hook_mlp_out(mlp_out), hooks, ln)
 
     def _last_normed(self, resid: Tensor, x: Tensor | None) -> Tensor:
         """The final norm at the last position ([batch, 1, d_model]): `x` when the last block's

@@ -122,16 +122,24 @@ def silu_mul(gate: Float[Tensor, "batch pos d_mlp"], up: Float[Tensor, "batch po
 
 
 @triton.jit
-def _add_rms_norm(a, b, w, total, normed, eps, N: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    ok = offs < N
+def _add_then_norm(a, d, w, total, normed, eps, row, offs, ok, N: tl.constexpr, BF16: tl.constexpr):
+    """Row `row`: total = a + d (d float32, already in the model's dtype's values), rounded, and
+    normed = rms_norm(total) * w; both stored in a's dtype."""
     x = tl.load(a + row * N + offs, mask=ok, other=0.0)
-    s = _round(x.to(tl.float32) + tl.load(b + row * N + offs, mask=ok, other=0.0).to(tl.float32), BF16)
+    s = _round(x.to(tl.float32) + d, BF16)
     tl.store(total + row * N + offs, s.to(x.dtype), mask=ok)
     scale = 1.0 / tl.sqrt(tl.sum(s * s, 0) / N + eps)
     y = s * scale * tl.load(w + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(normed + row * N + offs, y.to(x.dtype), mask=ok)
+
+
+@triton.jit
+def _add_rms_norm(a, b, w, total, normed, eps, N: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    d = tl.load(b + row * N + offs, mask=ok, other=0.0).to(tl.float32)
+    _add_then_norm(a, d, w, total, normed, eps, row, offs, ok, N, BF16)
 
 
 def add_rms_norm(a: Float[Tensor, "*batch d"], b: Float[Tensor, "*batch d"], w: Float[Tensor, " d"],

@@ -12,7 +12,8 @@ the launch that would have added the residual adds the pieces too.
 
 The sum's order differs from cuBLAS's, so the projection's output can differ from `F.linear`'s in
 its last bit (both accumulate in float32 and round once). The engine uses them for bfloat16
-models with at most 128 rows, where `TILES` was measured (`FastDecoder._project_add_norm`); the
+models with at most `MAX_ROWS` rows, where `TILES` was measured (`project_add_rms_norm`, called by
+`FastDecoder._project_add_norm`); the
 kernels also take float32 (exact IEEE products, not TF32), which the tests run. Set
 TRITON_INTERPRET=1 before importing to run them on CPU tensors.
 """
@@ -26,7 +27,9 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
-from isokl_tl.engine.kernels.block import _round
+from isokl_tl.engine.kernels.block import _add_then_norm, _round
+
+MAX_ROWS = 128        # the most rows `project_add_rms_norm` takes (decode steps: where `TILES` was measured)
 
 # Triton's CPU interpreter multiplies bfloat16 blocks wrongly (triton 3.9: errors of 1e10), so
 # there the kernel widens them to float32 first: their products are exact in float32 either way.
@@ -109,6 +112,26 @@ def shared_memory(device: torch.device | None) -> int:
     return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def project_add_rms_norm(a: Float[Tensor, "*batch d"], x: Float[Tensor, "*batch d_in"], w: Float[Tensor, "d d_in"],
+                         bias: Float[Tensor, " d"] | None, norm_w: Float[Tensor, " d"], eps: float
+                         ) -> tuple[Tensor, Tensor] | None:
+    """(a + F.linear(x, w, bias), then rms_norm of it * norm_w) as `linear_parts` and
+    `add_parts_rms_norm`; or None (the caller then uses cuBLAS and `block.add_rms_norm`) for more
+    than `MAX_ROWS` rows, operands not of one dtype or not contiguous, or a shape whose `tiles`
+    are cuBLAS's."""
+    rows = x.numel() // x.shape[-1]
+    operands = (a, x, w, norm_w) + (() if bias is None else (bias,))
+    if (rows > MAX_ROWS or any(t.dtype != a.dtype for t in operands)
+            or not all(t.is_contiguous() for t in (a, w, norm_w) + (() if bias is None else (bias,)))):
+        return None
+    config = tiles(rows, x.shape[-1], w.element_size(), w.device)
+    if config is None:
+        return None
+    parts = linear_parts(x.reshape(rows, x.shape[-1]), w, config)
+    total, normed = add_parts_rms_norm(a.reshape(rows, -1), parts, bias, norm_w, eps)
+    return total.view(a.shape), normed.view(a.shape)
+
+
 def linear_parts(x: Float[Tensor, "rows d_in"], w: Float[Tensor, "d_out d_in"],
                  config: tuple[int, int, int, int, int, int] | None = None) -> Float[Tensor, "split rows d_out"]:
     """x @ w.T as `split` float32 pieces over ranges of d_in (their sum is the product). `x`'s rows
@@ -145,12 +168,7 @@ def _add_parts_rms_norm(a, parts, split, bias, w, total, normed, eps, M, N: tl.c
     if HAS_BIAS:                               # added before the one rounding, as `F.linear` adds it
         d += tl.load(bias + offs, mask=ok, other=0.0).to(tl.float32)
     d = _round(d, BF16)                        # the projection's output in the model's dtype
-    x = tl.load(a + row * N + offs, mask=ok, other=0.0)
-    s = _round(x.to(tl.float32) + d, BF16)
-    tl.store(total + row * N + offs, s.to(x.dtype), mask=ok)
-    scale = 1.0 / tl.sqrt(tl.sum(s * s, 0) / N + eps)
-    y = s * scale * tl.load(w + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(normed + row * N + offs, y.to(x.dtype), mask=ok)
+    _add_then_norm(a, d, w, total, normed, eps, row, offs, ok, N, BF16)
 
 
 def add_parts_rms_norm(a: Float[Tensor, "rows d"], parts: Float[Tensor, "split rows d"],
