@@ -6,7 +6,7 @@ for steering, `isokl_tl.tokens` for padding), never the science.
 
 - `decoder`: the `Decoder` interface with its declared capabilities, and `ReferenceDecoder`
   (TransformerLens's own forward); `fast` (`FastDecoder`: static `KVCache`, SDPA, fused block
-  arithmetic; `distinct`: the rows a prefill can share) and `graph` (`GraphDecoder`:
+  arithmetic from `sublayers`; `distinct`: the rows a prefill can share) and `graph` (`GraphDecoder`:
   fixed-shape steps replayed as CUDA graphs);
   `paths` picks one per model.
 - `loop`: the one decode loop (`decode_batch`); `scoring`: per-step choice, KL and records;
