@@ -38,8 +38,8 @@ class Splice:
         if self.mode not in ("interrupt", "inline"):
             raise ValueError(f"splice mode {self.mode!r} is not one of interrupt, inline")
         if self.mode == "interrupt" and self.close:
-            raise ValueError("a splice close applies to the inline splice only (the interrupt splice ends the "
-                             "assistant turn): give --splice inline, or no --splice-close")
+            raise ValueError(f"splice close {self.close!r} given, but a close applies to the inline splice only "
+                             "(the interrupt splice ends the assistant turn): give --splice inline, or no --splice-close")
 
     @property
     def prefill_text(self) -> str:
