@@ -103,3 +103,17 @@ def test_adopt_copies_into_the_captured_steering_and_refuses_a_mismatch(tiny, ti
     with steer_sites(tiny, [Site("blocks.1.hook_resid_post", v)], [torch.tensor([5.0, 6.0])]) as other:
         with pytest.raises(ValueError, match="does not match"):
             dec.adopt(other)
+
+
+def test_a_new_batch_shape_warms_up_again_before_any_capture(tiny):
+    """A decoder given another batch shape drops its graph, and its next step runs eagerly again
+    (compiling what the new row counts need) before a graph is captured."""
+    dec = GraphDecoder(tiny, None, 32)
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+    dec.prefill(tokens, torch.ones_like(tokens))
+    dec.step(tokens[:, -1])
+    assert dec.warmed
+    dec.prefill(tokens[:2], torch.ones_like(tokens[:2]))     # another shape: warms up again
+    assert not dec.warmed and dec.graph is None
+    dec.step(tokens[:2, -1])
+    assert dec.warmed

@@ -109,7 +109,9 @@ class GraphDecoder(FastDecoder):
             self.pos_ids = torch.empty(tokens.shape[0], dtype=torch.long, device=dev)
             self.write_at = torch.empty(1, dtype=torch.long, device=dev)
             self.logits = torch.empty_like(logits)         # the latest logits, in a fixed buffer
-            self.graph, self.captured = None, None
+            # a new shape: the next step runs eagerly again, so kernels compiled for its row
+            # counts (split-K's tiles are per row class) compile before any capture
+            self.graph, self.captured, self.warmed = None, None, False
         self.forks = {}                # fork graphs serve one rollout (they read its steering's tensors)
         # in place: a kept graph reads these very tensors
         self.pos_ids.copy_(mask.sum(1))                    # rotary position of the next token
