@@ -96,11 +96,12 @@ def main() -> None:
         if a.use_best:
             splitk.TILES.update(best)
             print(f"tiles for the step: {splitk.TILES}", flush=True)
-        step(a)
+        step(a, "split-K", "cuBLAS", "splitk")
 
 
-def step(a) -> None:
-    """ms per engine step with and without the split-K projections, alternating."""
+def step(a, on: str, off: str, attr: str) -> None:
+    """ms per engine step of the CUDA-graph decoder as it is (named `on`) and with its kernels
+    attribute `attr` set to None (`off`: that kernel through cuBLAS instead), alternating."""
     from bench_gpu import build_checkpoint
 
     from isokl_tl.engine import GraphDecoder, pool
@@ -108,12 +109,10 @@ def step(a) -> None:
     from isokl_tl.models import load_model
     from isokl_tl.rollout import rollout
 
-    class CuBLAS(GraphDecoder):
-        """The CUDA-graph decoder with the projections through cuBLAS + `add_rms_norm`."""
-
+    class Without(GraphDecoder):
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
-            self.splitk = None
+            setattr(self, attr, None)
 
     model = load_model(str(build_checkpoint(a.shape, Path(a.work) / "ckpt")), device="cuda", dtype="bfloat16")
     hook = hook_name(model.cfg.n_layers // 2)
@@ -123,7 +122,7 @@ def step(a) -> None:
     prompts = torch.randint(5, 600, (a.batch, 48), generator=g).tolist()
     c = torch.full((a.batch,), 4.0)
     kw = dict(direction=v, hook=hook, eos=[], rows_per_batch=a.batch)
-    decoders = {"split-K": GraphDecoder, "cuBLAS": CuBLAS}
+    decoders = {on: GraphDecoder, off: Without}
     steps, runs = {k: [] for k in decoders}, {}
     for cls in decoders.values():               # warm-up: kernels compiled, graphs captured, decoders kept
         rollout(model, prompts, c, window=a.new, decoder=cls, **kw)
@@ -137,7 +136,7 @@ def step(a) -> None:
     for name in decoders:
         print(f"engine step, {a.batch} rows + partners, {name}: {statistics.median(steps[name]):.3f} ms "
               f"({', '.join(f'{s:.3f}' for s in steps[name])})", flush=True)
-    x, y = runs["split-K"], runs["cuBLAS"]
+    x, y = runs[on], runs[off]
     agree = (x.tokens == y.tokens).float().mean(1)
     print(f"rollouts: token agreement {float(agree.mean()):.4f} (rows identical: {int((agree == 1).sum())} of "
           f"{len(agree)}), first-token max |KL difference| {float((x.kl[:, 0] - y.kl[:, 0]).abs().max()):.3g}, "

@@ -131,6 +131,35 @@ for dtype in (torch.float32, torch.bfloat16):
             expect = block_triton.add_rms_norm(a, delta, w, 1e-6)
             assert torch.equal(exact[0], expect[0]) and torch.equal(exact[1], expect[1]), (dtype, rows)
 
+# the gate/up multiply with silu(gate) * up in its epilogue, against F.linear + silu_mul
+import isokl_tl.engine.kernels.gate_up as gate_up
+for dtype in (torch.float32, torch.bfloat16):
+    for rows, d_in, config in ((3, 200, (64, 16, 64, 4, 3)), (70, 96, (64, 32, 64, 4, 3)), (5, 300, None)):
+        x = torch.randn(rows, 2 * d_in, generator=g).to(dtype)[:, ::2]      # strided rows: copied first
+        wt = (torch.randn(2 * 40, d_in, generator=g) / d_in ** 0.5).to(dtype)
+        got = gate_up.gate_up_silu(x[:, None], wt, config)
+        gate, up = torch.nn.functional.linear(x, wt).chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2 ** -6)
+        assert got.shape == (rows, 1, 40)
+        torch.testing.assert_close(got[:, 0], ref, **tol)
+    # the rounding order exactly, on sums float32 holds exactly (multiples of 1/64): gate and up
+    # rounded to the dtype, then the activation, then the product, as F.linear + silu_mul round
+    x = (torch.randint(-16, 17, (6, 64), generator=g) / 8).to(dtype)
+    wt = (torch.randint(-16, 17, (2 * 48, 64), generator=g) / 8).to(dtype)
+    gate, up = (x.double() @ wt.double().T).to(dtype).chunk(2, dim=-1)
+    g32 = gate.float()
+    act = (g32 / (1 + torch.exp(-g32))).to(dtype)
+    expect = (act.float() * up.float()).to(dtype)
+    got = gate_up.gate_up_silu(x, wt, (64, 16, 32, 4, 2))
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expect), (got.float() - expect.float()).abs().max()
+    else:                             # nothing to round; exp to the last bit of float32
+        torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-6)
+    assert gate_up.gate_up_silu(x[:1].expand(200, -1), wt) is None            # more rows than MAX_ROWS
+    assert gate_up.gate_up_silu(x, wt.T.contiguous().T) is None          # a strided weight
+    assert gate_up.gate_up_silu(x.float() if dtype != torch.float32 else x.double(), wt) is None
+
 # tiles fit the shared memory they are given: fewer stages, then none (cuBLAS)
 for rows, d_in in ((64, 896), (128, 4864), (128, 8192)):
     big = splitk.TILES[min((k for k in splitk.TILES if k[0] == (rows <= 64) and splitk.TILES[k]),
@@ -226,7 +255,7 @@ print("kernels ok")
 DECODE = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from isokl_tl.engine.kernels import attn as attn_triton, block as block_triton, splitk
+from isokl_tl.engine.kernels import attn as attn_triton, block as block_triton, gate_up, splitk
 from isokl_tl.engine import ReferenceDecoder
 from isokl_tl.engine import FastDecoder
 from isokl_tl.engine import GraphDecoder
@@ -242,7 +271,7 @@ v = v / v.norm()
 def with_kernels(cls):
     def make(model, steering, capacity):
         dec = cls(model, steering, capacity)
-        dec.kernels, dec.splitk = block_triton, splitk      # what a CUDA device gets
+        dec.kernels, dec.splitk, dec.gated = block_triton, splitk, gate_up     # what a CUDA device gets
         if cls is GraphDecoder:
             dec.attention, dec.rotate_in_kernel, dec.rotate_in_attention = attn_triton, True, True
         return dec
@@ -252,22 +281,27 @@ def with_kernels(cls):
 fused = []                                            # the split-K projections' adds that ran
 _add_parts = splitk.add_parts_rms_norm
 splitk.add_parts_rms_norm = lambda *a: fused.append(a[0].shape[0]) or _add_parts(*a)
+hidden = []                                           # the fused gate/up + silu launches that ran
+_gate_up = gate_up.gate_up_silu
+gate_up.gate_up_silu = lambda *a: hidden.append(a[0].shape[0]) or _gate_up(*a)
 prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]        # unequal: left padding in the key mask
 kw = dict(direction=v, hook="blocks.1.hook_resid_post", window=10, eos=[])
 c = torch.tensor([3.0, 6.0])
 ref = rollout(model, prompts, c, decoder=ReferenceDecoder, **kw)
 for cls in (FastDecoder, GraphDecoder):
-    fused.clear()
+    fused.clear(), hidden.clear()
     got = rollout(model, prompts, c, decoder=with_kernels(cls), **kw)
     assert torch.equal(got.tokens, ref.tokens), (cls, got.tokens, ref.tokens)
     torch.testing.assert_close(got.kl, ref.kl, atol=1e-4, rtol=0)
     # both projections of every block in the prefill and the 9 steps, but two: block 0's MLP output
     # is where the base partners' rows join, and block 1's resid_post carries the steering
     assert len(fused) >= 10 * (2 * model.cfg.n_layers - 2), (cls, len(fused))
+    assert len(hidden) == 10 * model.cfg.n_layers, (cls, len(hidden))      # every block's MLP, every pass
 # a hook between a residual add and the norm after it switches that fusion off and fires; a hook on
 # the rotated queries makes q rotate apart from the attention kernel, and fires; so does one on the
-# MLP's hidden activations, which the split-K down projection then reads
-for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q", "blocks.3.mlp.hook_post",
+# MLP's hidden activations, which the split-K down projection then reads; one on the gate switches
+# the fused gate/up + silu off
+for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q", "blocks.3.mlp.hook_post", "blocks.1.mlp.hook_pre",
               "blocks.3.hook_resid_pre", "blocks.2.hook_mlp_out", "blocks.2.ln2.hook_normalized"):
     seen = []
     with model.hooks(fwd_hooks=[(point, lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):
@@ -293,7 +327,7 @@ print("decoders ok")
 
 def test_decoders_with_the_kernels_match_transformer_lens_in_the_interpreter():
     """The GPU path's kernels (add + RMSNorm, attention over the written slots, rotary + cache,
-    rotation inside the attention, silu-mul, the split-K projections summed by the add + RMSNorm)
+    rotation inside the attention, gate/up with silu-mul, the split-K projections summed by the add + RMSNorm)
     inside both fast decoders, on CPU through the interpreter, against TransformerLens; hooks on
     the tensors a fused kernel skips switch it off and fire."""
     pytest.importorskip("triton")

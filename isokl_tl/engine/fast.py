@@ -67,12 +67,13 @@ class FastDecoder(Sublayers, Decoder):
         self.linear = F.linear if packer is None else packer.linear
         self.kernels = None           # Triton kernels for element-wise work (`engine.kernels.block`)
         self.splitk = None            # narrow projections as split-K kernels (`engine.kernels.splitk`)
+        self.gated = None             # gate/up multiply with silu(gate) * up (`engine.kernels.gate_up`)
         if fuse and torch.device(cfg.device).type == "cuda" and triton_available():
-            from isokl_tl.engine.kernels import block, splitk
+            from isokl_tl.engine.kernels import block, gate_up, splitk
             self.kernels = block
-            # bf16, where its tiles were measured; bf16 tensor-core dots need compute capability 8.0
+            # bf16, where their tiles were measured; bf16 tensor-core dots need compute capability 8.0
             if cfg.dtype == torch.bfloat16 and torch.cuda.get_device_capability(cfg.device) >= (8, 0):
-                self.splitk = splitk
+                self.splitk, self.gated = splitk, gate_up
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
         self.cache = KVCache(capacity)

@@ -129,16 +129,22 @@ def mlp(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, 
     return linear(mlp_hidden(m, joined, x, kernels, linear), m.W_out.T.contiguous(), m.b_out)
 
 
-def mlp_hidden(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, linear=F.linear
-               ) -> Float[Tensor, "batch pos d_mlp"]:
-    """A gated MLP (`joined.gate_up` set) up to its down projection: `hook_post`'s output."""
-    gate, up = linear(x, joined.gate_up).chunk(2, dim=-1)
-    gate, up = m.hook_pre(gate), m.hook_pre_linear(up)
+def mlp_hidden(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels=None, linear=F.linear,
+               gated=None) -> Float[Tensor, "batch pos d_mlp"]:
+    """A gated MLP (`joined.gate_up` set) up to its down projection: `hook_post`'s output.
+    `gated` (`engine.kernels.gate_up`, on CUDA) computes silu(gate) * up inside the multiply, where
+    no hook reads gate or up; it returns None where it does not apply."""
     post = None
-    if kernels is not None and m.act_fn is F.silu:
-        post = kernels.silu_mul(gate, up)
+    if (gated is not None and m.act_fn is F.silu
+            and not (has_hook(m.hook_pre) or has_hook(m.hook_pre_linear))):
+        post = gated.gate_up_silu(x, joined.gate_up)
     if post is None:
-        post = m.act_fn(gate) * up
+        gate, up = linear(x, joined.gate_up).chunk(2, dim=-1)
+        gate, up = m.hook_pre(gate), m.hook_pre_linear(up)
+        if kernels is not None and m.act_fn is F.silu:
+            post = kernels.silu_mul(gate, up)
+        if post is None:
+            post = m.act_fn(gate) * up
     if joined.b_in is not None:
         post = post + joined.b_in
     return m.hook_post(post)

@@ -5,7 +5,8 @@ normalised input, with TransformerLens's hook points firing where they would in 
 Each fusion applies only where no hook could tell: joined projections (`engine.fusion`), a residual
 add with the RMSNorm after it in one Triton launch (`kernels.block.add_rms_norm`), and the
 attention output or MLP down projection summed into that launch from split-K pieces
-(`kernels.splitk.project_add_rms_norm`). `Sublayers` is a mixin: it reads the decoder's model,
+(`kernels.splitk.project_add_rms_norm`), and the gated MLP's silu(gate) * up inside its gate/up multiply
+(`kernels.gate_up`). `Sublayers` is a mixin: it reads the decoder's model,
 flags and kernels, which `FastDecoder.__init__` sets.
 """
 
@@ -16,7 +17,7 @@ from isokl_tl.engine import fusion
 
 class Sublayers:
     """A block's arithmetic around attention, for a decoder that sets `model`, `joined`, `norm`,
-    `linear`, `kernels`, `splitk`, `shared` and the architecture flags (`post_norm`, `head_norm`,
+    `linear`, `kernels`, `splitk`, `gated`, `shared` and the architecture flags (`post_norm`, `head_norm`,
     `sandwich`, `parallel`)."""
 
     def _qkv(self, i: int, resid: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -109,7 +110,7 @@ class Sublayers:
         if joined.gate_up is None:
             mlp_out = mlp(x)
         else:
-            hidden = fusion.mlp_hidden(mlp, joined, x, self.kernels, self.linear)
+            hidden = fusion.mlp_hidden(mlp, joined, x, self.kernels, self.linear, self.gated)
             done = not self.sandwich and self._project_add_norm(resid_mid, hidden, mlp.W_out.T, mlp.b_out,
                                                                 [block.hook_mlp_out] + hooks, ln)
             if done:

@@ -1,0 +1,116 @@
+"""A gated MLP's hidden layer, silu(x @ W_gate.T) * (x @ W_up.T), as one Triton kernel for a
+decode step's few rows.
+
+The fast decoders store the gate and input projections as one [2 d_mlp, d_model] weight
+(`engine.fusion.join`); cuBLAS multiplies it into a [rows, 2 d_mlp] result and a second launch
+(`kernels.block.silu_mul`) reads both halves back to write silu(gate) * up. Here each program
+multiplies the same columns of both halves (two accumulators) and writes their product, so the
+[rows, 2 d_mlp] intermediate is never stored and the step has one launch fewer per block.
+
+Rounding follows the unfused path: each projection's float32 sum is rounded to the model's dtype
+(as `F.linear` returns it), then the activation, then the product (as `silu_mul` rounds them).
+The sums run in another order than cuBLAS's, so gate or up can differ from `F.linear`'s in the
+last bit. The engine uses the kernel for bfloat16 models with at most `MAX_ROWS` rows where
+`TILES` was measured (`FastDecoder.__init__`); it also takes float32 (exact IEEE products), which
+the tests run through Triton's interpreter (TRITON_INTERPRET=1 before importing).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float
+from torch import Tensor
+
+from isokl_tl.engine.kernels.block import _round
+from isokl_tl.engine.kernels.splitk import INTERPRETED, MAX_ROWS, shared_memory
+
+
+@triton.jit
+def _gate_up_silu(x, w, out, M, N, K, x_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr, BF16: tl.constexpr):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_gate = w + rn[None, :].to(tl.int64) * K           # rows [0, N) of the joined weight
+    w_up = w + (N + rn[None, :]).to(tl.int64) * K        # rows [N, 2N)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x + rm[:, None].to(tl.int64) * x_stride + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        ok = (rn[None, :] < N) & (rk[:, None] < K)
+        bg = tl.load(w_gate + rk[:, None], mask=ok, other=0.0)
+        bu = tl.load(w_up + rk[:, None], mask=ok, other=0.0)
+        if WIDEN:                              # the interpreter: exact products of the bf16 inputs
+            a = a.to(tl.float32)
+            gate += tl.dot(a, bg.to(tl.float32), input_precision="ieee")
+            up += tl.dot(a, bu.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            gate += tl.dot(a, bg, input_precision="ieee")
+            up += tl.dot(a, bu, input_precision="ieee")
+        else:
+            gate += tl.dot(a, bg)
+            up += tl.dot(a, bu)
+    g, u = _round(gate, BF16), _round(up, BF16)          # the two projections as F.linear returns them
+    act = _round(g / (1.0 + tl.exp(-g)), BF16)           # then as `silu_mul` rounds
+    y = _round(act * u, BF16)
+    dst = out + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(dst, y.to(out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# (block_m, block_n, block_k, warps, stages) per (rows <= 64, d_model), from
+# `benchmarks/probe_gate_up.py` on an H200 (us per layer, against cuBLAS + `silu_mul`), or None
+# where cuBLAS was faster; any other shape takes the nearest d_model's.
+TILES = {
+    (True, 576): (64, 32, 64, 4, 4),
+    (False, 576): (128, 32, 64, 4, 4),
+    (True, 896): (64, 32, 64, 4, 4),
+    (False, 896): (128, 32, 64, 4, 4),
+    (True, 2048): (64, 32, 64, 4, 4),
+    (False, 2048): (128, 32, 64, 4, 4),
+}
+
+
+def tiles(rows: int, d_model: int, element_size: int = 2, device: torch.device | None = None
+          ) -> tuple[int, int, int, int, int] | None:
+    """The tiles for `rows` x `d_model` from `TILES`, with fewer pipeline stages where the
+    device's shared memory could not hold them; None for cuBLAS, or where two stages would not fit."""
+    small = rows <= 64
+    key = min((k for k in TILES if k[0] == small), key=lambda k: abs(k[1] - d_model))
+    config = TILES[key]
+    if config is None:
+        return None
+    block_m, block_n, block_k, warps, stages = config
+    room = shared_memory(device)
+    per_stage = (block_m + 2 * block_n) * block_k * element_size      # x's tile and two weight tiles
+    while stages > 2 and stages * per_stage > room:
+        stages -= 1
+    if stages * per_stage > room:
+        return None
+    return block_m, block_n, block_k, warps, stages
+
+
+def gate_up_silu(x: Float[Tensor, "*batch d_model"], w: Float[Tensor, "two_d_mlp d_model"],
+                 config: tuple[int, int, int, int, int] | None = None) -> Float[Tensor, "*batch d_mlp"] | None:
+    """silu(gate) * up with gate, up = F.linear(x, w).chunk(2, -1); or None (the caller then uses
+    cuBLAS and `silu_mul`) for more than `MAX_ROWS` rows, x and w not of one dtype, w not
+    contiguous, or a shape whose `tiles` are cuBLAS's. `config`: (block_m, block_n, block_k,
+    warps, stages), else `tiles`."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    if rows > MAX_ROWS or x.dtype != w.dtype or not w.is_contiguous() or w.shape[0] % 2:
+        return None
+    config = config or tiles(rows, k, w.element_size(), w.device)
+    if config is None:
+        return None
+    x2 = x.reshape(rows, k)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    n = w.shape[0] // 2
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k, warps, stages = config
+    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
+    _gate_up_silu[grid](x2, w, out, rows, n, k, x2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                        IEEE=x.dtype == torch.float32, WIDEN=INTERPRETED and x.dtype != torch.float32,
+                        BF16=x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)
