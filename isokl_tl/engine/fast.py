@@ -18,7 +18,9 @@ same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. Wha
   the element-wise middle of a block and the residual add + RMSNorm pairs are Triton kernels
   (`engine.kernels.block`), and so, for a step's few rows, are the attention output and down
   projections whose result that add reads (`engine.kernels.splitk`: pieces of a split-K multiply,
-  summed by the add + RMSNorm launch). That block arithmetic lives in `engine.sublayers`.
+  summed by the add + RMSNorm launch), and the gated MLP's gate/up multiply with silu(gate) * up
+  in its epilogue (`engine.kernels.gate_up`), where they beat cuBLAS. That block arithmetic lives
+  in `engine.sublayers`.
 
 So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
 `hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,

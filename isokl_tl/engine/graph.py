@@ -13,7 +13,8 @@ CUDA with Triton, rotary + KV-cache writes (inside the attention kernel unless `
 hooked: `kernels.attn.rotate_attend`), the MLP's silu(gate) * up and each residual add with the
 RMSNorm after it are Triton kernels too (`engine.kernels.block`), as are the attention output and
 down projections at the row counts where they beat cuBLAS (`engine.kernels.splitk`, whose
-pieces the add + RMSNorm after them sums), and the logits go straight into their buffer.
+pieces the add + RMSNorm after them sums), and so is the gate/up multiply with silu(gate) * up
+(`engine.kernels.gate_up`); the logits go straight into their buffer.
 
 Everything the step reads that a caller may change (the tokens, the steering coefficients
 `Steering.coeff`, updated in place, the mask) lives in tensors the graph was captured with.
