@@ -176,6 +176,18 @@ for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
         else:
             assert splitk.TILES[key] is None or 2 * sum(splitk.TILES[key][:2]) * splitk.TILES[key][2] * size > room
 splitk.shared_memory = original
+import isokl_tl.engine.kernels.gate_up as gate_up
+original = gate_up.shared_memory
+for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
+    gate_up.shared_memory = lambda device, room=room: room
+    for key, config in gate_up.TILES.items():
+        got = gate_up.tiles(64 if key[0] else 128, key[1], size)
+        if got is not None:                   # x's tile and two weight tiles per stage
+            bm, bn, bk, _, stages = got
+            assert 2 <= stages and stages * (bm + 2 * bn) * bk * size <= room, (key, got, room)
+        else:
+            assert config is None or 2 * (config[0] + 2 * config[1]) * config[2] * size > room, (key, room)
+gate_up.shared_memory = original
 
 # decode attention over the used part of a static cache, against SDPA over all of it
 import isokl_tl.engine.kernels.attn as attn_triton
