@@ -159,6 +159,12 @@ for dtype in (torch.float32, torch.bfloat16):
     assert gate_up.gate_up_silu(x[:1].expand(200, -1), wt) is None            # more rows than MAX_ROWS
     assert gate_up.gate_up_silu(x, wt.T.contiguous().T) is None          # a strided weight
     assert gate_up.gate_up_silu(x.float() if dtype != torch.float32 else x.double(), wt) is None
+    assert gate_up.gate_up_silu(x.half(), wt.half()) is None                # float16: not taken
+    try:
+        gate_up.gate_up_silu(x[:, :32], wt)
+        raise AssertionError("a weight of another width was taken")
+    except ValueError:
+        pass
 
 # tiles fit the shared memory they are given: fewer stages, then none (cuBLAS)
 for rows, d_in in ((64, 896), (128, 4864), (128, 8192)):
@@ -182,12 +188,14 @@ for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
     gate_up.shared_memory = lambda device, room=room: room
     for key, config in gate_up.TILES.items():
         got = gate_up.tiles(64 if key[0] else 128, key[1], size)
-        if got is not None:                   # x's tile and two weight tiles per stage
+        if got is not None:                   # x's tile and two weight tiles per stage: as many as fit
             bm, bn, bk, _, stages = got
-            assert 2 <= stages and stages * (bm + 2 * bn) * bk * size <= room, (key, got, room)
+            per_stage = (bm + 2 * bn) * bk * size
+            assert got[:4] == config[:4] and stages == min(config[4], room // per_stage), (key, got, room)
         else:
             assert config is None or 2 * (config[0] + 2 * config[1]) * config[2] * size > room, (key, room)
 gate_up.shared_memory = original
+assert gate_up.tiles(128, 896) is None and gate_up.tiles(64, 896) == gate_up.TILES[(True, 896)]   # cuBLAS there
 
 # decode attention over the used part of a static cache, against SDPA over all of it
 import isokl_tl.engine.kernels.attn as attn_triton
@@ -296,7 +304,16 @@ splitk.add_parts_rms_norm = lambda *a: fused.append(a[0].shape[0]) or _add_parts
 hidden = []                                           # the fused gate/up + silu launches that ran
 gate_up.TILES = {(True, 64): (64, 32, 64, 4, 3), (False, 64): (64, 32, 64, 4, 3)}   # the tiny model's, whatever the H200's are
 _gate_up = gate_up.gate_up_silu
-gate_up.gate_up_silu = lambda *a: hidden.append(a[0].shape[0]) or _gate_up(*a)
+
+
+def _counted(*a):
+    out = _gate_up(*a)
+    if out is not None:                               # a fallback to cuBLAS does not count
+        hidden.append(a[0].shape[0])
+    return out
+
+
+gate_up.gate_up_silu = _counted
 prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]        # unequal: left padding in the key mask
 kw = dict(direction=v, hook="blocks.1.hook_resid_post", window=10, eos=[])
 c = torch.tensor([3.0, 6.0])
@@ -315,6 +332,7 @@ for cls in (FastDecoder, GraphDecoder):
 # MLP's hidden activations, which the split-K down projection then reads; one on the gate switches
 # the fused gate/up + silu off
 for point in ("blocks.2.hook_resid_mid", "blocks.0.attn.hook_rot_q", "blocks.3.mlp.hook_post", "blocks.1.mlp.hook_pre",
+              "blocks.2.mlp.hook_pre_linear",
               "blocks.3.hook_resid_pre", "blocks.2.hook_mlp_out", "blocks.2.ln2.hook_normalized"):
     seen = []
     with model.hooks(fwd_hooks=[(point, lambda t, hook: seen.append(t.shape[0]) or t * 1.5)]):

@@ -107,7 +107,9 @@ def test_adopt_copies_into_the_captured_steering_and_refuses_a_mismatch(tiny, ti
 
 def test_a_new_batch_shape_warms_up_again_before_any_capture(tiny):
     """A decoder given another batch shape drops its graph, and its next step runs eagerly again
-    (compiling what the new row counts need) before a graph is captured."""
+    (compiling what the new row counts need) before a graph is captured. (On CPU no graph is
+    captured, so any prefill drops it; on the GPU a kept graph of the same shape is kept warm,
+    which `bench_gpu.py`'s kept-decoder check exercises.)"""
     dec = GraphDecoder(tiny, None, 32)
     tokens = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
     dec.prefill(tokens, torch.ones_like(tokens))

@@ -9,7 +9,9 @@ helpers instead, wherever no hook could tell the difference:
   one. `relayout_for_decode` stores each group as consecutive rows of one block of memory, so
   TransformerLens's parameters are views of it (`joined_rows` finds the block; no copy, and
   TransformerLens's own forward is unchanged bit for bit). `hook_q/k/v`, `hook_pre`,
-  `hook_pre_linear` and `hook_post` still fire, on views of the joined result;
+  `hook_pre_linear` and `hook_post` still fire, on views of the joined result (where `hook_pre`
+  and `hook_pre_linear` carry nothing, the GPU's `kernels.gate_up` may skip that result: nothing
+  could see it);
 - `norm` is one `torch.rms_norm` call (one kernel on GPU) when the norm's `hook_scale` carries no
   hook; `hook_normalized` still fires when it carries one;
 - `rotate_qk` turns Q and K with one set of operations when they are still adjacent views of the

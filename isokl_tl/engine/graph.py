@@ -14,7 +14,7 @@ hooked: `kernels.attn.rotate_attend`), the MLP's silu(gate) * up and each residu
 RMSNorm after it are Triton kernels too (`engine.kernels.block`), as are the attention output and
 down projections at the row counts where they beat cuBLAS (`engine.kernels.splitk`, whose
 pieces the add + RMSNorm after them sums), and so is the gate/up multiply with silu(gate) * up
-(`engine.kernels.gate_up`); the logits go straight into their buffer.
+(`engine.kernels.gate_up`) where it beats cuBLAS; the logits go straight into their buffer.
 
 Everything the step reads that a caller may change (the tokens, the steering coefficients
 `Steering.coeff`, updated in place, the mask) lives in tensors the graph was captured with.
@@ -110,8 +110,8 @@ class GraphDecoder(FastDecoder):
             self.pos_ids = torch.empty(tokens.shape[0], dtype=torch.long, device=dev)
             self.write_at = torch.empty(1, dtype=torch.long, device=dev)
             self.logits = torch.empty_like(logits)         # the latest logits, in a fixed buffer
-            # a new shape: the next step runs eagerly again, so kernels compiled for its row
-            # counts (split-K's tiles are per row class) compile before any capture
+            # no graph kept (a new shape, or none captured): the next step runs eagerly first, so
+            # kernels for its row counts (split-K's tiles are per row class) compile before any capture
             self.graph, self.captured, self.warmed = None, None, False
         self.forks = {}                # fork graphs serve one rollout (they read its steering's tensors)
         # in place: a kept graph reads these very tensors

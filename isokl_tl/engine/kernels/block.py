@@ -28,11 +28,12 @@ from torch import Tensor
 def _round(x, BF16: tl.constexpr):
     """float32 x rounded as PyTorch stores an element-wise result in the model's dtype, kept in
     float32. For bfloat16 the rounding (to nearest, ties to even) is spelled out on the bits, so no
-    compiler pass can drop it and Triton's CPU interpreter (which truncates) rounds the same way."""
+    compiler pass can drop it and Triton's CPU interpreter (which truncates) rounds the same way;
+    NaN stays NaN (on the bits, some NaNs would carry into the sign and come out as zeros)."""
     if BF16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x
 
 

@@ -11,8 +11,8 @@ Rounding follows the unfused path: each projection's float32 sum is rounded to t
 (as `F.linear` returns it), then the activation, then the product (as `silu_mul` rounds them).
 The sums run in another order than cuBLAS's, so gate or up can differ from `F.linear`'s in the
 last bit. The engine uses the kernel for bfloat16 models with at most `MAX_ROWS` rows where
-`TILES` was measured (`FastDecoder.__init__`); it also takes float32 (exact IEEE products), which
-the tests run through Triton's interpreter (TRITON_INTERPRET=1 before importing).
+`TILES` was measured (`FastDecoder.__init__`); it also takes float32 (IEEE float32 products, not
+TF32), which the tests run through Triton's interpreter (TRITON_INTERPRET=1 before importing).
 """
 
 import torch
@@ -94,13 +94,16 @@ def tiles(rows: int, d_model: int, element_size: int = 2, device: torch.device |
 def gate_up_silu(x: Float[Tensor, "*batch d_model"], w: Float[Tensor, "two_d_mlp d_model"],
                  config: tuple[int, int, int, int, int] | None = None) -> Float[Tensor, "*batch d_mlp"] | None:
     """silu(gate) * up with gate, up = F.linear(x, w).chunk(2, -1); or None (the caller then uses
-    cuBLAS and `silu_mul`) for more than `MAX_ROWS` rows, x and w not of one dtype, w not
-    contiguous, or a shape whose `tiles` are cuBLAS's. `config`: (block_m, block_n, block_k,
+    cuBLAS and `silu_mul`) for more than `MAX_ROWS` rows, x and w not both bfloat16 or both
+    float32 on one device, w not contiguous, or a shape whose `tiles` are cuBLAS's. `config`: (block_m, block_n, block_k,
     warps, stages), else `tiles`."""
     k = x.shape[-1]
     rows = x.numel() // k
-    if rows > MAX_ROWS or x.dtype != w.dtype or not w.is_contiguous() or w.shape[0] % 2:
+    if (rows > MAX_ROWS or x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float32)
+            or x.device != w.device or not w.is_contiguous() or w.shape[0] % 2):
         return None
+    if w.shape[1] != k:
+        raise ValueError(f"gate_up_silu: x has {k} features, the weight {w.shape[1]}")
     config = config or tiles(rows, k, w.element_size(), w.device)
     if config is None:
         return None
