@@ -14,7 +14,6 @@ without the kernel, alternating); with `--use-best`, under the best tiles the gr
     python benchmarks/probe_gate_up.py [--shape qwen2.5-0.5b] [--rows 64 128] [--top 5] [--step [--use-best]]
 """
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_blas import graph_time  # noqa: E402
-from probe_splitk import step  # noqa: E402
+from probe_splitk import probe_args, step  # noqa: E402
 
 from isokl_tl.engine.kernels import block, gate_up  # noqa: E402
 from isokl_tl.models.checkpoints import SHAPES  # noqa: E402
@@ -37,17 +36,7 @@ def grid(rows: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES))
-    ap.add_argument("--rows", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--top", type=int, default=5)
-    ap.add_argument("--step", action="store_true")
-    ap.add_argument("--use-best", action="store_true")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--work", default="/tmp/isokl_probe_gate_up")
-    a = ap.parse_args()
+    a = probe_args("/tmp/isokl_probe_gate_up")
     best = {}
     shape = SHAPES[a.shape]
     d, d_mlp, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]

@@ -40,7 +40,8 @@ def grid(rows: int, d_in: int):
             yield bm, bn, bk, split, warps, 4
 
 
-def main() -> None:
+def probe_args(work: str) -> argparse.Namespace:
+    """The options a kernel probe takes (this one's and `probe_gate_up.py`'s)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES))
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 128])
@@ -50,8 +51,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--work", default="/tmp/isokl_probe_splitk")
-    a = ap.parse_args()
+    ap.add_argument("--work", default=work)
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = probe_args("/tmp/isokl_probe_splitk")
     best = {}
     shape = SHAPES[a.shape]
     d, layers = shape["hidden_size"], shape["num_hidden_layers"]
