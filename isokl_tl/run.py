@@ -42,7 +42,7 @@ from isokl_tl.prompts import known_answers, load_pairs, load_prompts
 from isokl_tl.rollout import Rollouts, rollout
 from isokl_tl.sweep import sweep_rows
 from isokl_tl.survival import SurvivalTable, deaths, survival_table, threshold_sweep
-from isokl_tl.tokens import chunks, prompt_ids
+from isokl_tl.tokens import batch_decoder, chunks, prompt_ids
 from isokl_tl.vectors import run_vector, source_changed
 
 PMASS_ROWS_PER_PART = 16
@@ -250,7 +250,7 @@ class Run:
             rule = self.cfg.death_rule()
             by_pmass = deaths(pm.frame, rule)
             r = self.rollout()
-            signals, recorded = rollout_signals(r, self.model.tokenizer.batch_decode)
+            signals, recorded = rollout_signals(r, batch_decoder(self.model.tokenizer))
             flips = flip_deaths(pm.frame, known_answers(self.cfg.prompts)[: self.cfg.n_prompts])
             by_signal = deaths_by_signal(signals, by_pmass, self.cfg.coherence_thresholds(), flips,
                                          text_signals=recorded)

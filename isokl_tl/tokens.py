@@ -1,6 +1,8 @@
 """Token ids: turns rendered through the model's own chat template (or, for a base model, a plain
 question/answer text), end-of-turn ids, and left-padded batches of token sequences."""
 
+from collections.abc import Callable
+
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -40,6 +42,27 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
 
 def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return _ids(tokenizer(text, add_special_tokens=False))
+
+
+# where transformers itself defines the decoding methods: a tokenizer whose methods all come from
+# these decodes nothing in Python of its own
+_LIBRARY_DECODING = ("transformers.tokenization_utils_base", "transformers.tokenization_utils_tokenizers",
+                     "transformers.tokenization_utils_fast")
+
+
+def batch_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[list[int]]], list[str]]:
+    """A function from lists of ids to their texts, the texts `tokenizer.batch_decode` gives
+    (special tokens kept). Where that is all batch_decode does (a tokenizer backed by the Rust
+    `tokenizers` library that does not clean up spaces and decodes nothing in Python of its own),
+    the Rust tokenizer decodes the whole batch in one call: transformers first checks the type
+    of every id in Python, which was most of the time the coherence signals spent decoding
+    (the headline cell's 30,784 windows of 32 tokens: 0.57 s against 0.11 s on a 2-core CPU)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    methods = [getattr(type(tokenizer), name, None) for name in ("batch_decode", "decode", "_decode")]
+    if (backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True)
+            or any(getattr(m, "__module__", None) not in _LIBRARY_DECODING for m in methods)):
+        return tokenizer.batch_decode
+    return lambda seqs: backend.decode_batch(seqs, skip_special_tokens=False)
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase | None) -> list[int]:

@@ -236,3 +236,38 @@ def test_the_unsteered_distribution_is_stated_next_to_each_threshold():
     assert len(warnings) == 1 and "surprisal threshold (3 >= 2)" in warnings[0]
     text = unsteered_markdown(levels.reset_index(), thresholds)
     assert "repetition 0.25 / 0.495 / 0.5 (threshold 0.9)" in text and "**Warning**: unsteered rollouts reach the surprisal" in text
+
+
+@pytest.mark.parametrize("name", ["tiny", "smol"])
+def test_batch_decoder_gives_the_texts_batch_decode_gives(name, request):
+    from isokl_tl.tokens import batch_decoder
+
+    tok = request.getfixturevalue(name).tokenizer
+    fast = batch_decoder(tok)
+    assert fast != tok.batch_decode                       # these tokenizers take the one-call path
+    gen = np.random.default_rng(0)
+    emoji = tok("🙂 café, naïve 😀😀 — fin", add_special_tokens=False)["input_ids"]
+    special = [i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None]
+    windows = [gen.integers(0, len(tok), 32).tolist() for _ in range(200)]
+    windows += [emoji, emoji[1:], emoji[:-1], special + emoji + special, special, []]
+    windows += [emoji[i:i + 3] for i in range(len(emoji))]         # characters split across windows
+    assert fast(windows) == tok.batch_decode(windows)
+
+
+def test_batch_decoder_keeps_batch_decode_where_python_decodes():
+    from transformers import PreTrainedTokenizerFast
+
+    from isokl_tl.models.tiny import tiny_tokenizer
+    from isokl_tl.tokens import batch_decoder
+
+    base = tiny_tokenizer()
+    cleans = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, clean_up_tokenization_spaces=True)
+    assert batch_decoder(cleans) == cleans.batch_decode
+
+    class Shouting(PreTrainedTokenizerFast):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    loud = Shouting(tokenizer_object=base.backend_tokenizer)
+    assert batch_decoder(loud) == loud.batch_decode
+    assert batch_decoder(loud)([[5, 6, 7]]) == loud.batch_decode([[5, 6, 7]])
