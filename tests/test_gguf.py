@@ -2,6 +2,8 @@
 converter writes them: its names, Q/K permutation, Gemma's 1 + w norms, Q8_0 matrices) load and
 match `transformers`' own GGUF loader, and decode on the fast path."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,14 @@ def test_a_gguf_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch
     again = load_model(str(path), dtype="bfloat16")
     assert again.cfg.dtype == torch.bfloat16 and again.cfg.original_architecture == "Qwen2ForCausalLM"
     assert torch.equal(again.W_U, first.W_U.bfloat16())
+    # the bfloat16 copy written then is what the next bfloat16 load reads, and it holds the cast values
+    opened = []
+    real = loading.safe_open
+    monkeypatch.setattr(loading, "safe_open", lambda f, **k: opened.append(Path(f).name) or real(f, **k))
+    third = load_model(str(path), dtype="bfloat16")
+    assert opened == ["weights.bfloat16.safetensors"]
+    ours, cast = third.state_dict(), first.state_dict()
+    assert all(torch.equal(ours[k], cast[k].bfloat16()) for k in cast if cast[k].is_floating_point())
 
 
 def test_unsupported_gguf_files_say_why(tmp_path):

