@@ -90,7 +90,8 @@ def compression(texts: Sequence[str]) -> np.ndarray:
 
 def trailing_windows(ids: Sequence[int], k: int = COMPRESSION_WINDOW) -> list[list[int]]:
     """The last `k` ids at each position from the `k`-th on."""
-    return [list(ids[t - k + 1:t + 1]) for t in range(k - 1, len(ids))]
+    ids = ids if isinstance(ids, list) else list(ids)     # slices of a list are lists already
+    return [ids[t - k + 1:t + 1] for t in range(k - 1, len(ids))]
 
 
 def surprisal(base_logprob: Float[np.ndarray, " t"], *, k: int = SURPRISAL_WINDOW) -> Float[np.ndarray, " t"]:
