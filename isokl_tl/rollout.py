@@ -108,23 +108,26 @@ class Rollouts:
                         acts=acts)
 
     # --- persistence -------------------------------------------------------------------------
-    def save(self, run_dir: str | Path, tokenizer=None) -> None:
+    def save(self, run_dir: str | Path, tokenizer=None, *, long_format: bool = True) -> None:
+        """The tensors, any activations and, last, the metadata (a sweep's part counts as
+        complete once that exists: `Run.rollout`); `long_format` also writes `rollouts.csv`, and
+        a tokenizer each row's text (`texts.jsonl`)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.__dict__.items() if torch.is_tensor(v)}
         tensors["base_agree"] = tensors["base_agree"].to(torch.uint8)
         tensors["eos"] = tensors["eos"].to(torch.uint8)
         write_atomic(run_dir / ROLLOUTS, lambda p: save_file(tensors, str(p)))
-        meta = {"hook": self.hook, "method": self.method, "start": self.start}
-        write_json(run_dir / ROLLOUTS_META, meta)
-        write_csv(run_dir / ROLLOUTS_CSV, self.to_frame())
         if self.acts is not None:
             self.acts.save(run_dir)
         else:                                    # no stale recording from an earlier run
             (run_dir / ACTIVATIONS).unlink(missing_ok=True)
+        if long_format:
+            write_csv(run_dir / ROLLOUTS_CSV, self.to_frame())
         if tokenizer is not None:
             lines = [json.dumps(r) for r in self.texts(tokenizer)]
             write_atomic(run_dir / TEXTS, lambda p: p.write_text("\n".join(lines) + "\n"))
+        write_json(run_dir / ROLLOUTS_META, {"hook": self.hook, "method": self.method, "start": self.start})
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Rollouts":

@@ -208,7 +208,8 @@ class Run:
                                    forks=reader, progress=self.progress)
                     if reader is not None:
                         save_reads(reader.result(done), part, pmass_key)
-                    done.save(part)                       # its metadata last: the part is complete
+                    # its metadata marks the part complete; the CSV waits for the whole sweep
+                    done.save(part, long_format=False)
                     fault_point("rollout", i)
                 parts.append(Rollouts.load(part))
                 forked.append(load_reads(part, pmass_key, sl.start))     # None: read under other settings

@@ -98,6 +98,9 @@ def test_save_load_round_trip(tmp_path, tiny, tiny_direction):
             assert v == getattr(back, k)
     frame = pd.read_csv(tmp_path / "rollouts.csv")
     assert len(frame) == int(r.gen_len.sum()) and {"kl", "token", "alpha", "t"} <= set(frame.columns)
+    r.save(tmp_path / "part", long_format=False)          # a sweep's part: no CSV, the same tensors
+    assert not (tmp_path / "part" / "rollouts.csv").exists()
+    assert torch.equal(Rollouts.load(tmp_path / "part").tokens, r.tokens)
 
 
 def test_bad_window_and_context(tiny, tiny_direction):
