@@ -69,10 +69,15 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
     """Token ids that end an assistant turn (the tokenizer's EOS and the template's end marker)."""
     if tokenizer is None:
         return []
-    vocab = tokenizer.get_vocab()
+    markers = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:                 # one lookup each (get_vocab builds the whole vocabulary)
+        found = [backend.token_to_id(m) for m in markers]
+    else:
+        vocab = tokenizer.get_vocab()
+        found = [vocab.get(m) for m in markers]
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    ids |= {vocab[m] for m in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>") if m in vocab}
-    return sorted(ids)
+    return sorted(ids | {i for i in found if i is not None})
 
 def left_pad(seqs: list[list[int]], pad_id: int, device: str | torch.device = "cpu"
              ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:

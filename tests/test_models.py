@@ -138,3 +138,20 @@ def test_model_identity_tells_checkpoints_apart():
     with torch.no_grad():
         b.blocks[1].mlp.W_in.mul_(1.001)
     assert model_identity(a)["weights_sha256"] != model_identity(b)["weights_sha256"]
+
+
+def test_end_of_turn_ids_are_the_eos_and_the_markers_the_vocabulary_holds(smol, tiny):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from isokl_tl.models.tiny import tiny_tokenizer
+
+    for tok in (smol.tokenizer, tiny.tokenizer):
+        vocab = tok.get_vocab()
+        markers = {vocab[m] for m in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>") if m in vocab}
+        assert eos_ids(tok) == sorted(markers | {tok.eos_token_id}) and len(markers) >= 2
+    # a marker added to the vocabulary later is found too
+    own = Tokenizer.from_str(tiny_tokenizer().backend_tokenizer.to_str())      # not the shared one
+    tok = PreTrainedTokenizerFast(tokenizer_object=own, eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    assert tok.convert_tokens_to_ids("<end_of_turn>") in eos_ids(tok)
