@@ -171,9 +171,10 @@ for rows, d_in in ((64, 896), (128, 4864), (128, 8192)):
     big = splitk.TILES[min((k for k in splitk.TILES if k[0] == (rows <= 64) and splitk.TILES[k]),
                            key=lambda k: abs(k[1] - d_in))]
     assert splitk.tiles(rows, d_in) in (big, None)
-original = splitk.shared_memory
+import isokl_tl.engine.kernels.tiling as tiling
+original = tiling.shared_memory
 for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
-    splitk.shared_memory = lambda device, room=room: room
+    tiling.shared_memory = lambda device, room=room: room
     for key in splitk.TILES:
         got = splitk.tiles(64 if key[0] else 128, key[1], size)
         if got is not None:
@@ -181,11 +182,9 @@ for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
             assert 2 <= stages and stages * (bm + bn) * bk * size <= room, (key, got, room)
         else:
             assert splitk.TILES[key] is None or 2 * sum(splitk.TILES[key][:2]) * splitk.TILES[key][2] * size > room
-splitk.shared_memory = original
 import isokl_tl.engine.kernels.gate_up as gate_up
-original = gate_up.shared_memory
 for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
-    gate_up.shared_memory = lambda device, room=room: room
+    tiling.shared_memory = lambda device, room=room: room
     for key, config in gate_up.TILES.items():
         got = gate_up.tiles(64 if key[0] else 128, key[1], size)
         if got is not None:                   # x's tile and two weight tiles per stage: as many as fit
@@ -194,7 +193,7 @@ for room, size in ((100 * 1024, 2), (100 * 1024, 4), (20 * 1024, 4)):
             assert got[:4] == config[:4] and stages == min(config[4], room // per_stage), (key, got, room)
         else:
             assert config is None or 2 * (config[0] + 2 * config[1]) * config[2] * size > room, (key, room)
-gate_up.shared_memory = original
+tiling.shared_memory = original
 assert gate_up.tiles(128, 896) is None and gate_up.tiles(64, 896) == gate_up.TILES[(True, 896)]   # cuBLAS there
 
 # decode attention over the used part of a static cache, against SDPA over all of it

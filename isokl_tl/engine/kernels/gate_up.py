@@ -22,7 +22,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from isokl_tl.engine.kernels.block import _round
-from isokl_tl.engine.kernels.splitk import INTERPRETED, MAX_ROWS, shared_memory
+from isokl_tl.engine.kernels.splitk import INTERPRETED, MAX_ROWS
+from isokl_tl.engine.kernels.tiling import fit_stages, nearest
 
 
 @triton.jit
@@ -74,21 +75,14 @@ TILES = {
 
 def tiles(rows: int, d_model: int, element_size: int = 2, device: torch.device | None = None
           ) -> tuple[int, int, int, int, int] | None:
-    """The tiles for `rows` x `d_model` from `TILES`, with fewer pipeline stages where the
-    device's shared memory could not hold them; None for cuBLAS, or where two stages would not fit."""
-    small = rows <= 64
-    key = min((k for k in TILES if k[0] == small), key=lambda k: abs(k[1] - d_model))
-    config = TILES[key]
+    """The tiles for `rows` x `d_model` from `TILES`, with as many stages as `device` holds
+    (`tiling.fit_stages`); None for cuBLAS, or where two stages would not fit."""
+    config = nearest(TILES, rows, d_model)
     if config is None:
         return None
     block_m, block_n, block_k, warps, stages = config
-    room = shared_memory(device)
-    per_stage = (block_m + 2 * block_n) * block_k * element_size      # x's tile and two weight tiles
-    while stages > 2 and stages * per_stage > room:
-        stages -= 1
-    if stages * per_stage > room:
-        return None
-    return block_m, block_n, block_k, warps, stages
+    stages = fit_stages(stages, (block_m + 2 * block_n) * block_k * element_size, device)   # x's tile, two w's
+    return None if stages is None else (block_m, block_n, block_k, warps, stages)
 
 
 def gate_up_silu(x: Float[Tensor, "*batch d_model"], w: Float[Tensor, "two_d_mlp d_model"],

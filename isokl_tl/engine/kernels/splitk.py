@@ -18,7 +18,6 @@ kernels also take float32 (exact IEEE products, not TF32), which the tests run. 
 TRITON_INTERPRET=1 before importing to run them on CPU tensors.
 """
 
-import functools
 import os
 
 import torch
@@ -28,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from isokl_tl.engine.kernels.block import _add_then_norm, _round
+from isokl_tl.engine.kernels.tiling import fit_stages, nearest
 
 MAX_ROWS = 128        # the most rows `project_add_rms_norm` takes (decode steps: where `TILES` was measured)
 
@@ -82,34 +82,14 @@ TILES = {
 
 def tiles(rows: int, d_in: int, element_size: int = 2, device: torch.device | None = None
           ) -> tuple[int, int, int, int, int, int] | None:
-    """The tiles for `rows` x `d_in` from `TILES`, with fewer pipeline stages where the device's
-    shared memory could not hold them (float32, or a GPU with less of it than an H200); None for
-    cuBLAS, or where even two stages would not fit."""
-    small = rows <= 64
-    key = min((k for k in TILES if k[0] == small), key=lambda k: abs(k[1] - d_in))
-    config = TILES[key]
+    """The tiles for `rows` x `d_in` from `TILES`, with as many stages as `device` holds
+    (`tiling.fit_stages`); None for cuBLAS, or where even two stages would not fit."""
+    config = nearest(TILES, rows, d_in)
     if config is None:
         return None
     block_m, block_n, block_k, split, warps, stages = config
-    room = shared_memory(device)
-    while stages > 2 and stages * (block_m + block_n) * block_k * element_size > room:
-        stages -= 1                            # an upper bound of what the pipelined loads hold
-    if stages * (block_m + block_n) * block_k * element_size > room:
-        return None
-    return block_m, block_n, block_k, split, warps, stages
-
-
-@functools.cache
-def _shared_memory(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
-
-
-def shared_memory(device: torch.device | None) -> int:
-    """Bytes of shared memory a kernel may use on `device` (no limit off CUDA: the interpreter)."""
-    if device is None or device.type != "cuda":
-        return 1 << 40
-    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    stages = fit_stages(stages, (block_m + block_n) * block_k * element_size, device)     # x's tile, w's
+    return None if stages is None else (block_m, block_n, block_k, split, warps, stages)
 
 
 def project_add_rms_norm(a: Float[Tensor, "*batch d"], x: Float[Tensor, "*batch d_in"], w: Float[Tensor, "d d_in"],
