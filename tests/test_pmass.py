@@ -127,6 +127,56 @@ def test_forks_read_while_decoding_equal_the_reference(tiny, tiny_direction, dec
     torch.testing.assert_close(plain.kl, r.kl, atol=1e-5, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("generated_only,method", [(False, "add"), (True, "add"), (False, "ablate")])
+def test_a_fork_before_the_first_step_runs_each_prompt_once_below_the_site(tiny, tiny_direction, generated_only,
+                                                                           method):
+    """A sweep repeats each prompt at every alpha: at the first generated token their caches are
+    still the prompt's, so the fast decoder's fork runs the blocks below the steering site once per
+    prompt (and above it once per prompt and coefficient), as its prefill does. The same pmass as the
+    reference fork_pmass and as forks that run every row."""
+    from isokl_tl.engine import FastDecoder
+    from isokl_tl.pmass import ForkReader
+    import isokl_tl.engine.fast as fast
+
+    prompts = [prompt_ids(tiny.tokenizer, p) for p in load_prompts("eval")[:2]]
+    rows, coeffs = prompts * 4, torch.tensor([0.0, 0.0, 3.0, 3.0, 6.0, 6.0, 3.0, 3.0])    # a repeat at 3.0 too
+    splice, forks = Splice(mode="interrupt"), fork_schedule(6, every=3)
+    shared = []
+    real = fast.distinct_rows
+
+    def counted(tokens, mask, steering, site_block, lower_rows, until=None):
+        d = real(tokens, mask, steering, site_block, lower_rows, until)
+        shared.append((until is not None, None if d is None else (len(d.below), len(d.above))))
+        return d
+
+    def read(spy):
+        reader = ForkReader(tiny, forks, splice)
+        if spy:
+            fast.distinct_rows = counted
+        try:
+            r = rollout(tiny, rows, coeffs, direction=tiny_direction.vector, hook=HOOK, window=6, eos=[],
+                        method=method, generated_only=generated_only, decoder=FastDecoder, forks=reader)
+        finally:
+            fast.distinct_rows = real
+        return r, reader.result(r).frame
+
+    r, got = read(spy=True)
+    assert (True, (2, 6)) in shared          # the fork at 0: 2 prompts below the site, 6 (prompt, coeff) above
+    assert [u for u, _ in shared].count(True) == 1             # only the fork before the first step
+    ref = fork_pmass(tiny, r, tiny_direction.vector, forks, splice).frame
+    assert list(got.argmax) == list(ref.argmax) and (got.pmass - ref.pmass).abs().max() < 1e-5
+    # forks that run every row
+    original = FastDecoder._distinct
+    FastDecoder._distinct = lambda self, tokens, mask, until=None: (
+        None if until is not None else original(self, tokens, mask))
+    try:
+        _, every = read(spy=False)
+    finally:
+        FastDecoder._distinct = original
+    for col in ("pmass", "p_true"):
+        assert (got[col] - every[col]).abs().max() < 1e-5, col
+
+
 def _marked_splice(model, r):
     """An inline splice whose thinking markers are two tokens that row 0 of `r` generates, the
     opening one before the closing one, so that its forks fall both inside and outside a block."""

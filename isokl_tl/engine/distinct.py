@@ -6,7 +6,8 @@ rows repeat: a sweep repeats every prompt at every alpha, and every base partner
 prompt at coefficient 0, so rows compute the same numbers below the first steered block whenever
 their prompts are equal, and from it on when their steering coefficients are equal too
 (`Distinct`). `FastDecoder` runs each block once per distinct row and copies the keys and values
-to every row that repeats it.
+to every row that repeats it; so does a fork right after the prefill (a fork at the first
+generated token), whose rows' caches are then still their prompts'.
 """
 
 from collections.abc import Iterator
@@ -48,14 +49,18 @@ def first_of_each(key: Int[Tensor, "row k"]) -> tuple[Tensor, Tensor]:
 
 
 def distinct_rows(tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"],
-                  steering: Steering | SteeringGroup | None, site_block: int, lower_rows: int) -> Distinct | None:
+                  steering: Steering | SteeringGroup | None, site_block: int, lower_rows: int,
+                  until: int | None = None) -> Distinct | None:
     """The distinct rows of a prefill of `tokens` (`mask`), steered by `steering` from block
     `site_block` on, whose blocks below it would run on the first `lower_rows` rows; None where
-    no row repeats another. Coefficients count only where they act at prefill (not for steering
-    that starts at a later position)."""
+    no row repeats another. Coefficients count only where they act on the positions before
+    `until` (default: the prefill's own; not for steering that starts later). A fork right after
+    the prefill (`FastDecoder.fork`) runs the same rows alike below the site, its positions after
+    the prompt's."""
     prompt = torch.cat([tokens, mask], 1)
+    until = tokens.shape[1] if until is None else until
     coeffs = [h.coeff.float().view(torch.int32).long()[:, None] for h in handles(steering)
-              if torch.is_tensor(h.coeff) and h.start < tokens.shape[1]]
+              if torch.is_tensor(h.coeff) and h.start < until]
     below, low = first_of_each(prompt)
     above, high = first_of_each(torch.cat([prompt, *coeffs], 1))
     if len(above) == len(tokens) and (site_block == 0 or len(below) == lower_rows):

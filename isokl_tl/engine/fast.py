@@ -80,6 +80,7 @@ class FastDecoder(Sublayers, Decoder):
         self.scale = 1.0 / (model.blocks[0].attn.attn_scale if cfg.use_attn_scale else 1.0)
         self.cache = KVCache(capacity)
         self.reused = False            # the last prefill cleared the previous rollout's buffers
+        self.prompt: tuple[Tensor, Tensor] | None = None      # the last prefill's tokens and mask
         self.shared = SharedRows()     # which rows each block runs on (`share_prefix`, `_distinct`)
         self.post_norm = cfg.original_architecture in POST_NORM
         self.head_norm = bool(getattr(cfg, "use_qk_norm", False)) and not self.post_norm   # Qwen3's QK norm
@@ -101,15 +102,17 @@ class FastDecoder(Sublayers, Decoder):
         prompt, and the later blocks once per distinct prompt and coefficients (`Distinct`)."""
         self.shared.declare(n_own, partner_of, split)
 
-    def _distinct(self, tokens: Tensor, mask: Tensor) -> Distinct | None:
+    def _distinct(self, tokens: Tensor, mask: Tensor, until: int | None = None) -> Distinct | None:
         """A prefill's distinct rows (`Distinct`), or None where no row repeats another or a hook
         other than the steering's is registered (it would see fewer rows). Rows are alike below
         the first site when their prompts are (tokens and mask); from it on, when their steering
-        coefficients are too (those that act at prefill: not with steering from a later start)."""
+        coefficients are too (those that act before position `until`, by default the prompt's
+        end: not with steering from a later start)."""
         count = Counter(h.hook for h in handles(self.steering))
         if any(len(hp._forward_hooks) > count[name] for name, hp in self.model.hook_dict.items()):
             return None
-        return distinct_rows(tokens, mask, self.steering, self.shared.site_block, self.shared.rows(0) or len(tokens))
+        return distinct_rows(tokens, mask, self.steering, self.shared.site_block, self.shared.rows(0) or len(tokens),
+                             until)
 
     def _last_normed(self, resid: Tensor, x: Tensor | None) -> Tensor:
         """The final norm at the last position ([batch, 1, d_model]): `x` when the last block's
@@ -202,6 +205,7 @@ class FastDecoder(Sublayers, Decoder):
         shapes = [(self.shared.rows(i) or b, self.n_kv, self.cache.capacity, cfg.d_head) for i in range(cfg.n_layers)]
         # a decoder serving another rollout of its shape (`engine.pool`) clears its buffers in place
         self.reused = self.cache.reset(shapes, b, cfg.dtype, tokens.device)
+        self.prompt = (tokens, mask)    # a fork before the first step shares rows as this prefill does
         distinct = self.shared.distinct = self._distinct(tokens, mask)
         if distinct is None:
             return self._forward(tokens, mask)
@@ -216,12 +220,25 @@ class FastDecoder(Sublayers, Decoder):
         """Only the first `len(tail)` batch rows fork (the steered rows: their base partners come
         after them), every block running on those rows alone. The tail's keys and values go to
         the slots after the cached ones, which the next step overwrites (and no query reads while
-        they are masked out again)."""
+        they are masked out again).
+
+        Right after the prefill (a fork at the first generated token) each row's cache is still
+        its prompt's, so the rows of one prompt (a sweep's alphas) run the blocks below the
+        steering site once, as the prefill did (`_distinct`)."""
         cache, length, n = self.cache, self.cache.length, tail.shape[0]
+        tokens, mask = self.prompt
         try:
             with self.shared.first_only(n, self.model.cfg.n_layers), first_rows(self.steering, n):
-                return self._forward(tail, torch.ones_like(tail))
+                distinct = None
+                if length == tokens.shape[1]:
+                    distinct = self._distinct(tokens[:n], mask[:n], until=length + tail.shape[1])
+                if distinct is None:
+                    return self._forward(tail, torch.ones_like(tail))
+                self.shared.distinct = distinct
+                with rows_of(self.steering, distinct.above):
+                    return self._forward(tail, torch.ones_like(tail))
         finally:
+            self.shared.distinct = None
             cache.mask[:, length:length + tail.shape[1]] = 0
             cache.length = length
 
