@@ -20,7 +20,7 @@ from isokl_tl_cli.options import (
     survival_options,
     sweep_options,
 )
-from isokl_tl_cli.startup import bytecode_cache
+from isokl_tl_cli.startup import LibraryCommand, bytecode_cache, leave
 
 os.environ.setdefault("MPLBACKEND", "Agg")      # figures are files; no window, whatever the machine
 
@@ -39,6 +39,9 @@ def main(debug: bool) -> None:
     """Iso-KL calibrated steering on TransformerLens models: directions, calibration, long
     rollouts with per-token KL, fork pmass and Kaplan-Meier survival."""
     bytecode_cache()                            # before any command imports the library
+
+
+main.command_class = LibraryCommand                # each command imports the library before its body
 
 
 def open_run(out: str, options: dict, config: str | None = None, force: bool = False, existing: bool = False):
@@ -250,5 +253,15 @@ def layers_cmd(model, device, dtype, out, **kw) -> None:
 
 main.add_command(grid_cmd)
 
+
+def console() -> None:
+    """The `isokl-tl` script: `main`, then `startup.leave` with its exit status (a traceback that
+    escapes click leaves the usual way)."""
+    try:
+        main()
+    except SystemExit as e:
+        leave(e.code)
+
+
 if __name__ == "__main__":
-    main()
+    console()

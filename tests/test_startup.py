@@ -2,6 +2,7 @@
 installed packages ship none."""
 
 import importlib.util
+import os
 import sys
 from types import SimpleNamespace
 
@@ -71,3 +72,48 @@ def test_help_makes_no_cache(tmp_path):
     assert not (tmp_path / "c").exists()
     cli("run", "--help")                          # the group's callback runs before a command's help
     assert (tmp_path / "c" / "pycache").is_dir()
+
+
+def test_a_command_freezes_what_the_library_import_left_alive():
+    """A command's help answers without the library; the command itself imports it and puts every
+    object then alive out of the collector's reach (`gc.freeze`), handing them back at exit."""
+    import subprocess
+
+    code = ("import gc, sys; from isokl_tl_cli.main import main; "
+            "main(['run', '--help'], standalone_mode=False); print('isokl_tl' in sys.modules, gc.get_freeze_count()); "
+            "main(['models'], standalone_mode=False); print('isokl_tl' in sys.modules, gc.get_freeze_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith(("True", "False"))]
+    assert lines[0] == ["False", "0"]
+    assert lines[1][0] == "True" and int(lines[1][1]) > 100_000      # torch alone leaves more
+    assert "leaked" not in out.stderr                  # nanobind's complaint when objects outlive the exit
+
+
+@pytest.mark.parametrize("code, status, err", [(None, 0, ""), (3, 3, ""), ("no such run", 1, "no such run\n")])
+def test_leaving_joins_threads_runs_exit_handlers_and_flushes(code, status, err):
+    """`leave` skips only the teardown: a running thread finishes, `atexit` handlers run after it,
+    output still in the buffers arrives, and the status is SystemExit's."""
+    import subprocess
+
+    script = ("import atexit, sys, threading, time; from isokl_tl_cli.startup import leave; "
+              "atexit.register(lambda: print('exit handler')); "
+              "threading.Thread(target=lambda: (time.sleep(0.3), print('thread'))).start(); "
+              f"sys.stdout.write('buffered '); leave({code!r})")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}     # output kept in buffers
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == status
+    assert out.stdout == "buffered thread\nexit handler\n" and out.stderr == err
+
+
+def test_the_script_leaves_with_clicks_status(tmp_path):
+    """The installed script's path: usage errors and user errors keep their status and message."""
+    import subprocess
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", *args], capture_output=True, text=True)
+
+    assert cli("--version").returncode == 0
+    bad = cli("run", "--no-such-option")
+    assert bad.returncode == 2 and "No such option" in bad.stderr
+    missing = cli("plot", "--out", str(tmp_path / "none"))
+    assert missing.returncode == 1 and "holds no run" in missing.stderr
