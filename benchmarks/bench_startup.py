@@ -1,5 +1,5 @@
 """What a user waits for before any work: importing the library and the CLI, and loading the
-embedded model from its converted cache, each in a fresh process (median of `--repeats`); and,
+embedded model from its converted cache, each in a fresh process to its exit (median of `--repeats`); and,
 for scale, what the libraries it stands on take to import alone (and torch to start CUDA). Each
 keeps its bytecode where `isokl-tl` keeps it (`isokl_tl_cli.startup`), as a run's import does.
 
@@ -42,6 +42,10 @@ def main() -> None:
         "import transformer_lens": cli + "import transformer_lens",
         "import isokl_tl": cli + "import isokl_tl",
         "import isokl_tl + load_model (cached)": cli + load,
+        # as a command does: the library imported, then frozen (`import_library`), and the process
+        # left without its teardown (`leave`); the cases above end the usual way
+        "import isokl_tl + load_model, as a CLI command": cli + "from isokl_tl_cli.startup import import_library, leave; "
+                                                      "import_library(); " + load + "; leave(0)",
     }
     for name, code in cases.items():
         secs = statistics.median(fresh(code) for _ in range(a.repeats))
