@@ -31,8 +31,11 @@ def main() -> None:
         run_cell(args, Path(tmp) / "warm")                     # fills the caches, unprofiled
         prof = f"{tmp}/cell.prof"
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cProfile", "-o", prof, "-m", "isokl_tl_cli.main", "run", *args,
-                        "--out", f"{tmp}/run"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the click group itself, not the script: the script leaves without the teardown, before
+        # cProfile would write its file (the teardown it skips is then not in the profile either)
+        code = (f"import cProfile, sys; from isokl_tl_cli.main import main; sys.argv = {['isokl-tl', 'run', *args, '--out', f'{tmp}/run']!r}; "
+                f"cProfile.run('main(standalone_mode=False)', {prof!r})")
+        subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"isokl-tl run {' '.join(args)}: {time.perf_counter() - start:.1f} s under the profiler")
         out = io.StringIO()
         stats = pstats.Stats(prof, stream=out).sort_stats("cumulative")
