@@ -83,16 +83,17 @@ def leave(code: object) -> NoReturn:
     """End the process with `code` (what `SystemExit` holds: None, a number, or a message for
     stderr and status 1) as the interpreter's own exit does, minus the teardown of its objects:
     every file the library writes is closed before its function returns."""
-    for t in threading.enumerate():                 # as the interpreter: other threads finish first
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
+    for t in threading.enumerate():                 # as the interpreter: other threads finish first
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):               # a closed pipe: nothing more can reach it
             pass
     os._exit(code or 0)
