@@ -58,9 +58,10 @@ def bytecode_cache(environ=os.environ) -> Path | None:
 
 
 def import_library() -> None:
-    """Import the library (`isokl_tl` pauses the collector while it is imported), then freeze
-    what is alive: torch, transformers, TransformerLens and the library live as long as the
-    process, and a full pass over them costs 0.1-0.3 s on a 2-core CPU. They are handed back at
+    """Import the library with the collector off, then freeze what is alive before switching it
+    back on (`isokl_tl` pauses it too, for notebooks, but switches it on before a freeze could
+    follow): torch, transformers, TransformerLens and the library live as long as the process,
+    and a full pass over them costs 0.1-0.3 s on a 2-core CPU. They are handed back at
     a normal exit (a traceback that escapes click, `main()` called in-process), so nothing is
     reported leaked."""
     if "isokl_tl" in sys.modules:
