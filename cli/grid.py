@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 from isokl_tl_cli.errors import FORCE, user_errors
+from isokl_tl_cli.startup import LibraryCommand, import_library
 
 
 @click.group("grid", invoke_without_command=True)
@@ -39,6 +40,7 @@ def grid_cmd(ctx, config, out, dry_run, executor, workers, ray_address, slurm_pa
         return
     if config is None or out is None:
         raise click.UsageError("give --config GRID_FILE and --out STUDY_DIR (or: isokl-tl grid report STUDY_DIR)")
+    import_library()                # a group, not a LibraryCommand: its subcommand may be what runs
     from isokl_tl.grid import Grid, finished
 
     cells = Grid.from_toml(config).cells()
@@ -64,7 +66,7 @@ def grid_cmd(ctx, config, out, dry_run, executor, workers, ray_address, slurm_pa
         ctx.exit(1)
 
 
-@grid_cmd.command("report")
+@grid_cmd.command("report", cls=LibraryCommand)
 @click.argument("study", type=click.Path(file_okay=False))
 @user_errors
 def grid_report_cmd(study) -> None:

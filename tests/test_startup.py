@@ -106,14 +106,40 @@ def test_leaving_joins_threads_runs_exit_handlers_and_flushes(code, status, err)
 
 
 def test_the_script_leaves_with_clicks_status(tmp_path):
-    """The installed script's path: usage errors and user errors keep their status and message."""
+    """The installed script's path (pyproject's entry point, `console`): usage errors and user errors
+    keep their status and message, output kept in buffers arrives, and the objects still alive at
+    the end are not torn down (a `__del__` that would print stays silent; it prints when the same
+    process ends the usual way)."""
     import subprocess
+    import tomllib
+    from pathlib import Path
+
+    import isokl_tl_cli.main
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    module, _, name = pyproject["project"]["scripts"]["isokl-tl"].partition(":")
+    assert (module, name) == ("isokl_tl_cli.main", "console")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}     # output kept in buffers
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", *args], capture_output=True, text=True,
+                              env=env)
 
-    assert cli("--version").returncode == 0
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.strip().endswith(isokl_tl_cli.main._version())
     bad = cli("run", "--no-such-option")
     assert bad.returncode == 2 and "No such option" in bad.stderr
     missing = cli("plot", "--out", str(tmp_path / "none"))
     assert missing.returncode == 1 and "holds no run" in missing.stderr
+
+    def ends(how: str) -> str:
+        script = ("import sys; from isokl_tl_cli.main import console\n"
+                  "class Loud:\n    def __del__(self): print('torn down')\n"
+                  f"kept = Loud(); sys.argv = ['isokl-tl', '--version']; {how}")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert ends("console()").splitlines()[-1].endswith(isokl_tl_cli.main._version())
+    assert "torn down" not in ends("console()")
+    assert "torn down" in ends("print('the usual way')")
