@@ -11,7 +11,7 @@ import torch
 
 from isokl_tl.engine import relayout_for_decode
 from isokl_tl.manifest import model_identity
-from isokl_tl.models import loading
+from isokl_tl.models import converted, loading
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
 
     gguf = loading.PACKAGED[a.model]()
     lap("find the GGUF")
-    cfg, sd, tokenizer = loading._load_gguf(gguf, loading.DEFAULT_N_CTX, dtype, a.device)
+    cfg, sd, tokenizer = converted.load_gguf(gguf, loading.DEFAULT_N_CTX, dtype, a.device)
     lap("read the converted weights and tokenizer")
     model = loading._build(cfg, sd)
     lap("build the HookedTransformer (meta, then assign)")

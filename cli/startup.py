@@ -32,7 +32,7 @@ import click
 
 def bytecode_cache(environ=os.environ) -> Path | None:
     """Keep bytecode under `$ISOKL_TL_CACHE/pycache` (else the user cache dir's, the place
-    `isokl_tl.models.loading.cache_dir` keeps converted weights; not imported here, since that
+    `isokl_tl.models.converted.cache_dir` keeps converted weights; not imported here, since that
     would import torch) when writing it is switched off and the installed torch holds none (its
     package folder has no `__pycache__`); returns that directory, or None when nothing was changed."""
     if not sys.dont_write_bytecode or sys.pycache_prefix or environ.get("ISOKL_TL_BYTECODE_CACHE") == "0":

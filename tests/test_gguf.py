@@ -55,7 +55,7 @@ def test_each_gguf_architecture_matches_transformers(family, tmp_path):
 
 
 def test_a_gguf_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    from isokl_tl.models import loading
+    from isokl_tl.models import converted
 
     path = make_gguf("qwen2", tmp_path / "q.gguf")
     first = load_model(str(path))
@@ -63,14 +63,14 @@ def test_a_gguf_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch
     def no_gguf(*a, **k):
         raise AssertionError("the GGUF was read again")
 
-    monkeypatch.setattr(loading, "read_gguf", no_gguf)
+    monkeypatch.setattr(converted, "read_gguf", no_gguf)
     again = load_model(str(path), dtype="bfloat16")
     assert again.cfg.dtype == torch.bfloat16 and again.cfg.original_architecture == "Qwen2ForCausalLM"
     assert torch.equal(again.W_U, first.W_U.bfloat16())
     # the bfloat16 copy written then is what the next bfloat16 load reads, and it holds the cast values
     opened = []
-    real = loading.safe_open
-    monkeypatch.setattr(loading, "safe_open", lambda f, **k: opened.append(Path(f).name) or real(f, **k))
+    real = converted.safe_open
+    monkeypatch.setattr(converted, "safe_open", lambda f, **k: opened.append(Path(f).name) or real(f, **k))
     third = load_model(str(path), dtype="bfloat16")
     assert opened == ["weights.bfloat16.safetensors"]
     ours, cast = third.state_dict(), first.state_dict()

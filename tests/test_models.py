@@ -51,12 +51,12 @@ def test_embedded_answers_paris(smol):
 def test_embedded_second_load_reads_the_converted_cache(smol, monkeypatch):
     """The GGUF is dequantised once; later loads read the cached safetensors (`bench_startup.py`
     times it) and give the same weights."""
-    from isokl_tl.models import loading
+    from isokl_tl.models import converted
 
     def no_gguf(*a, **k):
         raise AssertionError("the GGUF was read again")
 
-    monkeypatch.setattr(loading, "read_gguf", no_gguf)
+    monkeypatch.setattr(converted, "read_gguf", no_gguf)
     again = load_model(EMBEDDED)
     assert torch.equal(again.W_U, smol.W_U) and torch.equal(again.blocks[3].mlp.W_in, smol.blocks[3].mlp.W_in)
 

@@ -3,7 +3,7 @@
 The `gguf` package parses the file and dequantises each tensor to float32; this module maps
 llama.cpp's names, metadata and conventions back to those of `transformers`, one architecture at a
 time, so that the checkpoint then loads like any local Hugging Face checkpoint
-(`models.loading`). The conventions undone here:
+(`models.hf_dir`). The conventions undone here:
 
 - llama: the converter permutes the rows of the Q and K projections so that its rotary kernel can
   rotate adjacent pairs; Hugging Face rotates the two halves of each head. Llama 3.1+ files keep
