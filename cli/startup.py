@@ -16,9 +16,22 @@ again, nor one in each forked figure worker. And at its end the process leaves a
 would (other threads joined, `atexit` handlers run, output flushed) but without tearing every
 object down one by one, which took 1.5-2.4 s after a command that loaded the embedded model on a
 2-core CPU: the operating system takes the memory back at once.
+
+A command's process also keeps the memory it freed (`keep_freed_memory`). glibc's allocator hands
+a large freed block back to the operating system, by default; the next tensor of that size is then
+new memory, which the kernel zeroes page by page at its first write. A CPU run allocates and frees
+tensors of a few to a few tens of megabytes in every block of every step, so the CLI asks glibc to
+serve blocks up to 1 GiB from its own heap and not to give the heap's top back. On the 2-core CPU
+that halved the main job's page faults (1.39-1.52 million to 0.78-0.79 million) and its stages took
+61.5-66.3 s against 65.8-72.4 s (six alternating pairs of runs, four of them with these settings
+given through `GLIBC_TUNABLES`), results unchanged; its peak memory went from 3.55 to 3.63 GB.
+Memory once used stays with the process until it ends. Malloc settings of your own in
+`GLIBC_TUNABLES` or `MALLOC_*_` are left alone (a notebook can ask for the same with
+`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647`).
 """
 
 import atexit
+import ctypes
 import gc
 import importlib.util
 import os
@@ -57,6 +70,25 @@ def bytecode_cache(environ=os.environ) -> Path | None:
     return where
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # mallopt's parameters (malloc.h)
+
+
+def keep_freed_memory(environ=os.environ) -> bool:
+    """Where the C library is glibc and no malloc setting was given: blocks under 1 GiB come from
+    the heap and the heap's top is not trimmed (see the module docstring). Returns whether the
+    settings were made."""
+    if "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") or any(
+            k.startswith("MALLOC_") and k.endswith("_") for k in environ):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return False                # another C library (musl, macOS): its own policy
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def import_library() -> None:
     """Import the library with the collector off, then freeze what is alive before switching it
     back on (`isokl_tl` pauses it too, for notebooks, but switches it on before a freeze could
@@ -66,6 +98,7 @@ def import_library() -> None:
     reported leaked."""
     if "isokl_tl" in sys.modules:
         return
+    keep_freed_memory()             # before torch allocates anything
     collecting = gc.isenabled()
     gc.disable()
     try:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from isokl_tl_cli.startup import bytecode_cache
+from isokl_tl_cli.startup import bytecode_cache, keep_freed_memory
 
 
 @pytest.fixture
@@ -87,6 +87,57 @@ def test_a_command_freezes_what_the_library_import_left_alive():
     assert lines[0] == ["False", "0"]
     assert lines[1][0] == "True" and int(lines[1][1]) > 100_000      # torch alone leaves more
     assert "leaked" not in out.stderr                  # nanobind's complaint when objects outlive the exit
+
+
+# A fresh process's allocator asked for 100 MiB and given it back: how many blocks were mapped
+# apart from the heap, and whether the heap kept the 100 MiB after the free.
+MALLOC_PROBE = """
+import ctypes
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+def probe():
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(100 << 20)
+    mapped = libc.mallinfo2().hblks - before
+    libc.free(p)
+    return mapped, libc.mallinfo2().arena >= 100 << 20
+"""
+
+
+def _glibc() -> bool:
+    import ctypes
+
+    return hasattr(ctypes.CDLL(None), "mallinfo2")
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator only")
+@pytest.mark.parametrize("setting", ["default", "kept", "GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_"])
+def test_a_command_keeps_freed_memory_unless_told_otherwise(setting):
+    """`keep_freed_memory` makes glibc serve a 100 MiB block from its heap and keep it after the
+    free (by default it maps the block apart and unmaps it at the free); malloc settings of the
+    user's own are left alone."""
+    import subprocess
+
+    env = {"GLIBC_TUNABLES": {"GLIBC_TUNABLES": "glibc.malloc.check=0"},
+           "MALLOC_TRIM_THRESHOLD_": {"MALLOC_TRIM_THRESHOLD_": "131072"}}.get(setting, {})
+    call = "False" if setting == "default" else f"keep_freed_memory({env!r})"
+    script = MALLOC_PROBE + f"from isokl_tl_cli.startup import keep_freed_memory\nmade = {call}\nprint(made, *probe())"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == (["True", "0", "True"] if setting == "kept" else ["False", "1", "False"])
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator only")
+def test_a_command_process_keeps_freed_memory():
+    """The CLI makes the setting when a command imports the library (here `models`, in-process)."""
+    import subprocess
+
+    script = MALLOC_PROBE + ("from isokl_tl_cli.main import main\nmain(['models'], standalone_mode=False)\n"
+                             "print(*probe())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "MALLOC_"))})
+    assert out.stdout.split()[-2:] == ["0", "True"]
 
 
 @pytest.mark.parametrize("code, status, err", [(None, 0, ""), (3, 3, ""), ("no such run", 1, "no such run\n")])
