@@ -86,7 +86,9 @@ def keep_freed_memory(environ=os.environ) -> bool:
             return False                # another C library (musl, macOS): its own policy
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    # glibc before 2.35 refuses a threshold above 32 MiB: then blocks up to that come from the heap
+    mapped = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and mapped)
 
 
 def import_library() -> None:
