@@ -107,9 +107,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _, extra = ap.parse_known_args()
     args = extra or ISSUE_COMMAND
-    from isokl_tl_cli.startup import keep_freed_memory
+    from isokl_tl_cli.startup import import_library
 
-    keep_freed_memory()                       # as the CLI does before its import
+    import_library()                          # as a command does: freed memory kept, the import frozen
     torch.manual_seed(0)
     rate, bandwidth = machine()
     print(f"machine: float32 multiplies {rate / 1e9:.0f} GFLOP/s, memory read {bandwidth / 1e9:.1f} GB/s, "

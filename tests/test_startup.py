@@ -106,6 +106,10 @@ def probe():
 """
 
 
+def _without_malloc_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "MALLOC_"))}
+
+
 def _glibc() -> bool:
     import ctypes
 
@@ -124,7 +128,8 @@ def test_a_command_keeps_freed_memory_unless_told_otherwise(setting):
            "MALLOC_TRIM_THRESHOLD_": {"MALLOC_TRIM_THRESHOLD_": "131072"}}.get(setting, {})
     call = "False" if setting == "default" else f"keep_freed_memory({env!r})"
     script = MALLOC_PROBE + f"from isokl_tl_cli.startup import keep_freed_memory\nmade = {call}\nprint(made, *probe())"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=_without_malloc_settings()).stdout.split()
     assert out == (["True", "0", "True"] if setting == "kept" else ["False", "1", "False"])
 
 
@@ -136,7 +141,7 @@ def test_a_command_process_keeps_freed_memory():
     script = MALLOC_PROBE + ("from isokl_tl_cli.main import main\nmain(['models'], standalone_mode=False)\n"
                              "print(*probe())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "MALLOC_"))})
+                         env=_without_malloc_settings())
     assert out.stdout.split()[-2:] == ["0", "True"]
 
 
