@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from isokl_tl.engine.scoring import greedy_scores_torch
@@ -46,3 +47,35 @@ def test_sampling_inverts_each_rows_distribution_at_its_own_draw():
     both = choose(torch.stack([probs.log(), probs.flip(0).log()]), Sampling(temperature=1.0), torch.tensor([0.05, 0.95]))
     alone = choose(probs.log()[None], Sampling(temperature=1.0), torch.tensor([0.05]))
     assert both[0] == alone[0] == 0 and both[1] == 3
+
+
+def test_first_max_is_argmax_ties_included():
+    from isokl_tl.engine.scoring import first_max
+
+    x = _logits(rows=9, vocab=49_152)
+    x[6] = (x[6] * 2).round() / 2                     # many ties at every value
+    x[7, 3] = x[7, 9] = float("nan")                   # a NaN is the largest value
+    assert torch.equal(first_max(x), x.argmax(-1)) and first_max(x)[2] == 17 and first_max(x)[7] == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_logit_names_its_row(bad):
+    """`check_finite` first checks each row's sum, then the logits of rows whose sum is not finite;
+    one bad logit among 50,000 names its row, steered or base partner, and finite logits whose sum
+    overflows float32 pass."""
+    from isokl_tl.engine.loop import check_finite
+
+    rows, has, coeff = torch.tensor([4, 7, 9]), torch.tensor([0, 2]), torch.arange(10.0)
+    x = torch.randn(5, 50_000)
+    check_finite(x, 3, rows, has, coeff)
+    huge = torch.full((5, 50_000), 3e38)
+    assert not torch.isfinite(huge.sum(-1)).any()
+    check_finite(huge, 3, rows, has, coeff)
+    y = x.clone()
+    y[1, 31_337] = bad
+    with pytest.raises(ValueError, match=r"generated token 3 of row 7 \(steered, coefficient 7"):
+        check_finite(y, 3, rows, has, coeff)
+    y = x.clone()
+    y[4, 5] = bad
+    with pytest.raises(ValueError, match="token 3 in the base partner of row 9"):
+        check_finite(y, 3, rows, has, coeff)
