@@ -11,6 +11,11 @@ values read (attention at one query per row, a decode step: it reads the whole c
 products per byte, so memory bounds it), the time spent in it, the rate reached and the time the
 machine's measured rate would need. What is left of the stages' time is everything else (norms,
 rotary, scoring, Python). The wrapped calls add a few microseconds each.
+
+Not counted: attention of the layers SDPA cannot run exactly (`engine.attention`: soft-capped or
+sliding-window; the embedded model has none), and TransformerLens's own MLP modules where the fast
+path does not join a block's projections (non-gated MLPs). Counted as multiplies: the one-time
+packing of each weight into oneDNN's layout, done inside the first multiply by that weight.
 """
 
 import argparse

@@ -25,8 +25,10 @@ serve blocks up to 1 GiB from its own heap and not to give the heap's top back. 
 that halved the main job's page faults (1.39-1.52 million to 0.78-0.79 million) and its stages took
 61.5-66.3 s against 65.8-72.4 s (six alternating pairs of runs, four of them with these settings
 given through `GLIBC_TUNABLES`), results unchanged; its peak memory went from 3.55 to 3.63 GB.
-Memory once used stays with the process until it ends. Malloc settings of your own in
-`GLIBC_TUNABLES` or `MALLOC_*_` are left alone (a notebook can ask for the same with
+Memory once used stays with the process until it ends (a trim still happens when more than 2 GiB
+lies free at the heap's top). Processes the command starts (a grid's local workers) inherit the
+same settings through `GLIBC_TUNABLES`. Malloc settings of your own in `GLIBC_TUNABLES` or
+`MALLOC_*_` are left alone (a notebook can ask for the same by starting Python with
 `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647`).
 """
 
@@ -74,21 +76,28 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # mallopt's parameters (mal
 
 
 def keep_freed_memory(environ=os.environ) -> bool:
-    """Where the C library is glibc and no malloc setting was given: blocks under 1 GiB come from
-    the heap and the heap's top is not trimmed (see the module docstring). Returns whether the
-    settings were made."""
-    if "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") or any(
+    """Where the C library is glibc and no malloc setting was given: blocks of up to 1 GiB come
+    from the heap and the heap's top is kept (up to 2 GiB of free memory there; see the module
+    docstring). Returns whether the settings were made. When they were, `GLIBC_TUNABLES` in
+    `environ` carries them too, so that processes this one starts (a grid's workers) allocate so
+    from their first block."""
+    if sys.platform != "linux" or "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") or any(
             k.startswith("MALLOC_") and k.endswith("_") for k in environ):
         return False
     try:
         libc = ctypes.CDLL(None)
         if not hasattr(libc, "gnu_get_libc_version"):
-            return False                # another C library (musl, macOS): its own policy
+            return False                # another C library (musl): its own policy
     except OSError:
         return False
     # glibc before 2.35 refuses a threshold above 32 MiB: then blocks up to that come from the heap
-    mapped = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and mapped)
+    mapped = next((n for n in (1 << 30, 32 << 20) if libc.mallopt(M_MMAP_THRESHOLD, n)), None)
+    top = 2**31 - 1
+    if not (mapped and libc.mallopt(M_TRIM_THRESHOLD, top)):
+        return False
+    tunables = f"glibc.malloc.mmap_threshold={mapped}:glibc.malloc.trim_threshold={top}"
+    environ["GLIBC_TUNABLES"] = ":".join(filter(None, [environ.get("GLIBC_TUNABLES"), tunables]))
+    return True
 
 
 def import_library() -> None:

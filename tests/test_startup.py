@@ -113,7 +113,7 @@ def _without_malloc_settings() -> dict[str, str]:
 def _glibc() -> bool:
     import ctypes
 
-    return hasattr(ctypes.CDLL(None), "mallinfo2")
+    return sys.platform == "linux" and hasattr(ctypes.CDLL(None), "mallinfo2")
 
 
 @pytest.mark.skipif(not _glibc(), reason="glibc's allocator only")
@@ -126,11 +126,36 @@ def test_a_command_keeps_freed_memory_unless_told_otherwise(setting):
 
     env = {"GLIBC_TUNABLES": {"GLIBC_TUNABLES": "glibc.malloc.check=0"},
            "MALLOC_TRIM_THRESHOLD_": {"MALLOC_TRIM_THRESHOLD_": "131072"}}.get(setting, {})
-    call = "False" if setting == "default" else f"keep_freed_memory({env!r})"
-    script = MALLOC_PROBE + f"from isokl_tl_cli.startup import keep_freed_memory\nmade = {call}\nprint(made, *probe())"
+    call = "False" if setting == "default" else f"keep_freed_memory(env)"
+    script = MALLOC_PROBE + (f"from isokl_tl_cli.startup import keep_freed_memory\nenv = {env!r}\nmade = {call}\n"
+                             "print(made, *probe(), env.get('GLIBC_TUNABLES', '-'))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env=_without_malloc_settings()).stdout.split()
-    assert out == (["True", "0", "True"] if setting == "kept" else ["False", "1", "False"])
+    made = setting == "kept"
+    assert out[:3] == (["True", "0", "True"] if made else ["False", "1", "False"])
+    assert out[3].startswith("glibc.malloc.mmap_threshold=") if made else out[3] == env.get("GLIBC_TUNABLES", "-")
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator only")
+@pytest.mark.parametrize("tunables", [None, "glibc.rtld.optional_static_tls=2048"])
+def test_processes_a_command_starts_keep_freed_memory_too(tunables):
+    """After `keep_freed_memory` the environment carries the settings (`GLIBC_TUNABLES`, appended
+    to tunables of other kinds), so a process started then, as a grid's spawned workers are,
+    keeps its freed memory from its first allocation; a process started before does not."""
+    import subprocess
+
+    probe = MALLOC_PROBE + "print(*probe())"
+    script = ("import subprocess, sys\n"
+              "from isokl_tl_cli.startup import keep_freed_memory\n"
+              f"run = lambda: subprocess.run([sys.executable, '-c', {probe!r}], capture_output=True, text=True).stdout\n"
+              "before = run()\nassert keep_freed_memory()\nimport os\n"
+              "print(before.strip(), '|', run().strip(), '|', os.environ['GLIBC_TUNABLES'])")
+    env = _without_malloc_settings() | ({"GLIBC_TUNABLES": tunables} if tunables else {})
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    before, after, setting = (p.strip() for p in out.stdout.split("|"))
+    assert (before, after) == ("1 False", "0 True")
+    assert setting.startswith(f"{tunables}:" if tunables else "glibc.malloc.mmap_threshold=")
+    assert setting.endswith(":glibc.malloc.trim_threshold=2147483647")
 
 
 @pytest.mark.skipif(not _glibc(), reason="glibc's allocator only")

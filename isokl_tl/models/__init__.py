@@ -5,7 +5,8 @@ test model, a `.gguf` file, a local Hugging Face checkpoint, a TransformerLens n
 GGUF file as a Hugging Face checkpoint; `converted` keeps a GGUF file's converted weights in the
 cache (converted once, through `hf_dir`, which reads a local checkpoint's config, weights and
 tokenizer); `hf_configs` builds TransformerLens configs from `config.json`; `tiny` builds the
-seeded random test model and its tokenizer; `checkpoints` writes random-init checkpoints and GGUF files of every family (tests, benchmarks).
+seeded random test model and its tokenizer; `checkpoints` writes random-init checkpoints and GGUF
+files of every family (tests, benchmarks).
 """
 
 from isokl_tl.models.converted import cache_dir
