@@ -157,3 +157,22 @@ def test_unsteered_rows_of_one_prompt_share_the_prefill(tiny, tiny_direction, de
     same_as_reference(tiny, Counting, prompts * 3, torch.zeros(6), direction=tiny_direction.vector,
                       hook="blocks.2.hook_resid_post", window=8)
     assert ran[0] == [0, 1]
+
+
+def test_a_cache_keeps_rows_in_place_as_indexing_would():
+    """`keep_rows` moves the kept rows of a cache buffer down inside its own memory (in pieces no
+    larger than their gap, or through a copy of a long run): the slots that are read equal
+    indexing's, over random keeps, gaps and lengths; a keep that is not ascending is indexed."""
+    from isokl_tl.engine.kv_cache import keep_rows
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n, length = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(0, 9, (1,), generator=g))
+        t = torch.randn(n, 2, 8, 3, generator=g)
+        keep = (torch.rand(n, generator=g) < torch.rand(1, generator=g)).nonzero()[:, 0]
+        want = t[keep][:, :, :length].clone()
+        got = keep_rows(t, keep, length)
+        assert got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        assert torch.equal(got[:, :, :length], want)
+    t = torch.randn(5, 2, 8, 3)
+    assert torch.equal(keep_rows(t, torch.tensor([3, 1]), 8), t[[3, 1]])
