@@ -145,7 +145,9 @@ def mlp_hidden(m, joined: Joined, x: Float[Tensor, "batch pos d_model"], kernels
         gate, up = m.hook_pre(gate), m.hook_pre_linear(up)
         if kernels is not None and m.act_fn is F.silu:
             post = kernels.silu_mul(gate, up)
-        if post is None:
+        if post is None and m.act_fn is F.silu:        # a new tensor: the product may go into it
+            post = F.silu(gate).mul_(up)
+        elif post is None:
             post = m.act_fn(gate) * up
     if joined.b_in is not None:
         post = post + joined.b_in
@@ -190,7 +192,7 @@ class Rotary:
         r = self.dim
         x_rot = x if r == x.shape[-1] else x[..., :r]
         turned = self.turn(x_rot) if self.adjacent else x_rot.roll(r // 2, dims=-1)
-        out = x_rot * cos + turned * sin
+        out = (x_rot * cos).add_(turned.mul_(sin))      # both products are new tensors
         return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
     def rotate_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
