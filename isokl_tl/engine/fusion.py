@@ -192,7 +192,7 @@ class Rotary:
         r = self.dim
         x_rot = x if r == x.shape[-1] else x[..., :r]
         turned = self.turn(x_rot) if self.adjacent else x_rot.roll(r // 2, dims=-1)
-        out = (x_rot * cos).add_(turned.mul_(sin))      # both products are new tensors
+        out = x_rot * cos + turned * sin
         return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
     def rotate_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
