@@ -52,34 +52,49 @@ class KVCache:
     def select(self, rows: Int[Tensor, " keep"], own: Int[Tensor, " keep_own"] | None = None,
                split: int = 0) -> None:
         """Keep these batch rows; layers below `split` keep the rows `own` of theirs."""
-        pick = [own if i < split else rows for i in range(len(self.k))]
-        self.k = [keep_rows(k, p, self.length) for k, p in zip(self.k, pick)]
-        self.v = [keep_rows(v, p, self.length) for v, p in zip(self.v, pick)]
+        moves = {"own": row_moves(own) if split else None, "rows": row_moves(rows)}   # once, not per buffer
+        pick = [("own", own) if i < split else ("rows", rows) for i in range(len(self.k))]
+        self.k = [keep_rows(k, p, self.length, moves[name]) for k, (name, p) in zip(self.k, pick)]
+        self.v = [keep_rows(v, p, self.length, moves[name]) for v, (name, p) in zip(self.v, pick)]
         self.mask = self.mask[rows]
 
 
-def keep_rows(t: Tensor, rows: Int[Tensor, " keep"], length: int) -> Tensor:
-    """`t[rows]` for a cache buffer `[row, kv_head, slot, d_head]` of which the first `length`
-    slots are read: with `rows` ascending, the kept rows move down inside t's own memory and the
-    result is a view of its first `len(rows)` rows. No new buffer (whose pages the kernel would
-    zero at first touch) and only the rows that move are copied, `length` slots of each; a row
-    whose rows before it all stay is not copied at all. Source and destination never overlap: a
-    run of kept rows moves down by its gap `g` in pieces of at most `g` rows, or through a copy
-    of the run where that would take more than four pieces."""
+def row_moves(rows: Int[Tensor, " keep"]) -> list[tuple[int, int, int]] | None:
+    """How `keep_rows` moves a buffer's rows to keep `rows`: (to, from, count) copies in order, or
+    None where `rows` is not ascending (then it indexes). A run of consecutive kept rows moves down
+    by its gap `g` in pieces of at most `g` rows, so that source and destination never overlap; a
+    run that would take more than four pieces is one copy through a buffer (count negated)."""
     r = rows.tolist()
-    if not t.is_contiguous() or any(b <= a for a, b in zip(r, r[1:])):
-        return t[rows]
-    to, i = 0, 0
+    if any(b <= a for a, b in zip(r, r[1:])):
+        return None
+    moves, to, i = [], 0, 0
     while i < len(r):
         end = i + 1
         while end < len(r) and r[end] == r[end - 1] + 1:
             end += 1                                  # rows r[i] .. r[end - 1] are consecutive
         n, gap = end - i, r[i] - to
-        if gap and n > 4 * gap:                       # many small pieces: one copy through a buffer
-            t[to:to + n, :, :length] = t[r[i]:r[i] + n, :, :length].clone()
+        if gap and n > 4 * gap:
+            moves.append((to, r[i], -n))
         elif gap:
-            for c in range(0, n, gap):
-                m = min(gap, n - c)
-                t[to + c:to + c + m, :, :length] = t[r[i] + c:r[i] + c + m, :, :length]
+            moves += [(to + c, r[i] + c, min(gap, n - c)) for c in range(0, n, gap)]
         to, i = to + n, end
-    return t[:len(r)]
+    return moves
+
+
+def keep_rows(t: Tensor, rows: Int[Tensor, " keep"], length: int,
+              moves: list[tuple[int, int, int]] | None = None) -> Tensor:
+    """`t[rows]` for a cache buffer `[row, kv_head, slot, d_head]` of which the first `length`
+    slots are read: with `rows` ascending, the kept rows move down inside t's own memory
+    (`row_moves`, or `moves` computed from `rows` already) and the result is a view of its first
+    `len(rows)` rows. No new buffer (whose pages the kernel would zero at first touch) and only the
+    rows that move are copied, `length` slots of each; a row whose rows before it all stay is not
+    copied at all."""
+    moves = row_moves(rows) if moves is None else moves
+    if moves is None or not t.is_contiguous():
+        return t[rows]
+    for to, src, n in moves:
+        if n < 0:                                     # many small pieces: one copy through a buffer
+            t[to:to - n, :, :length] = t[src:src - n, :, :length].clone()
+        else:
+            t[to:to + n, :, :length] = t[src:src + n, :, :length]
+    return t[:len(rows)]
