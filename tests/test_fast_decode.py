@@ -159,6 +159,42 @@ def test_unsteered_rows_of_one_prompt_share_the_prefill(tiny, tiny_direction, de
     assert ran[0] == [0, 1]
 
 
+@pytest.mark.parametrize("decoder", DECODERS.values(), ids=DECODERS)
+def test_the_last_block_of_a_prefill_or_fork_multiplies_its_last_column_only(tiny, decoder):
+    """Past the last block's keys and values only the last column's logits are read, so a prefill
+    and a fork run the rest of that block for one column (`last_column_only`), and give the
+    logits of a full forward. A hook in that block (or the final norm) sees every position, as in
+    `model(...)`, and the block runs whole then."""
+    last = tiny.cfg.n_layers - 1
+    prompts = _prompts(tiny, 2)
+    tokens = torch.tensor([p[:9] for p in prompts])
+    tail = torch.tensor([prompts[0][9:14], prompts[1][9:14]])
+    full = tiny(tokens)[:, -1], tiny(torch.cat([tokens, tail], 1))[:, -1]
+
+    def run():
+        widths = []
+        dec = decoder(tiny, None, capacity=64)
+        linear = dec.linear
+        dec.linear = lambda x, w, b=None: (widths.append(tuple(x.shape[:-1])), linear(x, w, b))[1]
+        prefill = dec.prefill(tokens, torch.ones_like(tokens)).clone()
+        at = len(widths)
+        return (prefill, dec.fork(tail).clone()), (widths[:at], widths[at:])
+    (prefill, fork), widths = run()
+    # per forward, the last block's Q/K/V (every column), attention output, gate/up, down, then the unembedding
+    assert widths[0][-5:] == [(2, 9), (2, 1), (2, 1), (2, 1), (2,)]
+    assert widths[1][-5:] == [(2, 5), (2, 1), (2, 1), (2, 1), (2,)]
+    assert all(w[1] == 9 for w in widths[0][:-5]) and all(w[1] == 5 for w in widths[1][:-5])
+    torch.testing.assert_close(prefill, full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fork, full[1], atol=1e-5, rtol=1e-5)
+    for name in (f"blocks.{last}.hook_mlp_out", "ln_final.hook_normalized"):
+        seen = []
+        with tiny.hooks(fwd_hooks=[(name, lambda x, hook: seen.append(x.shape[1]))]):
+            (prefill_h, fork_h), widths = run()
+        assert seen == [9, 5] and widths[0][-4] == (2, 9) and widths[1][-4] == (2, 5)
+        torch.testing.assert_close(prefill_h, prefill, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fork_h, fork, atol=1e-5, rtol=1e-5)
+
+
 def test_a_cache_keeps_rows_in_place_as_indexing_would():
     """`keep_rows` moves the kept rows of a cache buffer down inside its own memory (in pieces no
     larger than their gap, or through a copy of a long run): the slots that are read equal

@@ -20,7 +20,10 @@ same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. Wha
   projections whose result that add reads (`engine.kernels.splitk`: pieces of a split-K multiply,
   summed by the add + RMSNorm launch), and the gated MLP's gate/up multiply with silu(gate) * up
   in its epilogue (`engine.kernels.gate_up`), where they beat cuBLAS. That block arithmetic lives
-  in `engine.sublayers`.
+  in `engine.sublayers`;
+- a prefill or a fork (several new columns) runs the last block past its keys and values for the
+  last column alone, the only one whose logits are read (`last_column_only`), unless a hook in that
+  block, the final norm or the unembedding would see it.
 
 So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
 `hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
 from isokl_tl.engine import attention, cpu_linear, fusion
 from isokl_tl.engine.decoder import Decoder
@@ -90,6 +94,9 @@ class FastDecoder(Sublayers, Decoder):
         self.logit_cap = attention.cap_of(getattr(cfg, "output_logits_soft_cap", None))
         # per layer: the sliding window (local layers), or None
         self.windows = [cfg.window_size if b.attn.attn_type == "local" else None for b in model.blocks]
+        # the hook points that fire after the last block's keys and values (and before them, in it)
+        self.tail_hooks = [hp for part in (model.blocks[-1], getattr(model, "ln_final", None), model.unembed)
+                           if part is not None for hp in part.modules() if isinstance(hp, HookPoint)]
 
     def share_prefix(self, n_own: int, partner_of: Int[Tensor, " partner"], split: int) -> None:
         """Declare that batch rows `n_own + j` repeat row `partner_of[j]` up to block `split`: same
@@ -130,6 +137,14 @@ class FastDecoder(Sublayers, Decoder):
         """Whether layer i attends in `engine.attention` (soft-capped or windowed), not SDPA."""
         return self.cap is not None or self.windows[i] is not None
 
+    def last_column_only(self, i: int, width: int) -> bool:
+        """Whether block i of a forward over `width` new columns goes on with the last column alone
+        once its keys and values are written: in the last block only the last column's logits are
+        read past them (a prefill, a fork). Not where a hook in that block, the final norm or the
+        unembedding would see fewer positions than in `model(...)`."""
+        return (width > 1 and i == self.model.cfg.n_layers - 1
+                and not any(fusion.has_hook(hp) for hp in self.tail_hooks))
+
     def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor | None,
                sin: Tensor | None) -> tuple[Tensor, Tensor | None]:
         resid, q, k, v = self._qkv(i, resid, x)
@@ -143,16 +158,18 @@ class FastDecoder(Sublayers, Decoder):
             keys, values = shared.lower(i, keys), shared.lower(i, values)
         else:
             keys, values = self.cache.write(i, k, v)
+        mask = attn_mask
+        if self.exact(i) and self.windows[i] is not None:
+            start = self.cache.length
+            cols = torch.arange(start, start + q.shape[1], device=q.device)
+            mask = mask & attention.in_window(cols, keys.shape[2], self.windows[i])
+        if self.last_column_only(i, q.shape[1]):
+            q, resid, mask = q[:, -1:], resid[:, -1:].contiguous(), mask[:, :, -1:]
         if self.exact(i):
-            mask = attn_mask
-            if self.windows[i] is not None:
-                start = self.cache.length
-                cols = torch.arange(start, start + q.shape[1], device=q.device)
-                mask = mask & attention.in_window(cols, keys.shape[2], self.windows[i])
             z = attention.exact_attention(q, keys, values, mask, attn_scale=self.model.blocks[i].attn.attn_scale,
                                           cap=self.cap)
             return self._finish(i, resid, z)
-        return self._finish(i, resid, self._attend(q, keys, values, attn_mask))
+        return self._finish(i, resid, self._attend(q, keys, values, mask))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Attention of q ([batch, pos, head, d_head]) over cached k and v ([batch, kv_head, key,

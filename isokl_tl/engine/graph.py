@@ -286,7 +286,10 @@ class GraphDecoder(FastDecoder):
             keys, values = self.cache.k[i][:n], self.cache.v[i][:n]
             keys.index_copy_(2, slots, k.transpose(1, 2))
             values.index_copy_(2, slots, v.transpose(1, 2))
-            resid, x = self._finish(i, resid, self._attend(q, keys, values, bias))
+            mask = bias
+            if self.last_column_only(i, width):
+                q, resid, mask = q[:, -1:], resid[:, -1:].contiguous(), bias[:, :, -1:]
+            resid, x = self._finish(i, resid, self._attend(q, keys, values, mask))
         return self._logits(resid, x)
 
     @torch.no_grad()
