@@ -26,10 +26,12 @@ that halved the main job's page faults (1.39-1.52 million to 0.78-0.79 million) 
 61.5-66.3 s against 65.8-72.4 s (six alternating pairs of runs, four of them with these settings
 given through `GLIBC_TUNABLES`), results unchanged; its peak memory went from 3.55 to 3.63 GB.
 Memory once used stays with the process until it ends (a trim still happens when more than 2 GiB
-lies free at the heap's top). Processes the command starts (a grid's local workers) inherit the
-same settings through `GLIBC_TUNABLES`. Malloc settings of your own in `GLIBC_TUNABLES` or
-`MALLOC_*_` are left alone (a notebook can ask for the same by starting Python with
-`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647`).
+lies free at the heap's top). Every process the command starts inherits the same settings
+through `GLIBC_TUNABLES`: a grid's local workers, which is why they are there, and also the tools
+the libraries run (Triton's `ptxas`, torch's compile workers, `nvidia-smi`); for a short-lived
+tool that only means the memory it frees stays with it until it exits. Malloc settings of your
+own in `GLIBC_TUNABLES` or `MALLOC_*_` are left alone (a notebook can ask for the same by starting
+Python with `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647`).
 """
 
 import atexit
