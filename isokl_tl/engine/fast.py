@@ -164,7 +164,8 @@ class FastDecoder(Sublayers, Decoder):
             cols = torch.arange(start, start + q.shape[1], device=q.device)
             mask = mask & attention.in_window(cols, keys.shape[2], self.windows[i])
         if self.last_column_only(i, q.shape[1]):
-            q, resid, mask = q[:, -1:], resid[:, -1:].contiguous(), mask[:, :, -1:]
+            # copies, not views: with the views a bf16 fork on CUDA failed on a misaligned address
+            q, resid, mask = q[:, -1:].contiguous(), resid[:, -1:].contiguous(), mask[:, :, -1:].contiguous()
         if self.exact(i):
             z = attention.exact_attention(q, keys, values, mask, attn_scale=self.model.blocks[i].attn.attn_scale,
                                           cap=self.cap)

@@ -288,7 +288,8 @@ class GraphDecoder(FastDecoder):
             values.index_copy_(2, slots, v.transpose(1, 2))
             mask = bias
             if self.last_column_only(i, width):
-                q, resid, mask = q[:, -1:], resid[:, -1:].contiguous(), bias[:, :, -1:]
+                # copies, not views: with the views a bf16 fork on CUDA failed on a misaligned address
+                q, resid, mask = q[:, -1:].contiguous(), resid[:, -1:].contiguous(), bias[:, :, -1:].contiguous()
             resid, x = self._finish(i, resid, self._attend(q, keys, values, mask))
         return self._logits(resid, x)
 
