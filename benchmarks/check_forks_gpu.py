@@ -8,9 +8,16 @@ captured graph per tail): the model has no `<think>` token, so " the" and "." st
 markers, which makes forks fall inside and outside a "block" along every rollout.
 
     python benchmarks/check_forks_gpu.py
+    python benchmarks/check_forks_gpu.py --shape qwen2.5-0.5b --dtype bfloat16   # a random-init checkpoint
+
+`--shape` builds a full-size random-init checkpoint of that shape (`isokl_tl.models.checkpoints.SHAPES`)
+instead of the embedded model; its tokenizer is the tiny one, so the prompts are few tokens.
 """
 
+import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,7 +33,18 @@ from isokl_tl.tokens import prompt_ids
 
 
 def main() -> None:
-    model = load_model(device="cuda", dtype=torch.float32)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default=None, help="a random-init checkpoint of this shape, not the embedded model")
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+    if a.shape is None:
+        model = load_model(device="cuda", dtype=a.dtype)
+    else:
+        from bench_gpu import build_checkpoint
+
+        model = load_model(str(build_checkpoint(a.shape, Path(tempfile.mkdtemp()) / "ckpt")), device="cuda",
+                           dtype=a.dtype)
+    print(f"{a.shape or 'embedded model'}, {a.dtype}, {torch.cuda.get_device_name()}")
     hook = hook_name(default_layer(model))
     g = torch.Generator().manual_seed(0)
     v = torch.randn(model.cfg.d_model, generator=g)
