@@ -1,7 +1,7 @@
 """On the GPU: fork pmass read while the sweep decodes (captured fork graphs of the CUDA-graph
-decoder) against the reference `fork_pmass` over the finished rollouts, the embedded model in
-float32; prints the largest differences and the time each way. The prompts repeat at four
-coefficients (their prefill shares blocks, `FastDecoder`'s distinct rows), and the rollouts
+decoder) against the reference `fork_pmass` over the finished rollouts, the embedded model (or a
+random-init checkpoint, `--shape`) in float32 (or `--dtype`); prints the largest differences and
+the time each way. The prompts repeat at four coefficients (their prefill shares blocks, `FastDecoder`'s distinct rows), and the rollouts
 themselves are checked against TransformerLens's own forward (`ReferenceDecoder`) too. A third
 pass reads an inline splice with thinking markers, two splices per fork (`Forks.tails`: one
 captured graph per tail): the model has no `<think>` token, so " the" and "." stand in for the
@@ -33,7 +33,7 @@ from isokl_tl.tokens import prompt_ids
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="fork pmass read while decoding against the reference, on the GPU")
     ap.add_argument("--shape", default=None, help="a random-init checkpoint of this shape, not the embedded model")
     ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
@@ -42,8 +42,8 @@ def main() -> None:
     else:
         from bench_gpu import build_checkpoint
 
-        model = load_model(str(build_checkpoint(a.shape, Path(tempfile.mkdtemp()) / "ckpt")), device="cuda",
-                           dtype=a.dtype)
+        with tempfile.TemporaryDirectory() as tmp:         # the checkpoint goes once the model is loaded
+            model = load_model(str(build_checkpoint(a.shape, Path(tmp) / "ckpt")), device="cuda", dtype=a.dtype)
     print(f"{a.shape or 'embedded model'}, {a.dtype}, {torch.cuda.get_device_name()}")
     hook = hook_name(default_layer(model))
     g = torch.Generator().manual_seed(0)

@@ -52,11 +52,28 @@ def test_fast_decoders_are_exact_for_each_family_they_cover(family, checkpoints)
     model = load_model(str(checkpoints(family)))
     assert decode_path(model).reason is None
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
-    kw = dict(direction=v / v.norm(), hook="blocks.1.hook_resid_post", window=10, eos=[])   # past any sliding window
+    # steered in the last block (of two) and below it, where the prefill's last block runs on its last column
+    for hook in ("blocks.1.hook_resid_post", "blocks.0.hook_resid_post"):
+        kw = dict(direction=v / v.norm(), hook=hook, window=10, eos=[])   # past any sliding window
+        for decoder in (FastDecoder, GraphDecoder):
+            got, _ = same_as_reference(model, decoder, [list(range(5, 15)), list(range(40, 46))],
+                                       torch.tensor([3.0, 0.0]), **kw)
+        assert got.kl[0].max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAST)
+def test_a_prefill_and_a_fork_give_a_full_forwards_logits_for_each_family(family, checkpoints):
+    """Their last block runs on the last column only (`FastDecoder.last_column_only`), sliding
+    windows, soft caps and other norms included: the logits are still those of `model(...)`."""
+    model = load_model(str(checkpoints(family)))
+    tokens = torch.tensor([list(range(5, 15)), list(range(40, 50))])
+    tail = torch.tensor([list(range(60, 65)), list(range(20, 25))])
+    with torch.no_grad():
+        full = model(tokens)[:, -1], model(torch.cat([tokens, tail], 1))[:, -1]
     for decoder in (FastDecoder, GraphDecoder):
-        got, _ = same_as_reference(model, decoder, [list(range(5, 15)), list(range(40, 46))],
-                                   torch.tensor([3.0, 0.0]), **kw)
-    assert got.kl[0].max() > 1e-4
+        dec = decoder(model, None, capacity=32)
+        torch.testing.assert_close(dec.prefill(tokens, torch.ones_like(tokens)), full[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dec.fork(tail), full[1], atol=1e-4, rtol=1e-4)
 
 
 def test_check_model_reports_path_reason_and_parity(checkpoints, tiny):

@@ -22,8 +22,8 @@ same tensors as in `model(...)`, so `steer()` and user hooks work unchanged. Wha
   in its epilogue (`engine.kernels.gate_up`), where they beat cuBLAS. That block arithmetic lives
   in `engine.sublayers`;
 - a prefill or a fork (several new columns) runs the last block past its keys and values for the
-  last column alone, the only one whose logits are read (`last_column_only`), unless a hook in that
-  block, the final norm or the unembedding would see it.
+  last column alone, the only one whose logits are read (`last_column_only`), unless a hook point
+  of that block, the final norm or the unembedding carries a hook.
 
 So `attn.hook_rot_k` (which TransformerLens fires on the whole key history),
 `hook_attn_scores`, `hook_pattern` and `hook_result` do not fire here: if any of them carries a hook,
@@ -140,8 +140,10 @@ class FastDecoder(Sublayers, Decoder):
     def last_column_only(self, i: int, width: int) -> bool:
         """Whether block i of a forward over `width` new columns goes on with the last column alone
         once its keys and values are written: in the last block only the last column's logits are
-        read past them (a prefill, a fork). Not where a hook in that block, the final norm or the
-        unembedding would see fewer positions than in `model(...)`."""
+        read past them (a prefill, a fork). Not while any hook point of that block, the final norm
+        or the unembedding carries a hook: one in the block would see fewer positions than in
+        `model(...)` (the final norm's and unembedding's hooks see the last column either way, and
+        are counted only to be safe)."""
         return (width > 1 and i == self.model.cfg.n_layers - 1
                 and not any(fusion.has_hook(hp) for hp in self.tail_hooks))
 
