@@ -1,11 +1,12 @@
-"""On the GPU: fork pmass read while the sweep decodes (captured fork graphs of the CUDA-graph
-decoder) against the reference `fork_pmass` over the finished rollouts, the embedded model (or a
-random-init checkpoint, `--shape`) in float32 (or `--dtype`); prints the largest differences and
-the time each way. The prompts repeat at four coefficients (their prefill shares blocks, `FastDecoder`'s distinct rows), and the rollouts
-themselves are checked against TransformerLens's own forward (`ReferenceDecoder`) too. A third
-pass reads an inline splice with thinking markers, two splices per fork (`Forks.tails`: one
-captured graph per tail): the model has no `<think>` token, so " the" and "." stand in for the
-markers, which makes forks fall inside and outside a "block" along every rollout.
+"""On the GPU: fork pmass read while the sweep decodes (captured fork graphs of the CUDA-graph decoder)
+against the reference `fork_pmass` over the finished rollouts, the embedded model (or a random-init
+checkpoint, `--shape`) in float32 (or `--dtype`); prints the largest differences and the time each
+way. The prompts repeat at four coefficients (their prefill shares blocks, `FastDecoder`'s distinct
+rows), and the rollouts themselves are checked against TransformerLens's own forward
+(`ReferenceDecoder`) too. A third pass reads an inline splice with thinking markers, two splices per
+fork (`Forks.tails`: one captured graph per tail): the model has no `<think>` token, so " the" and
+"." stand in for the markers, which makes forks fall inside and outside a "block" along every
+rollout.
 
     python benchmarks/check_forks_gpu.py
     python benchmarks/check_forks_gpu.py --shape qwen2.5-0.5b --dtype bfloat16   # a random-init checkpoint
