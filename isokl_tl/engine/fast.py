@@ -147,6 +147,12 @@ class FastDecoder(Sublayers, Decoder):
         return (width > 1 and i == self.model.cfg.n_layers - 1
                 and not any(fusion.has_hook(hp) for hp in self.tail_hooks))
 
+    @staticmethod
+    def last_column(q: Tensor, resid: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The last column of a block's queries, residual and attention mask (`last_column_only`).
+        Copies, not views: with the views a bf16 fork on CUDA failed on a misaligned address."""
+        return q[:, -1:].contiguous(), resid[:, -1:].contiguous(), mask[:, :, -1:].contiguous()
+
     def _layer(self, i: int, resid: Tensor, x: Tensor | None, attn_mask: Tensor, cos: Tensor | None,
                sin: Tensor | None) -> tuple[Tensor, Tensor | None]:
         resid, q, k, v = self._qkv(i, resid, x)
@@ -161,13 +167,12 @@ class FastDecoder(Sublayers, Decoder):
         else:
             keys, values = self.cache.write(i, k, v)
         mask = attn_mask
-        if self.exact(i) and self.windows[i] is not None:
+        if self.windows[i] is not None:     # a windowed layer (exact attention), over every new column
             start = self.cache.length
             cols = torch.arange(start, start + q.shape[1], device=q.device)
             mask = mask & attention.in_window(cols, keys.shape[2], self.windows[i])
         if self.last_column_only(i, q.shape[1]):
-            # copies, not views: with the views a bf16 fork on CUDA failed on a misaligned address
-            q, resid, mask = q[:, -1:].contiguous(), resid[:, -1:].contiguous(), mask[:, :, -1:].contiguous()
+            q, resid, mask = self.last_column(q, resid, mask)
         if self.exact(i):
             z = attention.exact_attention(q, keys, values, mask, attn_scale=self.model.blocks[i].attn.attn_scale,
                                           cap=self.cap)

@@ -286,11 +286,9 @@ class GraphDecoder(FastDecoder):
             keys, values = self.cache.k[i][:n], self.cache.v[i][:n]
             keys.index_copy_(2, slots, k.transpose(1, 2))
             values.index_copy_(2, slots, v.transpose(1, 2))
-            mask = bias
             if self.last_column_only(i, width):
-                # copies, not views: with the views a bf16 fork on CUDA failed on a misaligned address
-                q, resid, mask = q[:, -1:].contiguous(), resid[:, -1:].contiguous(), bias[:, :, -1:].contiguous()
-            resid, x = self._finish(i, resid, self._attend(q, keys, values, mask))
+                q, resid, bias = self.last_column(q, resid, bias)
+            resid, x = self._finish(i, resid, self._attend(q, keys, values, bias))
         return self._logits(resid, x)
 
     @torch.no_grad()

@@ -52,10 +52,11 @@ class KVCache:
     def select(self, rows: Int[Tensor, " keep"], own: Int[Tensor, " keep_own"] | None = None,
                split: int = 0) -> None:
         """Keep these batch rows; layers below `split` keep the rows `own` of theirs."""
-        moves = {"own": row_moves(own) if split else None, "rows": row_moves(rows)}   # once, not per buffer
-        pick = [("own", own) if i < split else ("rows", rows) for i in range(len(self.k))]
-        self.k = [keep_rows(k, p, self.length, moves[name]) for k, (name, p) in zip(self.k, pick)]
-        self.v = [keep_rows(v, p, self.length, moves[name]) for v, (name, p) in zip(self.v, pick)]
+        below = (own, row_moves(own)) if split else None       # each keep's moves planned once, not per buffer
+        above = (rows, row_moves(rows))
+        picks = [below if i < split else above for i in range(len(self.k))]
+        self.k = [keep_rows(k, p, self.length, m) for k, (p, m) in zip(self.k, picks)]
+        self.v = [keep_rows(v, p, self.length, m) for v, (p, m) in zip(self.v, picks)]
         self.mask = self.mask[rows]
 
 
