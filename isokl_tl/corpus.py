@@ -5,7 +5,8 @@ The `delta_ce` calibration statistic (`search.STATISTICS`) is the mean, over eve
 of the corpus passages, of  CE_steered - CE_base  = log p_base(x_t | x_<t) - log p_steered(x_t | x_<t).
 Unlike the rollout KL statistics it does not depend on what the steered model would write: both
 models read the same human text. It can be negative at small coefficients (a direction can make
-some text more likely), so its search starts from the first coefficient that raises it.
+some text more likely): the search climbs past coefficients where it is not yet positive
+(`search.steps` judges saturation on positive values only).
 """
 
 import numpy as np

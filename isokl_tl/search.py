@@ -159,7 +159,10 @@ def steps(search: "Search") -> Generator[list[float], None, tuple[int, tuple | N
             else:
                 guess = edge.coeff * (s.target / edge.value) ** (1 / slope)
             if hi is None:  # everything below target: go up, at least doubling
-                if len(pts) >= 3 and pts[-1].value <= pts[-3].value * 1.05 and pts[-1].coeff >= 4 * pts[-3].coeff:
+                # saturation is judged on a positive statistic only: `delta_ce` is negative at small
+                # coefficients (and a rollout statistic may be 0 below a threshold), falling or flat there
+                if (len(pts) >= 3 and pts[-3].value > 0 and pts[-1].value <= pts[-3].value * 1.05
+                        and pts[-1].coeff >= 4 * pts[-3].coeff):
                     raise CalibrationError(
                         f"KL statistic saturates below the target {s.target} (it stopped growing with "
                         f"the coefficient); history: {_history_text(search.evals)}")

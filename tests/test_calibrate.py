@@ -133,3 +133,20 @@ def test_running_out_of_rounds_before_bracketing_raises(rounds):
         _drive(lambda c: 1e-4 * c, CalibrationSettings(max_rounds=rounds, bootstrap=0))
     search, (n, _) = _drive(lambda c: (c / 3.0) ** 2, CalibrationSettings(bootstrap=0))   # bracketed: converges
     assert abs(search.best().coeff / 3.0 - 1) < 0.02 and n < 14
+
+
+@pytest.mark.parametrize("statistic,root", [
+    (lambda c: 1e-5 * c * c - 1e-3 * c, 370.2),          # negative at small c, then rising (delta_ce can)
+    (lambda c: 0.0 if c < 37 else ((c - 30) / 10) ** 2, 40.0),   # exactly zero below a threshold
+])
+def test_a_statistic_not_yet_positive_is_climbed_past_not_called_saturated(statistic, root):
+    """Saturation is judged on positive values: a statistic that falls while negative (or stays at
+    zero) at small coefficients is searched upward until it brackets the target."""
+    search, _ = _drive(statistic, CalibrationSettings(bootstrap=0))
+    assert abs(statistic(search.best().coeff) - 1.0) <= 0.02
+    assert search.best().coeff == pytest.approx(root, rel=0.05)
+
+
+def test_a_positive_statistic_that_stops_growing_is_saturated():
+    with pytest.raises(CalibrationError, match="saturates below the target"):
+        _drive(lambda c: 0.5 * c / (c + 1e-3), CalibrationSettings(bootstrap=0))
