@@ -94,9 +94,9 @@ class RunConfig:
             if self.method == "directional_ablation" or self.gate:
                 raise ValueError(f"--sign {self.sign} adds -v; directional ablation projects v out whatever its sign, "
                                  "and the cosine gate reads the sign of v: use --sign positive")
-            if min(self.alphas) < 0:
-                raise ValueError(f"with --sign {self.sign} give alphas >= 0 (got {min(self.alphas)}): the sign "
-                                 "chooses the direction, each with its own c*")
+        if min(self.alphas) < 0:            # -c* of +v is not an iso-KL dose of -v: KL differs by sign
+            raise ValueError(f"alphas are multiples of c* and must be >= 0 (got {min(self.alphas)}): steer along -v "
+                             "with --sign negative or --sign both, which calibrate each sign on its own")
         if self.death_signal not in DEATH_SIGNALS:
             raise ValueError(f"death signal {self.death_signal!r} is not one of {', '.join(DEATH_SIGNALS)}")
         if not 0 < self.repetition_threshold <= 1:

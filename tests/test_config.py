@@ -96,3 +96,12 @@ def test_a_direction_file_and_an_sae_replace_each_other():
     assert (switched.direction_file, switched.sae, switched.feature) == ("v.npy", None, None)
     back = RunConfig.from_dict({**switched.to_dict(), **settle({"sae": "other", "feature": 1})})
     assert (back.direction_file, back.sae, back.feature) == (None, "other", 1)
+
+
+@pytest.mark.parametrize("sign", ["positive", "negative", "both"])
+def test_a_negative_alpha_is_refused_whatever_the_sign(sign):
+    """An alpha is a multiple of c*; -v's dose needs -v's own c* (`--sign`), never +v's negated."""
+    with pytest.raises(ValueError, match=r"must be >= 0 \(got -1.0\).*--sign negative or --sign both"):
+        RunConfig(alphas=(-1.0, 0.0, 1.0), sign=sign)
+    assert RunConfig(alphas=(0.0, 1.0), sign=sign).sweep_alphas() == {
+        "positive": [0.0, 1.0], "negative": [-1.0, 0.0], "both": [-1.0, 0.0, 1.0]}[sign]
