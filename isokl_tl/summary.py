@@ -148,8 +148,10 @@ def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path, do
 
     results, doses, lines = {}, {}, ["| method | c* | alpha | n | died | S(end) | median token |",
                                      "|---|---:|---:|---:|---:|---:|---:|"]
+    targets = {}
     for name, run_dir in runs.items():
         cal = Calibration.load(run_dir)
+        targets[name] = cal.target
         st = SurvivalTable.load(run_dir)
         r = Rollouts.load(run_dir)
         results[name] = (r, st.curves, cal.c_star)
@@ -159,7 +161,10 @@ def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path, do
         for t in st.table.itertuples():
             lines.append(f"| {name} | {cal.c_star:.4g} | {t.alpha:g} | {t.n} | {t.died} | "
                          f"{t.S_end:.2f} | {format_token(t.median)} |")
-    save_figure(plot_methods(results), png)
+    if len(set(targets.values())) > 1:
+        raise ValueError(f"the runs were calibrated to different KL targets ({targets}): not a comparison at "
+                         "iso-KL")
+    save_figure(plot_methods(results, target=next(iter(targets.values()))), png)
     if dose_png is not None:
         save_figure(plot_methods_dose_response(doses), dose_png)
     write_atomic(Path(markdown), lambda p: p.write_text("\n".join(lines) + "\n"))

@@ -222,6 +222,19 @@ def test_method_comparison_report_on_tiny_runs(tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 10_000 and (tmp_path / "dose.png").stat().st_size > 10_000
     table = (tmp_path / "cmp.md").read_text().splitlines()
     assert len(table) == 2 + 2 * 2 and any(line.startswith("| random |") for line in table)
+    # the KL panels draw the budget the runs were calibrated to, not a fixed 1 nat
+    from isokl_tl.plots import plot_methods
+    from isokl_tl.rollout import Rollouts
+    from isokl_tl.survival import SurvivalTable
+    results = {m: (Rollouts.load(d), SurvivalTable.load(d).curves, 1.0) for m, d in runs.items()}
+    axes = plot_methods(results, target=0.25)
+    assert [ln.get_label() for ln in axes[0, 1].get_lines() if ln.get_label().startswith("target")] == ["target 0.25 nat"]
+    # runs calibrated to other budgets are no iso-KL comparison
+    cal = Calibration.load(runs["random"])
+    cal.target = 2.0
+    cal.save(runs["random"])
+    with pytest.raises(ValueError, match="different KL targets"):
+        write_method_comparison(runs, tmp_path / "cmp2.png", tmp_path / "cmp2.md")
 
 
 def test_layer_study_without_heldout_prompts_skips_the_ablation(tiny):

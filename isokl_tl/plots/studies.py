@@ -15,14 +15,15 @@ from isokl_tl.survival import SurvivalCurve, SurvivalTable
 
 @styled
 def plot_methods(results: dict[str, tuple[Rollouts, dict[float, SurvivalCurve], float]], *,
-                 fig=None) -> np.ndarray:
+                 target: float | None = None, fig=None) -> np.ndarray:
     """Methods side by side at iso-KL: per-token KL bands (top) and Kaplan-Meier survival (bottom),
-    one column per method. `results[name] = (rollouts, curves per alpha, c*)`."""
+    one column per method. `results[name] = (rollouts, curves per alpha, c*)`; `target`: the KL
+    budget they were calibrated to, drawn as a line on the KL bands (none drawn without it)."""
     if fig is None:
         fig = plt.figure(figsize=(3.2 * len(results), 6))
     axes = fig.subplots(2, len(results), sharey="row", squeeze=False)
     for j, (name, (r, curves, c_star)) in enumerate(results.items()):
-        plot_kl_bands(r, target=1.0, ax=axes[0, j], legend=False)
+        plot_kl_bands(r, target=target, ax=axes[0, j], legend=False)
         axes[0, j].set_title(f"{name}  (c* = {c_star:.3g})")
         plot_survival(curves, ax=axes[1, j], legend=False)
         axes[1, j].set_title("")
