@@ -45,9 +45,12 @@ def flip_deaths(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame
 
 def answer_table(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame:
     """Per alpha: rollouts scored, accuracy at fork 0 and at each rollout's last evaluated fork,
-    the share of forks answering "true", and the share of rollouts whose answer flipped at some
-    fork."""
+    the share of forks answering "true", and, of the rollouts that can flip (their question's
+    unsteered answer at fork 0 is right), the share whose answer flipped at some fork (NaN where
+    none can)."""
     scored = score_forks(pmass, answers)
+    base = scored[(scored.alpha == 0) & (scored.fork == 0)].set_index("prompt").correct
+    scored["can_flip"] = scored.prompt.map(base).fillna(False).astype(bool)
     rows = []
     for alpha, g in scored.groupby("alpha", sort=True):
         per_row = g.sort_values("fork").groupby("row")
@@ -55,7 +58,8 @@ def answer_table(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFram
                      "accuracy_fork0": float(g[g.fork == 0].correct.mean()) if (g.fork == 0).any() else np.nan,
                      "accuracy_last": float(per_row.correct.last().mean()),
                      "says_true": float((g.p_true > 0.5).mean()),
-                     "flipped": float(per_row.flipped.any().mean())})
+                     "flipped": float(per_row.flipped.any()[per_row.can_flip.first()].mean())
+                     if per_row.can_flip.first().any() else np.nan})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -71,9 +75,10 @@ def answers_markdown(table: pd.DataFrame, answers: list[bool | None]) -> str:
              f"{says:.0%} of its forks"
              + (" (no better than always answering one way: pmass here measures only that it still answers)"
                 if acc <= max(np.mean(known), 1 - np.mean(known)) else "") + ".", "",
-             "| alpha | n | right at fork 0 | right at the last fork | forks answering true | answer flipped |",
+             "| alpha | n | right at fork 0 | right at the last fork | forks answering true "
+             "| answer flipped (of those right unsteered) |",
              "|---:|---:|---:|---:|---:|---:|"]
     for t in table.itertuples():
         lines.append(f"| {t.alpha:g} | {t.n} | {t.accuracy_fork0:.2f} | {t.accuracy_last:.2f} | {t.says_true:.2f} "
-                     f"| {t.flipped:.2f} |")
+                     f"| {'n/a' if np.isnan(t.flipped) else f'{t.flipped:.2f}'} |")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,11 @@ def test_forks_are_scored_against_the_known_answer_and_flips_need_a_right_baseli
     assert list(scored.loc[3].correct) == [False, True] and not scored.loc[3].flipped.any()
     table = answer_table(pm, answers).set_index("alpha")
     assert table.loc[0.0, "accuracy_fork0"] == 0.5 and table.loc[0.0, "says_true"] == 1.0
-    assert table.loc[2.0, "flipped"] == 0.5 and table.loc[2.0, "accuracy_last"] == 0.5
+    # of alpha 2's rollouts only prompt 0's can flip (prompt 1 is wrong unsteered), and it does
+    assert table.loc[2.0, "flipped"] == 1.0 and table.loc[2.0, "accuracy_last"] == 0.5
+    assert table.loc[0.0, "flipped"] == 0.0
+    none_right = answer_table(pm, [False, False, None]).set_index("alpha")     # the unsteered model right on none
+    assert none_right.flipped.isna().all() and "| n/a |" in answers_markdown(answer_table(pm, [False, False, None]), [False, False, None])
     text = answers_markdown(answer_table(pm, answers), answers)
     assert "(1 true, 1 false)" in text and "right answer on 50% at fork 0" in text
     assert "no better than always answering one way" in text
