@@ -158,7 +158,7 @@ class RunConfig:
     def sweep_alphas(self) -> list[float]:
         """The alphas to roll out: alpha 0 is always included (the baseline check needs it). A
         negative alpha steers along -v, at that multiple of -v's own c* (`sign`)."""
-        return sorted({s * a for a in self.alphas for s in self.signs()} | {0.0})
+        return sorted({0.0 if a == 0 else s * a for a in self.alphas for s in self.signs()} | {0.0})   # never -0.0
 
     def forks(self) -> list[int]:
         return fork_schedule(self.window, every=self.fork_every, n_log=self.fork_log)

@@ -50,9 +50,11 @@ def write_figures(run_dir: Path, cfg, meanwhile: Callable[[], None] | None = Non
         return plot_dose_response(st, by_signal=by_signal, kl=kl if len(kl) else None)
 
     save_figures([
-        (lambda: plot_spaghetti(r, deaths=st.per_row, target=cal.target), run_dir / fig["spaghetti"]),
+        (lambda: plot_spaghetti(r, deaths=st.per_row, target=cal.target, death_signal=cfg.death_signal),
+         run_dir / fig["spaghetti"]),
         (lambda: plot_aggregate(r, pm.frame, target=cal.target), run_dir / fig["aggregate"]),
-        (lambda: plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True), run_dir / fig["normalised"]),
+        (lambda: plot_spaghetti(r, deaths=st.per_row, normalise_k=16, skip_first=True,
+                                death_signal=cfg.death_signal), run_dir / fig["normalised"]),
         (dose_response, run_dir / fig["dose_response"]),
         (lambda: plot_calibration(cal), run_dir / fig["calibration"]),
         (lambda: plot_survival(st.curves, window=st.window), run_dir / fig["survival"]),

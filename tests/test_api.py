@@ -92,6 +92,12 @@ def test_every_exported_function_runs(tiny, tmp_path):
                api.plot_dose_response(st), api.plot_kl_bands(r), api.plot_aggregate(r, pm.frame),
                api.plot_methods({"mean_diff": (r, st.curves, cal.c_star)}),
                api.plot_methods_dose_response({"mean_diff": (st, None, None)})]
+    # the key names the death signal the deaths were counted by, the axis the calibration statistic
+    keys = [t.get_text() for ax in api.plot_spaghetti(r, death_signal="compression").flat if ax.get_legend()
+            for t in ax.get_legend().get_texts()]
+    assert "rollout, after its death (compression)" in keys
+    import dataclasses
+    assert api.plot_calibration(dataclasses.replace(cal, statistic="max")).get_ylabel() == "max per-token KL (nats)"
     study = api.layer_study(model, pairs, prompts, [1, 2], settings=settings)
     assert isinstance(study, api.LayerStudy) and list(study.table.layer) == [1, 2]
     figures.append(api.plot_layers(study.table, study.propagation))

@@ -105,3 +105,4 @@ def test_a_negative_alpha_is_refused_whatever_the_sign(sign):
         RunConfig(alphas=(-1.0, 0.0, 1.0), sign=sign)
     assert RunConfig(alphas=(0.0, 1.0), sign=sign).sweep_alphas() == {
         "positive": [0.0, 1.0], "negative": [-1.0, 0.0], "both": [-1.0, 0.0, 1.0]}[sign]
+    assert "-0" not in [f"{a:g}" for a in RunConfig(alphas=(0.0, 1.0), sign=sign).sweep_alphas()]   # no "alpha -0" row

@@ -33,9 +33,10 @@ def plot_calibration(cal: Calibration, *, ax: Axes | None = None) -> Axes:
         ax.axvspan(*cal.interval, color="k", alpha=0.08, label="90% bootstrap")
     corpus = cal.statistic == "delta_ce"
     ax.set(xscale="log", yscale="log", xlabel="coefficient c",
-           ylabel="mean rise in cross-entropy on the corpus, nats" if corpus
-           else f"{cal.statistic} ({cal.quantile:g}) of per-token KL" if cal.statistic != "mean"
-           else "mean per-token KL",
+           ylabel="mean rise in cross-entropy on the corpus, nats" if corpus else {
+               "quantile": f"q={cal.quantile:g} quantile of per-token KL",
+               "prompt_quantile": f"mean per-prompt q={cal.quantile:g} quantile of per-token KL",
+               "mean": "mean per-token KL", "max": "max per-token KL"}[cal.statistic] + " (nats)",
            title=f"{cal.method} @ {cal.hook}, " + ("teacher-forced corpus" if corpus else f"w={cal.window}"))
     bar = ax.figure.colorbar(sc, ax=ax, label="evaluation order (first = 0)")
     bar.locator = MaxNLocator(integer=True)
@@ -81,9 +82,9 @@ def _trajectories(r: Rollouts, normalise_k: int | None, skip_first: bool) -> np.
 @styled(fixed_titles=True)
 def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: float | None = None,
                    rolling: int = 0, normalise_k: int | None = None, skip_first: bool = False,
-                   fig=None) -> np.ndarray:
-    """One panel per alpha: every per-token KL trajectory (alive blue, after death red), the median
-    across rollouts, the target KL, EOS ticks. With `normalise_k`, each trajectory is divided by its
+                   death_signal: str = "pmass", fig=None) -> np.ndarray:
+    """One panel per alpha: every per-token KL trajectory (alive blue, after death red, the death
+    by `death_signal`, as `deaths` counts it), the median across rollouts, the target KL, EOS ticks. With `normalise_k`, each trajectory is divided by its
     own p95 over its first k raw tokens (computed before smoothing), on a shared y axis; a panel
     whose trajectories are all zero (alpha = 0) says so instead."""
     alphas = sorted(set(r.alpha.tolist()))
@@ -122,8 +123,9 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
             _symlog(ax)
     for ax in axes[:, 0]:
         ax.set_ylabel("KL / own early p95" if normalise_k else "per-token KL (nats)")
+    killer = "any signal" if death_signal == "any" else death_signal
     marks = [Line2D([], [], color=ALIVE, lw=1, label="rollout, alive"),
-             Line2D([], [], color=DEAD, lw=1, label="rollout, after its death (pmass)"),
+             Line2D([], [], color=DEAD, lw=1, label=f"rollout, after its death ({killer})"),
              Line2D([], [], color="k", lw=1.2, label="median over rollouts"),
              Line2D([], [], color="k", marker="|", ls="", ms=6, label="EOS (rollout ends)")]
     if target is not None and not normalise_k:
