@@ -11,7 +11,7 @@ from isokl_tl.engine import Sampling
 from isokl_tl.models import EMBEDDED
 from isokl_tl.pmass import fork_schedule
 from isokl_tl.splice import FALSE_WORDS, TRUE_WORDS, Splice
-from isokl_tl.survival import DeathRule
+from isokl_tl.survival import BASELINE_CHECK_VERSION, DeathRule
 
 _TUPLES = ("alphas", "answer_true", "answer_false")   # saved as JSON lists
 SIGNS = ("positive", "negative", "both")
@@ -184,7 +184,7 @@ class RunConfig:
                    "surprisal_threshold": 2.0}
     # Versions of what a stage computes, keyed with its settings: when a definition changes, the
     # stage of a run made under the older one runs again
-    _DEFINITIONS = {"survival": {"coherence_signals": SIGNALS_VERSION}}
+    _DEFINITIONS = {"survival": {"coherence_signals": SIGNALS_VERSION, "baseline_check": BASELINE_CHECK_VERSION}}
     # The inline splice's definition: 2 since it closes open thinking blocks (on models with the
     # markers) with `</think>\n` by default; inline runs made before then have no such key. The
     # interrupt splice has not changed, so its runs (and their `splice_close`, "" then) keep their key.

@@ -4,6 +4,7 @@ figure that compare the runs of several methods."""
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from isokl_tl import manifest as files  # the run directory's file names
@@ -70,10 +71,23 @@ def write_threshold_sweep(run_dir: Path, sweep: pd.DataFrame) -> None:
     save_figure(plot_threshold_sweep(sweep), run_dir / files.THRESHOLD_SWEEP_FIG)
 
 
+def weak_text(st: SurvivalTable) -> str:
+    """The weak prompts, each with why: its unsteered rollout dies by the rule at a later fork, or
+    its unsteered pmass at fork 0 is too low already."""
+    if not st.weak_prompts:
+        return "none"
+    first = st.per_row.drop_duplicates("prompt").set_index("prompt")
+    why = []
+    for p in st.weak_prompts:
+        later = first.base_death.get(p, np.nan) if "base_death" in first else np.nan
+        why.append(f"{p} (its unsteered rollout dies at token {later:g})" if later > 0 else
+                   f"{p} (unsteered pmass {first.base_pmass0[p]:.2f} at fork 0)")
+    return ", ".join(why)
+
+
 def write_summary(run_dir: Path, cfg) -> None:
     d = Direction.load(run_dir)
     st = SurvivalTable.load(run_dir)
-    weak = st.weak_prompts
     rollouts = Rollouts.load(run_dir)
     reached = [(a, int((rollouts.gen_len[rollouts.alpha == a] >= rollouts.window).sum()),
                 int((rollouts.alpha == a).sum())) for a in sorted(set(rollouts.alpha.tolist()))]
@@ -112,7 +126,7 @@ def write_summary(run_dir: Path, cfg) -> None:
         + f", {cfg.death_run} consecutive fork(s)"
         + ("" if cfg.death_signal == "pmass" else
            f"; the table below counts deaths by {cfg.death_signal} (`--death-signal`), see 'Death by signal'"),
-        f"- weak prompts ({'kept' if cfg.keep_weak else 'excluded'}): {weak if weak else 'none'}",
+        f"- weak prompts ({'kept' if cfg.keep_weak else 'excluded'}): {weak_text(st)}",
         *thinking_lines(pm.splice.get("thinking"), pm.splice.get("close_text", "")),
         "", st.to_markdown().rstrip("\n"),
         "", coherence.rstrip("\n"),

@@ -19,6 +19,9 @@ from jaxtyping import Bool, Float, Real
 from isokl_tl.manifest import KM_CURVES, SURVIVAL, SURVIVAL_META, SURVIVAL_TABLE, write_csv, write_json
 
 _Z95 = NormalDist().inv_cdf(0.975)          # the two-sided 95% normal quantile
+# bumped when what makes a prompt weak changes, so that a saved run's survival stage runs again
+# (2: the unsteered rollout is read at every fork, not at fork 0 alone)
+BASELINE_CHECK_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,13 @@ def kaplan_meier(*, time: Real[np.ndarray, " n"], event: Bool[np.ndarray, " n"])
 
 def deaths(pmass: pd.DataFrame, rule: DeathRule) -> pd.DataFrame:
     """One row per rollout: time, event, the threshold used, its prompt's base pmass at fork 0,
-    and whether the prompt is weak (excluded unless `rule.keep_weak`)."""
+    the fork where its prompt's unsteered (alpha 0) rollout dies by the same rule (NaN: it does
+    not), and whether the prompt is weak (excluded unless `rule.keep_weak`).
+
+    A prompt is weak where its unsteered pmass cannot show a steering-induced death: below the
+    threshold at fork 0 (absolute rule) or below `min_base_pmass` there (relative rule), or where
+    the unsteered rollout itself falls below the threshold later and dies by the rule (the
+    baseline check reads every fork, not fork 0 alone)."""
     base = pmass[(pmass.alpha == 0) & (pmass.fork == 0)].groupby("prompt").pmass.first()
     if base.empty:
         raise ValueError("no unsteered (alpha 0) pmass at fork 0: include alpha 0 in the sweep")
@@ -128,8 +137,13 @@ def deaths(pmass: pd.DataFrame, rule: DeathRule) -> pd.DataFrame:
         out.append({"row": int(row), "prompt": prompt, "alpha": float(g.alpha.iloc[0]),
                     "coeff": float(g.coeff.iloc[0]), "time": int(forks[hit[0]] if event else forks[-1]),
                     "event": event, "threshold": thr, "base_pmass0": b, "weak": weak})
-    return pd.DataFrame(out, columns=["row", "prompt", "alpha", "coeff", "time", "event", "threshold",
-                                      "base_pmass0", "weak"])
+    frame = pd.DataFrame(out, columns=["row", "prompt", "alpha", "coeff", "time", "event", "threshold",
+                                       "base_pmass0", "weak"])
+    unsteered = frame[(frame.alpha == 0) & frame.event]
+    base_death = unsteered.groupby("prompt").time.min()
+    frame.insert(8, "base_death", frame.prompt.map(base_death).astype(float))
+    frame["weak"] = frame.weak | frame.base_death.notna()
+    return frame
 
 
 def format_token(x: float) -> str:
@@ -138,8 +152,12 @@ def format_token(x: float) -> str:
 
 
 def _why_empty(per_row: pd.DataFrame, rule: DeathRule | None) -> str:
-    base = per_row.drop_duplicates("prompt").base_pmass0
+    prompts = per_row.drop_duplicates("prompt")
+    base = prompts.base_pmass0
     n, span = len(base), f"unsteered pmass {base.min():.2f}-{base.max():.2f}"
+    dying = int((prompts.base_death > 0).sum()) if "base_death" in prompts else 0
+    if dying:
+        span += f" at fork 0, and {dying} of the {n} unsteered rollouts die by the rule later themselves"
     if rule is not None and rule.threshold is not None:
         return (f"all {n} prompts are weak at absolute threshold {rule.threshold:g}: {span}; "
                 "use --relative-threshold or --keep-weak")

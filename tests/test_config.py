@@ -52,6 +52,7 @@ def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
     import numpy as np
 
     from isokl_tl.coherence import SIGNALS_VERSION
+    from isokl_tl.survival import BASELINE_CHECK_VERSION
     from isokl_tl.config import RunConfig
     from isokl_tl.manifest import settings_hash
 
@@ -65,6 +66,7 @@ def test_settings_added_later_key_a_stage_only_when_set(tmp_path):
     assert (today["repetition_threshold"], today["compression_threshold"]) == (1.0, 3.0)
     # survival is keyed on the signals' definitions: runs read under older ones read them again
     assert older["coherence_signals"] == SIGNALS_VERSION and "coherence_signals" not in RunConfig().stage_settings("pmass")
+    assert older["baseline_check"] == BASELINE_CHECK_VERSION and "baseline_check" not in RunConfig().stage_settings("pmass")
     np.save(tmp_path / "v.npy", np.ones(4))
     given = RunConfig(direction_file=str(tmp_path / "v.npy")).stage_settings("plot")
     assert given["direction_file"] == str(tmp_path / "v.npy")       # (its content: `Run.current` compares hashes)

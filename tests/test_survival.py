@@ -78,6 +78,36 @@ def test_death_rules():
     assert set(st.curves) == {0.0, 1.0, 2.0} and st.weak_prompts == [0]
 
 
+def test_a_prompt_whose_unsteered_rollout_dies_later_is_weak():
+    """The baseline check reads every fork: a prompt whose alpha-0 rollout falls below the
+    threshold after fork 0 (and dies by the rule) cannot show a steering-induced death."""
+    pm = _pmass([
+        # prompt 0: unsteered stays up; steered dies at 8
+        (0, 0, 0.0, 0.0, 0, 0.8), (0, 0, 0.0, 0.0, 8, 0.8), (0, 0, 0.0, 0.0, 16, 0.8),
+        (1, 0, 1.0, 5.0, 0, 0.8), (1, 0, 1.0, 5.0, 8, 0.3), (1, 0, 1.0, 5.0, 16, 0.2),
+        # prompt 1: the unsteered rollout itself drops below half its fork-0 pmass at 16
+        (2, 1, 0.0, 0.0, 0, 0.8), (2, 1, 0.0, 0.0, 8, 0.7), (2, 1, 0.0, 0.0, 16, 0.3),
+        (3, 1, 1.0, 5.0, 0, 0.8), (3, 1, 1.0, 5.0, 8, 0.2), (3, 1, 1.0, 5.0, 16, 0.2),
+    ])
+    d = deaths(pm, DeathRule(relative_threshold=0.5)).set_index("row")
+    assert not d.loc[[0, 1], "weak"].any() and d.loc[[2, 3], "weak"].all()
+    assert d.loc[[0, 1], "base_death"].isna().all() and (d.loc[[2, 3], "base_death"] == 16).all()
+    st = survival_table(d.reset_index(), window=16)
+    assert st.weak_prompts == [1] and list(st.table.n) == [1, 1] and list(st.table.died) == [0, 1]
+    from isokl_tl.summary import weak_text
+    assert weak_text(st) == "1 (its unsteered rollout dies at token 16)"
+    later = survival_table(deaths(pm, DeathRule(threshold=0.75, relative_threshold=None)), window=16)
+    assert weak_text(later) == "1 (its unsteered rollout dies at token 8)"
+    low = survival_table(deaths(pm, DeathRule(threshold=0.85, relative_threshold=None)), window=16, keep_weak=True)
+    assert weak_text(low) == "0 (unsteered pmass 0.80 at fork 0), 1 (unsteered pmass 0.80 at fork 0)"
+    # a dip the rule forgives (one fork below, death run 2) leaves the prompt in
+    d2 = deaths(pm, DeathRule(relative_threshold=0.5, death_run=2)).set_index("row")
+    assert not d2.weak.any() and d2.base_death.isna().all()
+    only_dying = pm[pm.prompt == 1]
+    with pytest.raises(ValueError, match="1 of the 1 unsteered rollouts die by the rule later themselves"):
+        survival_table(deaths(only_dying, DeathRule(relative_threshold=0.5)), window=16, rule=DeathRule())
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(threshold=1.5, relative_threshold=None), "threshold must be in \\(0, 1\\), got 1.5"),
     (dict(threshold=0.5, relative_threshold=0.5), "exactly one"),

@@ -123,10 +123,17 @@ def plot_threshold_sweep(sweep: pd.DataFrame, *, fig=None) -> np.ndarray:
                         label=f"alpha {a:g}" if run == runs[0] else None)
         ax.set(xlabel="pmass threshold" if kind == "absolute" else "threshold, x the prompt's unsteered pmass",
                title=f"{kind} thresholds", ylim=(-0.05, 1.05))
-        empty = sorted(part.groupby("threshold").n.max().loc[lambda n: n == 0].index)
-        if empty:      # thresholds above every prompt's unsteered pmass: nothing to draw
-            ax.set_xlabel(f"{ax.get_xlabel()}\n(none drawn at {', '.join(f'{t:g}' for t in empty)}: "
-                          "above every prompt's unsteered pmass)", fontsize=8)
+        # thresholds where every prompt is weak (its unsteered pmass below the threshold, at fork 0 or
+        # later by the rule): nothing to draw there, for both drawn death runs or for one
+        kept = part[part.death_run.isin(runs)].groupby(["threshold", "death_run"]).n.max().unstack()
+        empty = [t for t, n in kept.iterrows() if (n == 0).all()]
+        one = {"solid": [t for t, n in kept.iterrows() if n[runs[0]] == 0 and n[runs[1]] > 0],
+               "dashed": [t for t, n in kept.iterrows() if n[runs[1]] == 0 and n[runs[0]] > 0]}
+        notes = [f"none drawn at {', '.join(f'{t:g}' for t in empty)}"] if empty else []
+        notes += [f"no {style} point at {', '.join(f'{t:g}' for t in ts)}" for style, ts in one.items() if ts]
+        if notes:
+            ax.set_xlabel(f"{ax.get_xlabel()}\n({'; '.join(notes)}: every prompt weak there,\n"
+                          "its unsteered pmass below the threshold at fork 0 or later)", fontsize=8)
     axes[0].set_ylabel("S at the window's end")
     axes[1].plot([], [], "k-", label=f"death at {runs[0]} fork below")
     axes[1].plot([], [], "k--", label=f"death at {runs[1]} forks below in a row")
