@@ -263,20 +263,32 @@ def transfer_line(t: dict) -> str:
 def bootstrap_interval(evals: list[_Eval], s: CalibrationSettings, n_prompts: int,
                        level: float = 0.90) -> list[float] | None:
     """Resample calibration prompts, recompute the statistic at every evaluated coefficient from
-    the per-token KLs already in hand, and interpolate c* in log-log space; percentile interval."""
+    the per-token KLs already in hand, and interpolate c* in log-log space; percentile interval.
+
+    A resample whose statistic stays below the target at every evaluated coefficient has its c*
+    above them all, one above it everywhere below them all: both count, at the edge they lie
+    beyond, so the interval is not conditioned on bracketing. None where an end of the interval
+    lies beyond the evaluated coefficients (or with no bootstrap)."""
+    if s.bootstrap <= 0:
+        return None
     rng = np.random.default_rng(s.seed)
     pts = sorted(evals, key=lambda e: e.coeff)
     logc = np.log([e.coeff for e in pts])
+    beyond = np.finfo(float).max / 4          # a finite stand-in for "above every coefficient"
     stars = []
     for _ in range(s.bootstrap):
         idx = rng.integers(0, n_prompts, n_prompts)
         vals = np.array([kl_statistic([e.per_row[i] for i in idx], s.statistic, s.quantile) for e in pts])
         vals = np.maximum.accumulate(np.maximum(vals, 1e-30))  # monotone envelope for interpolation
         logv = np.log(vals)
-        if not logv[0] <= math.log(s.target) <= logv[-1]:
-            continue
-        stars.append(math.exp(np.interp(math.log(s.target), logv, logc)))
-    if len(stars) < max(10, s.bootstrap // 4):
-        return None
+        if logv[-1] < math.log(s.target):
+            stars.append(beyond)
+        elif logv[0] > math.log(s.target):
+            stars.append(0.0)
+        else:
+            stars.append(math.exp(np.interp(math.log(s.target), logv, logc)))
     tail = (1 - level) / 2
-    return [float(np.quantile(stars, tail)), float(np.quantile(stars, 1 - tail))]
+    lo, hi = float(np.quantile(stars, tail)), float(np.quantile(stars, 1 - tail))
+    if not (pts[0].coeff <= lo and hi <= pts[-1].coeff):
+        return None
+    return [lo, hi]

@@ -150,3 +150,20 @@ def test_a_statistic_not_yet_positive_is_climbed_past_not_called_saturated(stati
 def test_a_positive_statistic_that_stops_growing_is_saturated():
     with pytest.raises(CalibrationError, match="saturates below the target"):
         _drive(lambda c: 0.5 * c / (c + 1e-3), CalibrationSettings(bootstrap=0))
+
+
+def test_the_c_star_interval_counts_resamples_that_do_not_bracket_the_target():
+    """A resample whose statistic stays below the target up to the largest coefficient has its c*
+    beyond it: it is counted there, not dropped (which would narrow the interval). Here 1 in 16
+    resamples draws only the two prompts whose KL never reaches the target: the upper 95% end lies
+    beyond the evaluated coefficients, so there is no interval; without those two there is one."""
+    from isokl_tl.calibrate import bootstrap_interval
+    from isokl_tl.search import _Eval
+
+    per_prompt = {1.0: [0.5, 0.5, 0.5, 0.5], 2.0: [0.8, 0.8, 1.2, 1.2], 4.0: [0.95, 0.95, 3.0, 3.0]}
+    evals = [_Eval(c, 0.0, 4, 0.0, [np.array([v]) for v in kl]) for c, kl in per_prompt.items()]
+    s = CalibrationSettings(statistic="mean", bootstrap=400)
+    assert bootstrap_interval(evals, s, 4) is None
+    reaching = [_Eval(e.coeff, 0.0, 2, 0.0, e.per_row[2:]) for e in evals]      # prompts 2 and 3 alone
+    lo, hi = bootstrap_interval(reaching, s, 2)
+    assert 1.0 <= lo <= hi <= 4.0
