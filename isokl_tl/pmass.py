@@ -54,7 +54,13 @@ def fork_schedule(window: int, every: int | None = None, n_log: int | None = Non
     else:
         if n_log < 2:
             raise ValueError(f"fork-log needs at least 2 forks, got {n_log}")
-        forks = {int(round(x)) for x in np.geomspace(1, window, n_log - 1)}
+        def log_spaced(n: int) -> set[int]:
+            return {int(round(x)) for x in np.geomspace(1, window, n - 1)} | {0, window}
+        forks = log_spaced(n_log)
+        if len(forks) < n_log:          # the first ones round to the same token: say so, never fewer silently
+            most = max(n for n in range(2, n_log) if len(log_spaced(n)) == n)
+            raise ValueError(f"fork-log {n_log} over a {window}-token window rounds some forks onto the same "
+                             f"token ({len(forks)} distinct); ask for at most {most}, or use fork-every")
     return sorted(forks | {0, window})
 
 

@@ -52,6 +52,13 @@ def test_forks_past_eos_are_censored(tiny, tiny_direction):
 def test_fork_schedule():
     assert fork_schedule(20, every=8) == [0, 8, 16, 20]
     assert fork_schedule(64, n_log=5)[0] == 0 and fork_schedule(64, n_log=5)[-1] == 64
+    assert fork_schedule(64, n_log=5) == [0, 1, 4, 16, 64]
+    # log spacing over a short window rounds the first forks together: an error, never fewer forks
+    with pytest.raises(ValueError, match=r"fork-log 20 over a 96-token window rounds some forks onto the same "
+                                         r"token \(\d+ distinct\); ask for at most (\d+)") as e:
+        fork_schedule(96, n_log=20)
+    most = int(e.value.args[0].rsplit("at most ", 1)[1].split(",")[0])
+    assert len(fork_schedule(96, n_log=most)) == most
     with pytest.raises(ValueError, match="exactly one"):
         fork_schedule(10)
     with pytest.raises(ValueError, match="fork-every must be a positive"):
