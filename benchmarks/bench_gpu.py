@@ -267,7 +267,7 @@ def main() -> None:
         cfg = RunConfig(model="tiny-random", device="cuda", dtype="bfloat16", layer=a.layer,
                         n_calib=8, calib_window=64, n_prompts=8, window=512,
                         alphas=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0), fork_every=8,
-                        min_base_pmass=1e-6, bootstrap=100, rows_per_batch=64)
+                        keep_weak=True, bootstrap=100, rows_per_batch=64)
         run = Run(work / "cell", cfg, model=model, progress=False, log=lambda m: print(m, flush=True))
         start = time.perf_counter()
         try:

@@ -255,13 +255,16 @@ class Run:
             flips = flip_deaths(pm.frame, known_answers(self.cfg.prompts)[: self.cfg.n_prompts])
             by_signal = deaths_by_signal(signals, by_pmass, self.cfg.coherence_thresholds(), flips,
                                          text_signals=recorded)
+            per_row = dying_by(by_signal, by_pmass, self.cfg.death_signal)
+            # the table first: where it raises (every prompt weak under this rule), nothing is written,
+            # so the files of the stage's last success stay those of its key in the manifest
+            table = survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak, rule=rule)
             write_csv(self.dir / files.COHERENCE, signals)
             write_csv(self.dir / files.SIGNALS, by_signal)
             for warning in unsteered_warnings(unsteered_levels(signals, by_signal, recorded),
                                               self.cfg.coherence_thresholds()):
                 self.log(f"[survival] warning: {warning}")
-            per_row = dying_by(by_signal, by_pmass, self.cfg.death_signal)
-            survival_table(per_row, self.cfg.window, keep_weak=rule.keep_weak, rule=rule).save(self.dir)
+            table.save(self.dir)
         self._stage("survival", go, force)
         return SurvivalTable.load(self.dir)
 

@@ -154,17 +154,17 @@ def format_token(x: float) -> str:
 def _why_empty(per_row: pd.DataFrame, rule: DeathRule | None) -> str:
     prompts = per_row.drop_duplicates("prompt")
     base = prompts.base_pmass0
-    n, span = len(base), f"unsteered pmass {base.min():.2f}-{base.max():.2f}"
+    n, span = len(base), f"unsteered pmass {base.min():.2f}-{base.max():.2f} at fork 0"
     dying = int((prompts.base_death > 0).sum()) if "base_death" in prompts else 0
-    if dying:
-        span += f" at fork 0, and {dying} of the {n} unsteered rollouts die by the rule later themselves"
+    later = (f"; {dying} of the {n} unsteered rollouts die by the rule later themselves (a lower threshold "
+             "or a longer --death-run forgives more)") if dying else ""
     if rule is not None and rule.threshold is not None:
-        return (f"all {n} prompts are weak at absolute threshold {rule.threshold:g}: {span}; "
+        return (f"all {n} prompts are weak at absolute threshold {rule.threshold:g}: {span}{later}; "
                 "use --relative-threshold or --keep-weak")
     if rule is not None:
-        return (f"all {n} prompts are weak: {span}, below --min-base-pmass {rule.min_base_pmass:g}; "
-                "lower it or use --keep-weak")
-    return f"all {n} prompts are weak ({span}); keep them with keep_weak=True"
+        return (f"all {n} prompts are weak: {span} (--min-base-pmass {rule.min_base_pmass:g}){later}; "
+                "lower the thresholds or use --keep-weak")
+    return f"all {n} prompts are weak ({span}{later}); keep them with keep_weak=True"
 
 
 _TABLE_COLUMNS = ["alpha", "n", "died", "censored", "S_mid", "S_end", "median", "median_lo", "median_hi"]

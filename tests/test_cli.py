@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from isokl_tl_cli.main import main
 
 TINY_RUN = ["--model", "tiny-random", "--window", "16", "--n-prompts", "3", "--calib-window", "12",
-            "--n-calib", "3", "--fork-every", "8", "--min-base-pmass", "0.001", "--bootstrap", "20",
+            "--n-calib", "3", "--fork-every", "8", "--keep-weak", "--bootstrap", "20",
             "--alphas", "0 1 2"]
 
 
@@ -99,6 +99,12 @@ def test_run_end_to_end_then_survival_reuses_pmass(tmp_path):
     assert "counts deaths by any" in (out / "summary.md").read_text()
     signals = pd.read_csv(out / "signals.csv")
     assert set(signals.signal) == {"pmass", "repetition", "compression", "surprisal", "flip", "any"}
+    # a rule under which every prompt is weak fails and writes nothing: the files stay those of
+    # the last success, which the manifest still names current
+    written = {name: (out / name).read_bytes() for name in ("signals.csv", "coherence.csv", "survival.csv")}
+    res = _invoke(["survival", "--run", str(out), "--threshold", "0.99", "--death-signal", "any", "--drop-weak"])
+    assert res.exit_code == 1 and "all 3 prompts are weak at absolute threshold 0.99" in res.output
+    assert {name: (out / name).read_bytes() for name in written} == written
     # the full command with the new threshold finds every stage current
     res = _invoke(["run", *TINY_RUN, "--relative-threshold", "0.9", "--death-signal", "any", "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -212,7 +218,7 @@ def test_method_comparison_report_on_tiny_runs(tmp_path):
     runs = {}
     for method in ("mean_diff", "random"):
         cfg = RunConfig(model="tiny-random", method=method, window=12, n_prompts=2, calib_window=8,
-                        n_calib=2, fork_every=6, min_base_pmass=0.001, bootstrap=0, alphas=(0.0, 1.0))
+                        n_calib=2, fork_every=6, keep_weak=True, bootstrap=0, alphas=(0.0, 1.0))
         run = Run(tmp_path / method, cfg, progress=False, log=lambda m: None)
         run.run_all()
         cal = Calibration.load(run.dir)

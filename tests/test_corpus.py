@@ -55,7 +55,7 @@ def test_a_run_calibrated_by_delta_ce(tmp_path):
 
     out = tmp_path / "run"
     args = ["run", "--model", "tiny-random", "--window", "16", "--n-prompts", "2", "--n-calib", "3",
-            "--fork-every", "8", "--min-base-pmass", "0.001", "--bootstrap", "20", "--alphas", "0 1",
+            "--fork-every", "8", "--keep-weak", "--bootstrap", "20", "--alphas", "0 1",
             "--statistic", "delta_ce", "--target-kl", "0.05", "--out", str(out)]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output

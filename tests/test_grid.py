@@ -19,7 +19,7 @@ n_prompts = 3
 calib_window = 12
 n_calib = 3
 fork_every = 8
-min_base_pmass = 0.001
+keep_weak = true
 bootstrap = 20
 alphas = [0, 1, 2]
 """
@@ -80,7 +80,7 @@ def test_a_failed_cell_is_recorded_the_others_finish_and_a_killed_worker_resumes
     # uses every core, as the command does: float sums depend on the thread count)
     whole = tmp_path / "whole"
     args = ["run", "--model", "tiny-random", "--window", "16", "--n-prompts", "3", "--calib-window", "12",
-            "--n-calib", "3", "--fork-every", "8", "--min-base-pmass", "0.001", "--bootstrap", "20", "--alphas",
+            "--n-calib", "3", "--fork-every", "8", "--keep-weak", "--bootstrap", "20", "--alphas",
             "0 1 2", "--rows-per-batch", "4", "--layer", "2", "--out", str(whole)]
     assert _invoke(args).exit_code == 0
     assert result_files(study / "cells" / "layer-2") == result_files(whole)

@@ -23,6 +23,7 @@ def _cases(tmp):
     (tmp / "a_dir").mkdir()
     (tmp / "blocker").write_text("a file")
     (tmp / "one_pair.jsonl").write_text('{"user": "u", "positive": "p", "negative": "n"}\n')
+    (tmp / "maybe.jsonl").write_text('{"question": "Is ice cold?", "answer": true}\n{"question": "x", "answer": "maybe"}\n')
     return {
         "prompt file is a directory": (["--prompts", str(tmp / "a_dir")], r"a_dir' is a directory, not a file"),
         "empty prompt file": (["--prompts", str(tmp / "empty.jsonl")], r"empty\.jsonl is empty"),
@@ -42,6 +43,9 @@ def _cases(tmp):
                                     r"give one of threshold \(0\.9\) and relative-threshold \(0\.5\), not both"),
         "both fork schedules": (["--fork-every", "4", "--fork-log", "5"], r"give one of fork-every \(4\) and fork-log"),
         "too few pairs": (["--pairs", str(tmp / "one_pair.jsonl")], r"holds 1 contrastive pair\(s\); a direction needs at least 2"),
+        "an answer that is not a boolean": (["--prompts", str(tmp / "maybe.jsonl"), "--n-prompts", "2"],
+                                            r"maybe\.jsonl row 2: 'answer' must be true or false \(a JSON boolean\) or "
+                                            r"left out, got 'maybe'"),
     }
 
 
@@ -49,7 +53,8 @@ def _cases(tmp):
                                   "missing calibration file", "fork-every 0", "more prompts than the file holds",
                                   "unknown model", "unknown hook", "run directory is a file",
                                   "run directory under a file", "a device this machine lacks",
-                                  "both kinds of threshold", "both fork schedules", "too few pairs"])
+                                  "both kinds of threshold", "both fork schedules", "too few pairs",
+                                  "an answer that is not a boolean"])
 def test_bad_input_fails_before_any_stage_and_writes_nothing(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     extra, msg = _cases(tmp_path)[case]
@@ -72,7 +77,7 @@ def test_survival_that_leaves_no_prompt_says_why_and_changes_nothing(tmp_path):
     assert res.exit_code == 1
     errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and re.fullmatch(
-        r"Error: all 2 prompts are weak at absolute threshold 0\.99: unsteered pmass \d\.\d\d-\d\.\d\d; "
+        r"Error: all 2 prompts are weak at absolute threshold 0\.99: unsteered pmass \d\.\d\d-\d\.\d\d at fork 0; "
         r"use --relative-threshold or --keep-weak", errors[0]), res.stderr
     assert (out / "manifest.json").read_bytes() == manifest
     res = CliRunner().invoke(main, ["survival", "--out", str(tmp_path / "missing")])

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 BASE = ["--model", "tiny-random", "--calib-window", "12", "--n-calib", "3", "--bootstrap", "20"]
 SWEEP = ["--window", "16", "--n-prompts", "6", "--alphas", "0 1 2", "--fork-every", "8",
-         "--min-base-pmass", "0.001", "--rows-per-batch", "4"]
+         "--keep-weak", "--rows-per-batch", "4"]
 
 
 @pytest.fixture(scope="module")

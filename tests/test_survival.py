@@ -71,7 +71,7 @@ def test_death_rules():
     assert d3.weak.all()       # base pmass 0.8 < 0.95: the prompt cannot show steering-induced death
     rule = DeathRule(threshold=0.95, relative_threshold=None)
     with pytest.raises(ValueError, match=r"all 1 prompts are weak at absolute threshold 0.95: unsteered "
-                                         r"pmass 0.80-0.80; use --relative-threshold or --keep-weak"):
+                                         r"pmass 0.80-0.80 at fork 0; use --relative-threshold or --keep-weak"):
         survival_table(d3, window=16, rule=rule)
     st = survival_table(d3, window=16, keep_weak=True)
     assert list(st.table.alpha) == [0.0, 1.0, 2.0] and st.table.died.sum() == 3
