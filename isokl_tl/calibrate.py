@@ -175,7 +175,8 @@ def _result(search: Search, rounds: int, jump: tuple | None, n_prompts: int) -> 
         target=s.target, window=s.window, n_tokens=best.n_tokens, rounds=rounds,
         history=[e.record() for e in search.evals], method=d.method, hook=d.hook,
         tol=s.tol, value=best.value, sign=int(d.extra.get("sign", 1)),
-        extra={"jump": dict(zip(("c_lo", "value_lo", "c_hi", "value_hi"), jump))} if jump else {},
+        extra={**({"jump": dict(zip(("c_lo", "value_lo", "c_hi", "value_hi"), jump))} if jump else {}),
+               **({"intervention": "gated"} if d.intervention == "gated" else {})},
     )
     if s.bootstrap:
         cal.interval = bootstrap_interval(search.evals, s, n_prompts)

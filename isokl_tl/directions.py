@@ -77,6 +77,11 @@ class Direction:
         `isokl_tl.hooks.gate`: chosen per run, kept in `extra`)."""
         return self.extra.get("intervention") or intervention(self.method)
 
+    @property
+    def label(self) -> str:
+        """The method as results name it: `mean_diff`, or `mean_diff (cosine-gated)` under the gate."""
+        return self.method + (" (cosine-gated)" if self.intervention == "gated" else "")
+
     def gated(self) -> "Direction":
         """This additive direction, applied through the cosine gate (`h + c max(cos(h, v), 0) v`)."""
         if intervention(self.method) != "add":

@@ -114,7 +114,7 @@ def write_summary(run_dir: Path, cfg) -> None:
     if scored:
         write_csv(run_dir / files.ANSWERS, table)
     lines = [
-        f"# isokl-tl run: {d.method} at {d.hook} on {cfg.model}", "",
+        f"# isokl-tl run: {d.label} at {d.hook} on {cfg.model}", "",
         *[c_star_line(c, cfg, signed=cfg.sign != "positive") for c in cals.values()],
         *[f"- {transfer_line(m)}" for m in moves.values()],
         f"- sweep: {cfg.n_prompts} `{cfg.prompts}` prompts x alphas {cfg.sweep_alphas()}, window "

@@ -184,6 +184,16 @@ def test_gated_directions_from_a_run(tiny, tmp_path):
               log=lambda m: None)
     d = run.direction()
     assert d.intervention == "gated" and d.method == "mean_diff"
+    # results name the gate: the summary's headline and the calibration's figure
+    from isokl_tl.calibrate import CalibrationSettings, calibrate
+    from isokl_tl.plots import plot_calibration
+    from isokl_tl.prompts import load_prompts
+    from isokl_tl.tokens import prompt_ids
+    assert d.label == "mean_diff (cosine-gated)" and run.direction().negated().label == d.label
+    prompts = [prompt_ids(tiny.tokenizer, p) for p in load_prompts("calibration")[:2]]
+    cal = calibrate(tiny, d, prompts, CalibrationSettings(window=6, bootstrap=0, target=0.05))
+    assert cal.extra["intervention"] == "gated"
+    assert plot_calibration(cal).get_title().startswith("mean_diff (cosine-gated) @ blocks.2.hook_resid_post")
     with pytest.raises(ValueError, match="--gate scales an added direction"):
         RunConfig(gate=True, method="directional_ablation")
 

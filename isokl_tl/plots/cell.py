@@ -37,7 +37,8 @@ def plot_calibration(cal: Calibration, *, ax: Axes | None = None) -> Axes:
                "quantile": f"q={cal.quantile:g} quantile of per-token KL",
                "prompt_quantile": f"mean per-prompt q={cal.quantile:g} quantile of per-token KL",
                "mean": "mean per-token KL", "max": "max per-token KL"}[cal.statistic] + " (nats)",
-           title=f"{cal.method} @ {cal.hook}, " + ("teacher-forced corpus" if corpus else f"w={cal.window}"))
+           title=f"{cal.method}{' (cosine-gated)' if cal.extra.get('intervention') == 'gated' else ''} @ {cal.hook}, "
+           + ("teacher-forced corpus" if corpus else f"{cal.window}-token rollouts"))
     bar = ax.figure.colorbar(sc, ax=ax, label="evaluation order (first = 0)")
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()
