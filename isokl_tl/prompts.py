@@ -114,6 +114,9 @@ def load_prompts(source: str | Path = "calibration") -> list[str]:
         if isinstance(r.get("prompt"), str) and r["prompt"].strip():
             out.append(r["prompt"])
         elif isinstance(r.get("question"), str) and r["question"].strip():
+            if r.get("answer") is not None and not isinstance(r["answer"], bool):
+                raise ValueError(f"{source} row {n}: 'answer' must be true or false (a JSON boolean) or left "
+                                 f"out, got {r['answer']!r}")
             out.append(eval_prompt(Question(r["question"], bool(r.get("answer")),
                                             r.get("instruction") or EVAL_INSTRUCTION)))
         else:
