@@ -13,8 +13,8 @@ from isokl_tl_cli.startup import LibraryCommand, import_library
 @click.option("--out", "out", default=None, help="The study directory: cells/, grid.json, report.csv/.md/.png.")
 @click.option("--dry-run", is_flag=True, help="List the cells and whether each is complete; run nothing.")
 @click.option("--executor", type=click.Choice(("local", "ray", "slurm")), default="local", show_default=True,
-              help="What runs the cells: local worker processes (one per visible GPU for cuda cells), Ray tasks "
-                   "(pip install 'isokl-tl[ray]'), or a Slurm job array through submitit ('isokl-tl[slurm]').")
+              help="What runs the cells: local worker processes (one per visible GPU for cuda cells), Ray actors "
+                   "(one per GPU; pip install 'isokl-tl[ray]'), or a Slurm job array through submitit ('isokl-tl[slurm]').")
 @click.option("--workers", type=int, default=None,
               help="Local: worker processes [default: one per visible GPU for cuda cells, else 1]; Ray started "
                    "here: its CPUs [default: all].")
