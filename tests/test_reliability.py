@@ -200,8 +200,8 @@ def test_a_sweep_resumed_under_other_fork_settings_does_not_mix_fork_reads(tmp_p
     out = tmp_path / "run"
     res = _cli(out, kill="rollout:0")
     assert res.returncode == -9, res.stderr
-    res = subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", "run", *BASE, *SWEEP[:-4], "--fork-every", "4",
-                          *SWEEP[-4:], "--out", str(out)], capture_output=True, text=True, timeout=300,
+    res = subprocess.run([sys.executable, "-m", "isokl_tl_cli.main", "run", *BASE, *SWEEP, "--fork-every", "4",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "ISOKL_TL_KILL_AFTER"})
     assert res.returncode == 0, res.stderr
     import pandas as pd
