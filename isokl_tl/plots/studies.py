@@ -57,7 +57,7 @@ def plot_layers(table: pd.DataFrame, propagation: pd.DataFrame | None = None, *,
     a1.plot(table.layer, table.curvature_a, marker="o", color="C1")
     a1.set(xlabel="layer", ylabel="a in KL ~ a c^2", yscale="log", title="KL curvature")
     a2.plot(table.layer, table.projection_gap, marker="o", color="C2", label="projection gap")
-    a2.set(xlabel="layer", ylabel="gap / pooled std", title="direction quality")
+    a2.set(xlabel="layer", ylabel="projection gap (pos - neg) / pooled std", title="direction quality")
     twin = a2.twinx()
     twin.plot(table.layer, table.cos_mean_diff_pca, marker="s", color="C3", label="cos(mean_diff, pca)")
     twin.set(ylabel="cos(mean_diff, pca)", ylim=(0, 1.05))
