@@ -168,7 +168,8 @@ def survival_options(f):
         click.option("--death-run", type=int, default=None,
                      help="Consecutive forks below the threshold for a death [default: 1]."),
         click.option("--min-base-pmass", type=float, default=None,
-                     help="Relative mode: prompts with a lower unsteered pmass are weak [default: 0.3]."),
+                     help="Relative mode: prompts with a lower unsteered pmass at fork 0 are weak, as are prompts "
+                          "whose unsteered rollout dies by the rule itself [default: 0.3]."),
         click.option("--keep-weak/--drop-weak", default=None,
                      help="Keep weak prompts in survival [default: drop-weak]."),
         click.option("--death-signal", type=click.Choice(DEATH_SIGNALS), default=None,

@@ -22,7 +22,7 @@ def score_forks(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame
     frame = pmass[pmass.prompt.isin(known.index)].copy()
     frame["answer"] = frame.prompt.map(known).astype(bool)
     frame["correct"] = (frame.p_true > 0.5) == frame.answer
-    base = frame[(frame.alpha == 0) & (frame.fork == 0)].set_index("prompt").correct
+    base = frame[(frame.alpha == 0) & (frame.fork == 0)].groupby("prompt").correct.first()
     frame["flipped"] = frame.prompt.map(base).fillna(False).astype(bool) & ~frame.correct
     return frame
 
@@ -33,7 +33,7 @@ def flip_deaths(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame
     model prefers the wrong answer (event), or its last evaluated fork (censored)."""
     cols = ["row", "prompt", "alpha", "time", "event"]
     scored = score_forks(pmass, answers)
-    base = scored[(scored.alpha == 0) & (scored.fork == 0)].set_index("prompt").correct
+    base = scored[(scored.alpha == 0) & (scored.fork == 0)].groupby("prompt").correct.first()
     scored = scored[scored.prompt.map(base).fillna(False).astype(bool)]
     rows = []
     for row, g in scored.sort_values("fork").groupby("row", sort=True):
@@ -49,7 +49,7 @@ def answer_table(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFram
     unsteered answer at fork 0 is right), the share whose answer flipped at some fork (NaN where
     none can)."""
     scored = score_forks(pmass, answers)
-    base = scored[(scored.alpha == 0) & (scored.fork == 0)].set_index("prompt").correct
+    base = scored[(scored.alpha == 0) & (scored.fork == 0)].groupby("prompt").correct.first()
     scored["can_flip"] = scored.prompt.map(base).fillna(False).astype(bool)
     rows = []
     for alpha, g in scored.groupby("alpha", sort=True):

@@ -80,9 +80,14 @@ def load_calibrations(run_dir: str | Path) -> dict[int, Calibration]:
 
 
 def c_star_for(alpha: float, cals: dict[int, Calibration]) -> float:
-    """The c* an alpha is a multiple of: -v's where the run calibrated -v and alpha < 0 (a negative
-    alpha adds -v, `--sign`), else the run's own."""
-    return (cals[-1] if alpha < 0 and -1 in cals else cals.get(1, cals.get(-1))).c_star
+    """The c* an alpha is a multiple of: -v's for alpha < 0 (a negative alpha adds -v, `--sign`),
+    +v's for alpha > 0, either for alpha 0. Raises ValueError where that sign has no calibration of
+    its own (KL at -c differs from KL at +c: one sign's c* is no iso-KL dose of the other)."""
+    sign = -1 if alpha < 0 else 1
+    if alpha != 0 and sign not in cals:
+        raise ValueError(f"alpha {alpha:g} steers along {'-v' if sign < 0 else '+v'}, which this run did not "
+                         "calibrate: calibrate that sign (--sign negative or both)")
+    return (cals[sign] if sign in cals else next(iter(cals.values()))).c_star
 
 
 def statistic_label(cal: "Calibration") -> str:
@@ -269,7 +274,8 @@ def bootstrap_interval(evals: list[_Eval], s: CalibrationSettings, n_prompts: in
     A resample whose statistic stays below the target at every evaluated coefficient has its c*
     above them all, one above it everywhere below them all: both count, at the edge they lie
     beyond, so the interval is not conditioned on bracketing. None where an end of the interval
-    lies beyond the evaluated coefficients (or with no bootstrap)."""
+    lies beyond the evaluated coefficients, or with fewer than max(10, bootstrap / 4) resamples whose
+    statistics are finite."""
     if s.bootstrap <= 0:
         return None
     rng = np.random.default_rng(s.seed)
@@ -280,6 +286,8 @@ def bootstrap_interval(evals: list[_Eval], s: CalibrationSettings, n_prompts: in
     for _ in range(s.bootstrap):
         idx = rng.integers(0, n_prompts, n_prompts)
         vals = np.array([kl_statistic([e.per_row[i] for i in idx], s.statistic, s.quantile) for e in pts])
+        if not np.isfinite(vals).all():        # no tokens behind a statistic in this resample
+            continue
         vals = np.maximum.accumulate(np.maximum(vals, 1e-30))  # monotone envelope for interpolation
         logv = np.log(vals)
         if logv[-1] < math.log(s.target):
@@ -288,6 +296,8 @@ def bootstrap_interval(evals: list[_Eval], s: CalibrationSettings, n_prompts: in
             stars.append(0.0)
         else:
             stars.append(math.exp(np.interp(math.log(s.target), logv, logc)))
+    if len(stars) < max(10, s.bootstrap // 4):
+        return None
     tail = (1 - level) / 2
     lo, hi = float(np.quantile(stars, tail)), float(np.quantile(stars, 1 - tail))
     if not (pts[0].coeff <= lo and hi <= pts[-1].coeff):

@@ -94,8 +94,8 @@ class RunConfig:
             if self.method == "directional_ablation" or self.gate:
                 raise ValueError(f"--sign {self.sign} adds -v; directional ablation projects v out whatever its sign, "
                                  "and the cosine gate reads the sign of v: use --sign positive")
-        if min(self.alphas) < 0:            # -c* of +v is not an iso-KL dose of -v: KL differs by sign
-            raise ValueError(f"alphas are multiples of c* and must be >= 0 (got {min(self.alphas)}): steer along -v "
+        if not all(a >= 0 for a in self.alphas):    # -c* of +v is no iso-KL dose of -v; NaN is no dose
+            raise ValueError(f"alphas are multiples of c* and must be >= 0 (got {next(a for a in self.alphas if not a >= 0)}): steer along -v "
                              "with --sign negative or --sign both, which calibrate each sign on its own")
         if self.death_signal not in DEATH_SIGNALS:
             raise ValueError(f"death signal {self.death_signal!r} is not one of {', '.join(DEATH_SIGNALS)}")

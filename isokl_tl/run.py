@@ -66,7 +66,13 @@ class Run:
         self._force = False
         saved = self.manifest.data.get("config")
         if saved:
-            old = RunConfig.from_dict(saved).stage_settings("direction")
+            try:
+                old = RunConfig.from_dict(saved).stage_settings("direction")
+            except ValueError as e:         # saved under settings this version refuses (negative alphas, ...)
+                if not force:
+                    raise ValueError(f"run directory {str(self.dir)!r} was made with settings this version "
+                                     f"refuses ({e}); pass --force to overwrite it, or use another --out") from None
+                old = {}
             new = config.stage_settings("direction")
             diff = [k for k in new if old.get(k) != new[k]]
             if diff and not force:

@@ -72,16 +72,20 @@ def write_threshold_sweep(run_dir: Path, sweep: pd.DataFrame) -> None:
 
 
 def weak_text(st: SurvivalTable) -> str:
-    """The weak prompts, each with why: its unsteered rollout dies by the rule at a later fork, or
-    its unsteered pmass at fork 0 is too low already."""
+    """The weak prompts, each with why (the baseline check reads pmass, whatever the death signal):
+    its unsteered pmass at fork 0, and the token where its unsteered rollout's pmass dies by the
+    rule where that is later."""
     if not st.weak_prompts:
         return "none"
     first = st.per_row.drop_duplicates("prompt").set_index("prompt")
     why = []
     for p in st.weak_prompts:
+        b = first.base_pmass0[p]
+        reasons = [f"unsteered pmass {b:.2f} at fork 0" if np.isfinite(b) else "no unsteered pmass"]
         later = first.base_death.get(p, np.nan) if "base_death" in first else np.nan
-        why.append(f"{p} (its unsteered rollout dies at token {later:g})" if later > 0 else
-                   f"{p} (unsteered pmass {first.base_pmass0[p]:.2f} at fork 0)")
+        if later > 0:
+            reasons.append(f"its unsteered rollout's pmass dies at token {later:g}")
+        why.append(f"{p} ({'; '.join(reasons)})")
     return ", ".join(why)
 
 
@@ -167,7 +171,7 @@ def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path, do
     targets = {}
     for name, run_dir in runs.items():
         cal = Calibration.load(run_dir)
-        targets[name] = cal.target
+        targets[name] = (cal.statistic, cal.quantile, cal.target)
         st = SurvivalTable.load(run_dir)
         r = Rollouts.load(run_dir)
         results[name] = (r, st.curves, cal.c_star)
@@ -178,9 +182,11 @@ def write_method_comparison(runs: dict[str, Path], png: Path, markdown: Path, do
             lines.append(f"| {name} | {cal.c_star:.4g} | {t.alpha:g} | {t.n} | {t.died} | "
                          f"{t.S_end:.2f} | {format_token(t.median)} |")
     if len(set(targets.values())) > 1:
-        raise ValueError(f"the runs were calibrated to different KL targets ({targets}): not a comparison at "
-                         "iso-KL")
-    save_figure(plot_methods(results, target=next(iter(targets.values()))), png)
+        raise ValueError(f"the runs were calibrated to different KL targets (statistic, quantile, target: "
+                         f"{targets}): not a comparison at iso-KL")
+    statistic, _, target = next(iter(targets.values()))
+    # a delta_ce budget is a rise in cross-entropy, not a per-token KL: no line on the KL bands
+    save_figure(plot_methods(results, target=None if statistic in CORPUS_STATISTICS else target), png)
     if dose_png is not None:
         save_figure(plot_methods_dose_response(doses), dose_png)
     write_atomic(Path(markdown), lambda p: p.write_text("\n".join(lines) + "\n"))

@@ -242,7 +242,8 @@ def threshold_sweep(pmass: pd.DataFrame, window: int, *, min_base_pmass: float =
     """How the survival table moves with the death rule, from pmass already measured: per rule
     (absolute and relative thresholds, each with every `death_runs`) and alpha, the rollouts kept,
     deaths, S at the window's end and the median death token. A rule under which every prompt is
-    weak (an absolute threshold above every unsteered pmass) gets n = 0 and NaNs."""
+    weak (an absolute threshold above every unsteered pmass, or one the unsteered rollouts fall
+    below later) gets n = 0 and NaNs."""
     out = []
     for kind, values in (("absolute", absolute), ("relative", relative)):
         for value in values:

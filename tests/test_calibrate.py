@@ -154,16 +154,21 @@ def test_a_positive_statistic_that_stops_growing_is_saturated():
 
 def test_the_c_star_interval_counts_resamples_that_do_not_bracket_the_target():
     """A resample whose statistic stays below the target up to the largest coefficient has its c*
-    beyond it: it is counted there, not dropped (which would narrow the interval). Here 1 in 16
-    resamples draws only the two prompts whose KL never reaches the target: the upper 95% end lies
-    beyond the evaluated coefficients, so there is no interval; without those two there is one."""
+    beyond it: it is counted there, not dropped (which would narrow the interval). Here about 1 in 4
+    resamples draws only the prompt whose KL never reaches the target: the upper 95% end lies
+    beyond the evaluated coefficients, so there is no interval; without that prompt there is one.
+    Likewise at the lower end for a prompt above the target everywhere."""
     from isokl_tl.calibrate import bootstrap_interval
     from isokl_tl.search import _Eval
 
-    per_prompt = {1.0: [0.5, 0.5, 0.5, 0.5], 2.0: [0.8, 0.8, 1.2, 1.2], 4.0: [0.95, 0.95, 3.0, 3.0]}
-    evals = [_Eval(c, 0.0, 4, 0.0, [np.array([v]) for v in kl]) for c, kl in per_prompt.items()]
+    def evals(per_prompt):
+        return [_Eval(c, 0.0, 2, 0.0, [np.array([v]) for v in kl]) for c, kl in per_prompt.items()]
+
     s = CalibrationSettings(statistic="mean", bootstrap=400)
-    assert bootstrap_interval(evals, s, 4) is None
-    reaching = [_Eval(e.coeff, 0.0, 2, 0.0, e.per_row[2:]) for e in evals]      # prompts 2 and 3 alone
-    lo, hi = bootstrap_interval(reaching, s, 2)
+    never = {1.0: [0.5, 0.5], 2.0: [0.8, 1.2], 4.0: [0.95, 3.0]}          # prompt 0 stays below 1 nat
+    assert bootstrap_interval(evals(never), s, 2) is None
+    always = {1.0: [0.5, 1.5], 2.0: [1.2, 2.0], 4.0: [3.0, 4.0]}           # prompt 1 is above it everywhere
+    assert bootstrap_interval(evals(always), s, 2) is None
+    both = {1.0: [0.5, 0.6], 2.0: [0.9, 1.2], 4.0: [3.0, 3.5]}             # both cross it between 1 and 4
+    lo, hi = bootstrap_interval(evals(both), s, 2)
     assert 1.0 <= lo <= hi <= 4.0

@@ -108,3 +108,35 @@ def test_a_negative_alpha_is_refused_whatever_the_sign(sign):
     assert RunConfig(alphas=(0.0, 1.0), sign=sign).sweep_alphas() == {
         "positive": [0.0, 1.0], "negative": [-1.0, 0.0], "both": [-1.0, 0.0, 1.0]}[sign]
     assert "-0" not in [f"{a:g}" for a in RunConfig(alphas=(0.0, 1.0), sign=sign).sweep_alphas()]   # no "alpha -0" row
+
+
+def test_a_nan_alpha_is_refused_and_a_sign_without_its_own_calibration_has_no_c_star():
+    with pytest.raises(ValueError, match=r"must be >= 0 \(got nan\)"):
+        RunConfig(alphas=(float("nan"), 1.0))
+    from isokl_tl.calibrate import Calibration, c_star_for
+
+    def cal(c_star, sign):
+        return Calibration(c_star=c_star, converged=True, statistic="quantile", quantile=0.95, target=1.0,
+                           window=8, n_tokens=8, rounds=1, history=[], sign=sign)
+    plus, minus = cal(10.0, 1), cal(7.0, -1)
+    assert c_star_for(-1.0, {1: plus, -1: minus}) == 7.0 and c_star_for(2.0, {1: plus, -1: minus}) == 10.0
+    assert c_star_for(0.0, {-1: minus}) == 7.0
+    with pytest.raises(ValueError, match="alpha -1 steers along -v, which this run did not calibrate"):
+        c_star_for(-1.0, {1: plus})
+    with pytest.raises(ValueError, match=r"alpha 1 steers along \+v"):
+        c_star_for(1.0, {-1: minus})
+
+
+def test_a_run_directory_saved_under_settings_now_refused_says_so_and_yields_to_force(tmp_path):
+    from isokl_tl.manifest import Manifest
+    from isokl_tl.run import Run
+
+    saved = {**RunConfig(model="tiny-random").to_dict(), "alphas": [-1.0, 0.0, 1.0]}   # +v's c* negated, once
+    m = Manifest(tmp_path / "old")
+    m.set(config=saved)
+    m.save()
+    with pytest.raises(ValueError, match=r"made with settings this version refuses \(alphas are multiples of c\*"
+                                         r".*pass --force to overwrite it"):
+        Run(tmp_path / "old", RunConfig(model="tiny-random"), progress=False, log=lambda m: None)
+    run = Run(tmp_path / "old", RunConfig(model="tiny-random"), progress=False, log=lambda m: None, force=True)
+    assert run.manifest.data == {"stages": {}}

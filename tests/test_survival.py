@@ -95,9 +95,9 @@ def test_a_prompt_whose_unsteered_rollout_dies_later_is_weak():
     st = survival_table(d.reset_index(), window=16)
     assert st.weak_prompts == [1] and list(st.table.n) == [1, 1] and list(st.table.died) == [0, 1]
     from isokl_tl.summary import weak_text
-    assert weak_text(st) == "1 (its unsteered rollout dies at token 16)"
+    assert weak_text(st) == "1 (unsteered pmass 0.80 at fork 0; its unsteered rollout's pmass dies at token 16)"
     later = survival_table(deaths(pm, DeathRule(threshold=0.75, relative_threshold=None)), window=16)
-    assert weak_text(later) == "1 (its unsteered rollout dies at token 8)"
+    assert weak_text(later) == "1 (unsteered pmass 0.80 at fork 0; its unsteered rollout's pmass dies at token 8)"
     low = survival_table(deaths(pm, DeathRule(threshold=0.85, relative_threshold=None)), window=16, keep_weak=True)
     assert weak_text(low) == "0 (unsteered pmass 0.80 at fork 0), 1 (unsteered pmass 0.80 at fork 0)"
     # a dip the rule forgives (one fork below, death run 2) leaves the prompt in

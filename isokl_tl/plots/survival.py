@@ -133,7 +133,7 @@ def plot_threshold_sweep(sweep: pd.DataFrame, *, fig=None) -> np.ndarray:
         notes += [f"no {style} point at {', '.join(f'{t:g}' for t in ts)}" for style, ts in one.items() if ts]
         if notes:
             ax.set_xlabel(f"{ax.get_xlabel()}\n({'; '.join(notes)}: every prompt weak there,\n"
-                          "its unsteered pmass below the threshold at fork 0 or later)", fontsize=8)
+                          "its unsteered pmass too low at fork 0 or dying by the rule later)", fontsize=8)
     axes[0].set_ylabel("S at the window's end")
     axes[1].plot([], [], "k-", label=f"death at {runs[0]} fork below")
     axes[1].plot([], [], "k--", label=f"death at {runs[1]} forks below in a row")
