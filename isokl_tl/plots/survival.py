@@ -99,7 +99,7 @@ def plot_dose_response(table: SurvivalTable, *, by_signal: pd.DataFrame | None =
     for ax in axes:
         ax.set_xticks(x, [f"{a:g}" for a in alphas])
         ax.set_xlim(-0.4, len(alphas) - 0.6)
-        ax.set_xlabel("alpha (dose, multiples of c*; evenly spaced, not to scale)")
+        ax.set_xlabel("alpha (x c*, evenly spaced)")
     return axes
 
 
