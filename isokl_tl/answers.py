@@ -15,15 +15,16 @@ COLUMNS = ["alpha", "n", "accuracy_fork0", "accuracy_last", "says_true", "flippe
 
 
 def score_forks(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame:
-    """`pmass` with the known answer, whether the fork's preferred answer is right, and whether it
-    flipped (right unsteered at fork 0, wrong here); forks of questions without a known answer
-    are dropped."""
+    """`pmass` with the known answer, whether the fork's preferred answer is right, whether its
+    question can flip (right unsteered at fork 0: `can_flip`) and whether it flipped (can flip,
+    wrong here); forks of questions without a known answer are dropped."""
     known = pd.Series({i: a for i, a in enumerate(answers) if a is not None}, dtype=object)
     frame = pmass[pmass.prompt.isin(known.index)].copy()
     frame["answer"] = frame.prompt.map(known).astype(bool)
     frame["correct"] = (frame.p_true > 0.5) == frame.answer
     base = frame[(frame.alpha == 0) & (frame.fork == 0)].groupby("prompt").correct.first()
-    frame["flipped"] = frame.prompt.map(base).fillna(False).astype(bool) & ~frame.correct
+    frame["can_flip"] = frame.prompt.map(base).fillna(False).astype(bool)
+    frame["flipped"] = frame.can_flip & ~frame.correct
     return frame
 
 
@@ -33,8 +34,7 @@ def flip_deaths(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFrame
     model prefers the wrong answer (event), or its last evaluated fork (censored)."""
     cols = ["row", "prompt", "alpha", "time", "event"]
     scored = score_forks(pmass, answers)
-    base = scored[(scored.alpha == 0) & (scored.fork == 0)].groupby("prompt").correct.first()
-    scored = scored[scored.prompt.map(base).fillna(False).astype(bool)]
+    scored = scored[scored.can_flip]
     rows = []
     for row, g in scored.sort_values("fork").groupby("row", sort=True):
         hit = g[g.flipped]
@@ -49,8 +49,6 @@ def answer_table(pmass: pd.DataFrame, answers: list[bool | None]) -> pd.DataFram
     unsteered answer at fork 0 is right), the share whose answer flipped at some fork (NaN where
     none can)."""
     scored = score_forks(pmass, answers)
-    base = scored[(scored.alpha == 0) & (scored.fork == 0)].groupby("prompt").correct.first()
-    scored["can_flip"] = scored.prompt.map(base).fillna(False).astype(bool)
     rows = []
     for alpha, g in scored.groupby("alpha", sort=True):
         per_row = g.sort_values("fork").groupby("row")

@@ -168,6 +168,29 @@ class Manifest:
                                       "command": " ".join(sys.argv)}
         self.save()
 
+    def made_with_other(self, config, force: bool) -> bool:
+        """Whether the config saved here differs from `config` (a `RunConfig`) in a direction-stage
+        setting, so that the run starts over. Unless `force`, raises ValueError where it differs, or
+        where this version refuses the saved config (negative alphas, ...)."""
+        saved = self.data.get("config")
+        if not saved:
+            return False
+        try:
+            old = type(config).from_dict(saved).stage_settings("direction")
+        except ValueError as e:
+            if not force:
+                raise ValueError(f"run directory {str(self.dir)!r} was made with settings this version "
+                                 f"refuses ({e}); pass --force to overwrite it, or use another --out") from None
+            return True
+        new = config.stage_settings("direction")
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff and not force:
+            k = diff[0]
+            raise ValueError(f"run directory {str(self.dir)!r} was made with a different config "
+                             f"({k}: {old[k]!r} there, {new[k]!r} here); pass --force to overwrite "
+                             "it or choose another directory")
+        return bool(diff)
+
     def set(self, **fields) -> None:
         self.data.update(fields)
         self.save()

@@ -22,12 +22,7 @@ from transformer_lens import HookedTransformer
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.activations import Record
 from isokl_tl.answers import flip_deaths
-from isokl_tl.calibrate import (
-    Calibration,
-    CalibrationError,
-    calibrate_many,
-    load_calibrations,
-)
+from isokl_tl.calibrate import Calibration, CalibrationError, calibrate_many, load_calibrations
 from isokl_tl.coherence import deaths_by_signal, dying_by, rollout_signals, unsteered_levels, unsteered_warnings
 from isokl_tl.config import RunConfig
 from isokl_tl.directions import Direction, compute_direction
@@ -64,25 +59,9 @@ class Run:
         self._model = model
         self._checked: set[str] = set()
         self._force = False
-        saved = self.manifest.data.get("config")
-        if saved:
-            try:
-                old = RunConfig.from_dict(saved).stage_settings("direction")
-            except ValueError as e:         # saved under settings this version refuses (negative alphas, ...)
-                if not force:
-                    raise ValueError(f"run directory {str(self.dir)!r} was made with settings this version "
-                                     f"refuses ({e}); pass --force to overwrite it, or use another --out") from None
-                old = {}
-            new = config.stage_settings("direction")
-            diff = [k for k in new if old.get(k) != new[k]]
-            if diff and not force:
-                k = diff[0]
-                raise ValueError(f"run directory {str(self.dir)!r} was made with a different config "
-                                 f"({k}: {old[k]!r} there, {new[k]!r} here); pass --force to overwrite "
-                                 "it or choose another directory")
-            if diff:                  # forget the recorded stages now; their files go at `begin`
-                self.manifest.data = {"stages": {}}
-                self._force = True
+        if self.manifest.made_with_other(config, force):   # forget the recorded stages; their files go at `begin`
+            self.manifest.data = {"stages": {}}
+            self._force = True
 
     @property
     def model(self) -> HookedTransformer:

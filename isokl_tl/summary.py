@@ -9,15 +9,7 @@ import pandas as pd
 
 from isokl_tl import manifest as files  # the run directory's file names
 from isokl_tl.answers import answer_table, answers_markdown
-from isokl_tl.calibrate import (
-    CORPUS_STATISTICS,
-    Calibration,
-    heldout_kl,
-    load_calibrations,
-    statistic_label,
-    transfer,
-    transfer_line,
-)
+from isokl_tl.calibrate import CORPUS_STATISTICS, Calibration, load_calibrations, statistic_label
 from isokl_tl.coherence import TEXT_SIGNALS, first_signal, signal_table, signals_markdown, unsteered_levels, unsteered_markdown
 from isokl_tl.directions import Direction
 from isokl_tl.manifest import write_atomic, write_csv, write_json
@@ -25,6 +17,7 @@ from isokl_tl.pmass import ForkPMass
 from isokl_tl.prompts import known_answers
 from isokl_tl.rollout import Rollouts
 from isokl_tl.survival import SurvivalTable, format_token, sweep_markdown
+from isokl_tl.transfer import heldout_kl, transfer, transfer_line
 
 
 def write_figures(run_dir: Path, cfg, meanwhile: Callable[[], None] | None = None) -> None:

@@ -141,7 +141,7 @@ def deaths(pmass: pd.DataFrame, rule: DeathRule) -> pd.DataFrame:
                                        "base_pmass0", "weak"])
     unsteered = frame[(frame.alpha == 0) & frame.event]
     base_death = unsteered.groupby("prompt").time.min()
-    frame.insert(8, "base_death", frame.prompt.map(base_death).astype(float))
+    frame.insert(frame.columns.get_loc("weak"), "base_death", frame.prompt.map(base_death).astype(float))
     frame["weak"] = frame.weak | frame.base_death.notna()
     return frame
 

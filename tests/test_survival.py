@@ -153,7 +153,8 @@ def test_threshold_sweep_agrees_with_the_survival_table_at_each_rule():
 def test_calibration_transfer_recomputes_the_statistic_on_held_out_rollouts():
     import torch
 
-    from isokl_tl.calibrate import Calibration, transfer, transfer_line
+    from isokl_tl.calibrate import Calibration
+    from isokl_tl.transfer import transfer, transfer_line
     from isokl_tl.rollout import Rollouts
     from isokl_tl.search import kl_statistic
 
@@ -188,7 +189,8 @@ def test_calibration_transfer_recomputes_the_statistic_on_held_out_rollouts():
 def test_heldout_kl_and_the_dose_response_by_signal():
     import torch
 
-    from isokl_tl.calibrate import Calibration, heldout_kl
+    from isokl_tl.calibrate import Calibration
+    from isokl_tl.transfer import heldout_kl
     from isokl_tl.coherence import deaths_by_signal
     from isokl_tl.plots import plot_dose_response
     from isokl_tl.rollout import Rollouts

@@ -85,7 +85,8 @@ def plot_spaghetti(r: Rollouts, *, deaths: pd.DataFrame | None = None, target: f
                    rolling: int = 0, normalise_k: int | None = None, skip_first: bool = False,
                    death_signal: str = "pmass", fig=None) -> np.ndarray:
     """One panel per alpha: every per-token KL trajectory (alive blue, after death red, the death
-    by `death_signal`, as `deaths` counts it), the median across rollouts, the target KL, EOS ticks. With `normalise_k`, each trajectory is divided by its
+    by `death_signal`, as `deaths` counts it), the median across rollouts, the target KL, EOS
+    ticks. With `normalise_k`, each trajectory is divided by its
     own p95 over its first k raw tokens (computed before smoothing), on a shared y axis; a panel
     whose trajectories are all zero (alpha = 0) says so instead."""
     alphas = sorted(set(r.alpha.tolist()))
